@@ -1,0 +1,34 @@
+"""What a backend needs to know about one cross-entropy call, and what it gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss options shared by every backend (already validated)."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+
+
+@dataclass(frozen=True)
+class RowOutputs:
+    """Per-row results of the forward pass, each ``[N]``; every one is 0 at ignored rows.
+
+    ``loss`` is the training loss of the row (smoothing and z-loss included), ``nll`` the pure
+    negative log-likelihood of the true token, ``lse`` the log-sum-exp of the (soft-capped) logits,
+    ``entropy`` the entropy of the predictive distribution and ``correct`` 1 where the argmax is the
+    true token. All float32 except ``correct`` (int32).
+    """
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor

@@ -1,0 +1,1 @@
+"""Chunked PyTorch implementations of the fused ops (any device, bounded extra memory)."""

@@ -1,0 +1,244 @@
+"""Triton kernels of the fused cross-entropy: one online-softmax pass forward, one pass backward.
+
+Forward, one program per row: a single sweep over vocabulary blocks keeps the running max, the
+running sum of exponentials, the running entropy term, the running sum of logits (for label
+smoothing) and the argmax; the true-class logit is read once. Ignored rows skip the sweep.
+Backward, one program per row: recomputes the softmax from the saved log-sum-exp and writes
+``softmax - onehot`` (with smoothing, z-loss and softcap terms) scaled by the incoming gradient.
+
+Offsets are int64, so tensors with more than 2**31 elements work. Values are converted to float32
+right after loading and back only when stored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lossplug.ops._spec import LossSpec, RowOutputs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
+MAX_BLOCK_V = 16384 if INTERPRETED else 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _softcap(x, cap):
+    # cap * tanh(x / cap) from exp alone (exact to float32 rounding, and interpretable on CPU)
+    u = x / cap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _ce_forward_kernel(
+    logits_ptr,
+    target_ptr,
+    loss_ptr,
+    nll_ptr,
+    lse_ptr,
+    entropy_ptr,
+    correct_ptr,
+    n_inner,
+    stride_outer,
+    stride_inner,
+    vocab,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    y = tl.load(target_ptr + row)
+    loss = 0.0
+    nll = 0.0
+    lse = 0.0
+    entropy = 0.0
+    correct = 0
+    if y != ignore_index:
+        invalid = (y < 0) | (y >= vocab)
+        y_safe = tl.where(invalid, 0, y)
+        z_true = tl.load(row_ptr + y_safe).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_true = _softcap(z_true, softcap)
+        offs = tl.arange(0, BLOCK_V).to(tl.int64)
+        run_max = -float("inf")
+        run_sum = 0.0
+        run_ent = 0.0  # Σ e^(z - run_max) (z - run_max)
+        run_zsum = 0.0
+        run_arg = tl.zeros((), dtype=tl.int64)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offs
+            mask = cols < vocab
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = _softcap(z, softcap)
+            if HAS_SMOOTHING:
+                run_zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            z = tl.where(mask, z, -float("inf"))
+            block_max = tl.max(z, axis=0)
+            block_arg = tl.argmax(z, axis=0).to(tl.int64) + start
+            new_max = tl.maximum(run_max, block_max)
+            run_arg = tl.where(block_max > run_max, block_arg, run_arg)
+            # 0 on the first block (run_max = -inf), where the rescale would be 0 * -inf
+            delta = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            scale = tl.exp(delta)
+            e = tl.exp(z - new_max)
+            ez = e * tl.where(e > 0, z - new_max, 0.0)
+            run_ent = scale * (run_ent + run_sum * delta) + tl.sum(ez, axis=0)
+            run_sum = run_sum * scale + tl.sum(e, axis=0)
+            run_max = new_max
+        log_sum = tl.log(run_sum)
+        lse = run_max + log_sum
+        nll = lse - z_true
+        loss = nll
+        if HAS_SMOOTHING:
+            loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - run_zsum / vocab)
+        loss = loss + z_loss * lse * lse
+        entropy = log_sum - run_ent / run_sum
+        correct = tl.where((run_arg == y) & ~invalid, 1, 0)
+        nll = tl.where(invalid, float("nan"), nll)
+        loss = tl.where(invalid, float("nan"), loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(nll_ptr + row, nll)
+    tl.store(lse_ptr + row, lse)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(correct_ptr + row, correct)
+
+
+@triton.jit
+def _ce_backward_kernel(
+    logits_ptr,
+    target_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    grad_ptr,
+    n_inner,
+    stride_outer,
+    stride_inner,
+    grad_stride_outer,
+    grad_stride_inner,
+    vocab,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    row_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
+    grad_row_ptr = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    y = tl.load(target_ptr + row)
+    offs = tl.arange(0, BLOCK_V).to(tl.int64)
+    if y == ignore_index:
+        zeros = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offs
+            tl.store(
+                grad_row_ptr + cols, zeros.to(grad_ptr.dtype.element_ty), mask=cols < vocab
+            )
+    else:
+        g = tl.load(grad_rows_ptr + row).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        prob_scale = g * (1.0 + 2.0 * z_loss * lse)
+        true_delta = g * (1.0 - label_smoothing)
+        uniform_delta = g * label_smoothing / vocab
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offs
+            mask = cols < vocab
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = _softcap(x, softcap)
+            else:
+                z = x
+            grad = tl.exp(z - lse) * prob_scale - uniform_delta
+            grad = tl.where(cols == y, grad - true_delta, grad)
+            if HAS_SOFTCAP:
+                t = z / softcap
+                grad = grad * (1.0 - t * t)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(vocab: int) -> int:
+    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+
+
+def _launch_options() -> dict:
+    return {} if INTERPRETED else {"num_warps": NUM_WARPS}
+
+
+def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
+    n_outer, n_inner, vocab = logits3.shape
+    n_rows = n_outer * n_inner
+    f32 = dict(dtype=torch.float32, device=logits3.device)
+    loss, nll, lse, entropy = (torch.empty(n_rows, **f32) for _ in range(4))
+    correct = torch.empty(n_rows, dtype=torch.int32, device=logits3.device)
+    if n_rows > 0:
+        _ce_forward_kernel[(n_rows,)](
+            logits3,
+            target,
+            loss,
+            nll,
+            lse,
+            entropy,
+            correct,
+            n_inner,
+            logits3.stride(0),
+            logits3.stride(1),
+            vocab,
+            spec.ignore_index,
+            spec.label_smoothing,
+            spec.z_loss,
+            spec.softcap if spec.softcap is not None else 1.0,
+            HAS_SOFTCAP=spec.softcap is not None,
+            HAS_SMOOTHING=spec.label_smoothing > 0,
+            BLOCK_V=_block_v(vocab),
+            **_launch_options(),
+        )
+    return RowOutputs(loss, nll, lse, entropy, correct)
+
+
+def backward(
+    logits3: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    spec: LossSpec,
+    grad3: torch.Tensor,
+) -> None:
+    n_outer, n_inner, vocab = logits3.shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0:
+        return
+    _ce_backward_kernel[(n_rows,)](
+        logits3,
+        target,
+        lse,
+        grad_rows.to(torch.float32).contiguous(),
+        grad3,
+        n_inner,
+        logits3.stride(0),
+        logits3.stride(1),
+        grad3.stride(0),
+        grad3.stride(1),
+        vocab,
+        spec.ignore_index,
+        spec.label_smoothing,
+        spec.z_loss,
+        spec.softcap if spec.softcap is not None else 1.0,
+        HAS_SOFTCAP=spec.softcap is not None,
+        BLOCK_V=_block_v(vocab),
+        **_launch_options(),
+    )

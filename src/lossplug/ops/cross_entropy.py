@@ -1,0 +1,268 @@
+"""``lossplug.cross_entropy``: the training loss and its token statistics in one fused pass."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from lossplug.ops import _dispatch
+from lossplug.ops._spec import LossSpec, RowOutputs
+from lossplug.ops.stats import TokenStats
+
+__all__ = ["cross_entropy"]
+
+Reduction = Literal["mean", "sum", "none"]
+AllIgnored = Literal["zero", "nan"]
+_REDUCTIONS = ("mean", "sum", "none")
+_ALL_IGNORED = ("zero", "nan")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
+    backend: Literal["auto", "torch", "triton"] = "auto",
+    inplace_backward: bool = False,
+    all_ignored: AllIgnored = "zero",
+    check_target: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """Cross-entropy of ``logits`` against ``target``, and optionally its token statistics.
+
+    The semantics are those of :func:`torch.nn.functional.cross_entropy` with the class dimension
+    last, computed in one pass over the logits with float32 arithmetic whatever their dtype (a
+    bf16/fp16 input is upcast block by block, never as a whole).
+
+    Args:
+        logits: ``[..., V]`` float32, float16 or bfloat16; any leading shape, any strides.
+        target: integer ``[...]`` (``logits.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
+        ignore_index: target value that is not scored (no loss, no gradient, not counted).
+        reduction: ``"mean"`` over the scored tokens, ``"sum"``, or ``"none"`` for the per-token
+            float32 loss (0 at ignored positions).
+        label_smoothing: in ``[0, 1]``; mixes the one-hot target with the uniform distribution as
+            ``torch.nn.functional.cross_entropy`` does.
+        z_loss: coefficient of the ``lse**2`` term added to each scored token's loss.
+        softcap: if set (> 0), the logits become ``softcap * tanh(logits / softcap)`` before the
+            softmax (gradient included), as in Gemma 2.
+        shift: score position ``t`` against ``target[..., t + 1]`` along the sequence (last target)
+            axis, as causal language models do, without copying the logits; the last position is
+            not scored. With ``reduction="none"`` the result has shape ``target[..., :-1]``.
+        return_stats: also return the :class:`~lossplug.TokenStats` of the same pass.
+        backend: ``"triton"`` forces the Triton kernels (CUDA, or the CPU interpreter with
+            ``TRITON_INTERPRET=1``), ``"torch"`` the chunked PyTorch path, ``"auto"`` Triton for
+            CUDA tensors when Triton imports and PyTorch otherwise.
+        inplace_backward: write the gradient into the logits' own memory instead of a new buffer.
+            Saves one logits-sized allocation, but the logits are overwritten by ``backward()``:
+            only use it when nothing else needs them afterwards.
+        all_ignored: the ``"mean"`` loss when no token is scored: ``"zero"`` (default; no gradient
+            flows) or ``"nan"``. The statistics count zero tokens either way.
+        check_target: validate the target values (range, negatives). ``None`` checks whenever
+            that costs no host synchronisation (CPU tensors); ``True`` always checks (a sync on
+            CUDA); ``False`` never. Unchecked invalid targets give a ``nan`` loss, never a wrong
+            number.
+
+    Returns:
+        The float32 loss, or ``(loss, stats)`` when ``return_stats`` is true.
+
+    Example:
+        >>> import torch, lossplug
+        >>> logits = torch.randn(2, 5, 11, requires_grad=True)
+        >>> labels = torch.randint(0, 11, (2, 5))
+        >>> loss, stats = lossplug.cross_entropy(logits, labels, shift=True, return_stats=True)
+        >>> loss.backward()
+        >>> int(stats.tokens)
+        8
+        >>> bool(torch.isclose(stats.perplexity, loss.double().exp()))
+        True
+    """
+    spec = _validate(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        all_ignored=all_ignored,
+    )
+    loss_shape = target.shape[:-1] + (target.shape[-1] - 1,) if shift else target.shape
+    if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
+        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
+    if shift:
+        target = _shift_left(target, ignore_index)
+    vocab = logits.shape[-1]
+    if check_target or (check_target is None and target.device.type == "cpu"):
+        _check_target_values(target, vocab, ignore_index, shifted=shift)
+
+    impl = _dispatch.resolve(backend, "cross_entropy", logits)
+    logits3 = _as_rows(logits)
+    target_rows = target.reshape(-1).to(torch.int64).contiguous()
+    if torch.is_grad_enabled() and logits3.requires_grad:
+        loss_rows, nll, lse, entropy, correct = _FusedCrossEntropy.apply(
+            logits3, target_rows, spec, impl, inplace_backward
+        )
+        rows = RowOutputs(loss_rows, nll, lse, entropy, correct)
+    else:
+        rows = impl.forward(logits3.detach(), target_rows, spec)
+
+    tokens = (target_rows != ignore_index).sum()
+    if reduction == "none":
+        loss = rows.loss.view(target.shape)
+        loss = (loss[..., :-1] if shift else loss).reshape(loss_shape)
+    elif reduction == "sum":
+        loss = rows.loss.sum(dtype=torch.float64).to(torch.float32)
+    else:
+        total = rows.loss.sum(dtype=torch.float64)
+        denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
+        loss = (total / denominator).to(torch.float32)
+    if not return_stats:
+        return loss
+    stats = TokenStats(
+        nll_sum=rows.nll.detach().sum(dtype=torch.float64),
+        tokens=tokens,
+        correct=rows.correct.sum(dtype=torch.int64),
+        entropy_sum=rows.entropy.sum(dtype=torch.float64),
+        lse_sq_sum=rows.lse.detach().to(torch.float64).square().sum(),
+    )
+    return loss, stats
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Per-row loss with a gradient; the statistics ride along as non-differentiable outputs."""
+
+    @staticmethod
+    def forward(ctx, logits3, target_rows, spec: LossSpec, impl: ModuleType, inplace: bool):
+        rows = impl.forward(logits3, target_rows, spec)
+        ctx.save_for_backward(logits3, target_rows, rows.lse)
+        ctx.spec, ctx.impl, ctx.inplace = spec, impl, inplace
+        ctx.mark_non_differentiable(rows.nll, rows.lse, rows.entropy, rows.correct)
+        return rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows, *_unused):
+        logits3, target_rows, lse = ctx.saved_tensors
+        grad3 = logits3 if ctx.inplace else torch.empty(logits3.shape, dtype=logits3.dtype,
+                                                        device=logits3.device)
+        ctx.impl.backward(logits3, target_rows, lse, grad_loss_rows, ctx.spec, grad3)
+        return grad3, None, None, None, None
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A ``[outer, inner, V]`` view of ``logits`` with unit vocabulary stride, copying only if none exists.
+
+    Two row strides cover contiguous tensors and the usual slices (``logits[:, :-1]``,
+    ``logits[..., :V]`` of a padded vocabulary) without a copy.
+    """
+    vocab = logits.shape[-1]
+    if logits.stride(-1) == 1:
+        lead = logits.shape[:-1]
+        for split in range(len(lead) + 1):
+            try:
+                return logits.view(math.prod(lead[:split]), math.prod(lead[split:]), vocab)
+            except RuntimeError:
+                continue
+    return logits.contiguous().view(1, -1, vocab)
+
+
+def _shift_left(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    pad = target.new_full((*target.shape[:-1], 1), ignore_index)
+    return torch.cat([target[..., 1:], pad], dim=-1)
+
+
+def _validate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    shift: bool,
+    all_ignored: str,
+) -> LossSpec:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be float32, float16 or bfloat16, got dtype {logits.dtype}"
+            + (" (cast to float32)" if logits.dtype == torch.float64 else "")
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must be an integer tensor of class indices, got dtype {target.dtype}"
+        )
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits.shape[-1] (the vocabulary) must not be 0, got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target.shape {tuple(target.shape)} must equal logits.shape[:-1] "
+            f"{tuple(logits.shape[:-1])} (logits.shape is {tuple(logits.shape)})"
+        )
+    if target.device != logits.device:
+        raise ValueError(
+            f"target is on {target.device} but logits are on {logits.device}: put both on one device"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if all_ignored not in _ALL_IGNORED:
+        raise ValueError(f"all_ignored must be one of {_ALL_IGNORED}, got {all_ignored!r}")
+    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not _is_real(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (
+        not _is_real(softcap) or not (softcap > 0.0 and math.isfinite(softcap))
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if shift and target.dim() < 1:
+        raise ValueError(
+            f"shift=True needs a sequence axis: target must have at least one dimension, "
+            f"got shape {tuple(target.shape)}"
+        )
+    return LossSpec(
+        ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+    )
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_target_values(target: torch.Tensor, vocab: int, ignore_index: int, *, shifted: bool) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if not bool(bad.any()):
+        return
+    position = tuple(int(i) for i in torch.nonzero(bad)[0])
+    value = int(target[position])
+    if shifted:  # report the index in the caller's (unshifted) target
+        position = (*position[:-1], position[-1] + 1)
+    where = f"target[{', '.join(map(str, position))}]"
+    if value < 0:
+        raise ValueError(
+            f"{where} = {value} is negative and is not ignore_index ({ignore_index})"
+        )
+    raise ValueError(
+        f"{where} = {value} is out of range for a vocabulary of {vocab} (logits.shape[-1]): "
+        f"class indices must be in [0, {vocab - 1}] or equal ignore_index ({ignore_index})"
+    )
