@@ -74,7 +74,7 @@ class FusedCrossEntropyLoss(nn.Module):
         self.all_ignored = all_ignored
         self.last_stats = None
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss, stats = cross_entropy(
             input,
             target,

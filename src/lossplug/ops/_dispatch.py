@@ -1,4 +1,4 @@
-"""Choose the backend that runs a fused op: Triton on CUDA when it imports, chunked PyTorch otherwise."""
+"""Choose the backend of a fused op: Triton on CUDA when it imports, chunked PyTorch otherwise."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _interpreting() -> bool:
 
 
 def resolve(backend: str, op: str, tensor: torch.Tensor) -> ModuleType:
-    """The module holding ``forward``/``backward`` of ``op`` for ``backend`` and ``tensor``'s device.
+    """The module with ``forward``/``backward`` of ``op`` for ``backend`` and ``tensor``'s device.
 
     Args:
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.

@@ -96,7 +96,7 @@ def cross_entropy(
         shift=shift,
         all_ignored=all_ignored,
     )
-    loss_shape = target.shape[:-1] + (target.shape[-1] - 1,) if shift else target.shape
+    loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
     if shift:
@@ -152,14 +152,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss_rows, *_unused):
         logits3, target_rows, lse = ctx.saved_tensors
-        grad3 = logits3 if ctx.inplace else torch.empty(logits3.shape, dtype=logits3.dtype,
-                                                        device=logits3.device)
+        grad3 = (
+            logits3
+            if ctx.inplace
+            else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+        )
         ctx.impl.backward(logits3, target_rows, lse, grad_loss_rows, ctx.spec, grad3)
         return grad3, None, None, None, None
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """A ``[outer, inner, V]`` view of ``logits`` with unit vocabulary stride, copying only if none exists.
+    """A ``[outer, inner, V]`` view of ``logits``, vocabulary stride 1 (a copy if none exists).
 
     Two row strides cover contiguous tensors and the usual slices (``logits[:, :-1]``,
     ``logits[..., :V]`` of a padded vocabulary) without a copy.
@@ -206,9 +209,13 @@ def _validate(
             f"target must be an integer tensor of class indices, got dtype {target.dtype}"
         )
     if logits.dim() == 0:
-        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+        raise ValueError(
+            "logits must have at least one dimension (the vocabulary), got a 0-d tensor"
+        )
     if logits.shape[-1] == 0:
-        raise ValueError(f"logits.shape[-1] (the vocabulary) must not be 0, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits.shape[-1] (the vocabulary) must not be 0, got shape {tuple(logits.shape)}"
+        )
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"target.shape {tuple(target.shape)} must equal logits.shape[:-1] "
@@ -216,7 +223,7 @@ def _validate(
         )
     if target.device != logits.device:
         raise ValueError(
-            f"target is on {target.device} but logits are on {logits.device}: put both on one device"
+            f"target is on {target.device} but logits are on {logits.device}: use one device"
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
@@ -249,7 +256,9 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def _check_target_values(target: torch.Tensor, vocab: int, ignore_index: int, *, shifted: bool) -> None:
+def _check_target_values(
+    target: torch.Tensor, vocab: int, ignore_index: int, *, shifted: bool
+) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if not bool(bad.any()):
         return
@@ -259,9 +268,7 @@ def _check_target_values(target: torch.Tensor, vocab: int, ignore_index: int, *,
         position = (*position[:-1], position[-1] + 1)
     where = f"target[{', '.join(map(str, position))}]"
     if value < 0:
-        raise ValueError(
-            f"{where} = {value} is negative and is not ignore_index ({ignore_index})"
-        )
+        raise ValueError(f"{where} = {value} is negative and is not ignore_index ({ignore_index})")
     raise ValueError(
         f"{where} = {value} is out of range for a vocabulary of {vocab} (logits.shape[-1]): "
         f"class indices must be in [0, {vocab - 1}] or equal ignore_index ({ignore_index})"

@@ -108,7 +108,7 @@ def backward(
     spec: LossSpec,
     grad3: torch.Tensor,
 ) -> None:
-    """Write ``d loss_rows / d logits`` scaled by ``grad_rows`` into ``grad3`` (may be ``logits3``)."""
+    """Write ``grad_rows * d loss_rows / d logits`` into ``grad3`` (which may be ``logits3``)."""
     n_outer, n_inner, vocab = logits3.shape
     if n_outer * n_inner == 0:
         return
@@ -127,7 +127,9 @@ def backward(
     target_safe = torch.where(ignored | (target < 0) | (target >= vocab), 0, target)[:, None]
 
     grad_chunks = _row_chunks(grad3, rows_per_chunk)
-    for (row0, chunk), (_, out) in zip(_row_chunks(logits3, rows_per_chunk), grad_chunks):
+    for (row0, chunk), (_, out) in zip(
+        _row_chunks(logits3, rows_per_chunk), grad_chunks, strict=True
+    ):
         rows = chunk.shape[0]
         sl = slice(row0, row0 + rows)
         work = work_buf[:rows]

@@ -146,9 +146,7 @@ def _ce_backward_kernel(
         zeros = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + offs
-            tl.store(
-                grad_row_ptr + cols, zeros.to(grad_ptr.dtype.element_ty), mask=cols < vocab
-            )
+            tl.store(grad_row_ptr + cols, zeros.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
     else:
         g = tl.load(grad_rows_ptr + row).to(tl.float32)
         lse = tl.load(lse_ptr + row)
@@ -159,7 +157,7 @@ def _ce_backward_kernel(
             cols = start + offs
             mask = cols < vocab
             x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
+            if HAS_SOFTCAP:  # noqa: SIM108 (a compile-time branch of the kernel)
                 z = _softcap(x, softcap)
             else:
                 z = x
