@@ -91,9 +91,9 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         correct[sl] = (argmax == y).to(torch.int32)
 
     invalid = ~ignored_all & ((target < 0) | (target >= vocab))
-    nan = torch.tensor(float("nan"), **f32)
-    loss = torch.where(invalid, nan, loss)
-    nll = torch.where(invalid, nan, nll)
+    # never a number for a label the caller did not validate (no host sync to raise instead)
+    loss.masked_fill_(invalid, float("nan"))
+    nll.masked_fill_(invalid, float("nan"))
     for out in (loss, nll, lse, entropy):
         out.masked_fill_(ignored_all, 0.0)
     correct.masked_fill_(ignored_all | invalid, 0)
