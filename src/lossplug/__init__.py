@@ -1,8 +1,9 @@
 """lossplug: exact cross-entropy and perplexity from fused kernels, beside your business KPIs."""
 
+from lossplug import metrics
 from lossplug.nn import FusedCrossEntropyLoss
 from lossplug.ops import TokenStats, cross_entropy
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["FusedCrossEntropyLoss", "TokenStats", "__version__", "cross_entropy"]
+__all__ = ["FusedCrossEntropyLoss", "TokenStats", "__version__", "cross_entropy", "metrics"]

@@ -1,0 +1,193 @@
+"""What every lossplug metric shares: the three update forms and the summed, synced states."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from lossplug.ops._dispatch import BACKENDS
+from lossplug.ops.cross_entropy import cross_entropy
+from lossplug.ops.stats import TokenStats
+
+_STATE_FIELDS = {
+    "nll_sum": torch.float64,
+    "tokens": torch.int64,
+    "correct": torch.int64,
+    "entropy_sum": torch.float64,
+}
+
+
+def _token_stats_update(
+    preds: torch.Tensor | TokenStats,
+    target: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: float | None = None,
+    backend: str = "auto",
+    needs_predictions: bool = False,
+) -> TokenStats:
+    """The :class:`~lossplug.TokenStats` of one update, from whichever form the caller has.
+
+    Forms: ``(logits, target)`` runs the fused op forward-only (no autograd graph kept);
+    ``(stats,)`` takes a ``TokenStats`` already computed by the training loss; ``(losses, mask)``
+    takes per-token negative log-likelihoods and a bool mask of the scored tokens.
+    """
+    if isinstance(preds, TokenStats):
+        if target is not None or mask is not None:
+            raise ValueError("update(stats) takes a TokenStats alone: pass no target and no mask")
+        return preds.detach()
+    if not isinstance(preds, torch.Tensor):
+        raise TypeError(
+            "update takes (logits, target), (stats,) or (losses, mask); "
+            f"got preds of type {type(preds).__name__}"
+        )
+    if mask is not None or (target is not None and target.dtype == torch.bool):
+        if mask is not None and target is not None:
+            raise ValueError("pass either target (with logits) or mask (with losses), not both")
+        if needs_predictions:
+            raise ValueError(
+                "per-token losses carry no predictions: this metric needs update(logits, target) "
+                "or update(stats)"
+            )
+        return _stats_from_losses(preds, mask if mask is not None else target)
+    if target is None:
+        raise ValueError(
+            "update needs a target: update(logits, target), update(stats) or update(losses, mask)"
+        )
+    with torch.no_grad():
+        _, stats = cross_entropy(
+            preds.detach(),
+            target,
+            ignore_index=ignore_index,
+            shift=shift,
+            softcap=softcap,
+            backend=backend,
+            reduction="sum",
+            return_stats=True,
+        )
+    return stats
+
+
+def _stats_from_losses(losses: torch.Tensor, mask: torch.Tensor) -> TokenStats:
+    if not losses.is_floating_point():
+        raise TypeError(f"losses must be a float tensor of per-token NLL, got dtype {losses.dtype}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = scored token), got dtype {mask.dtype}")
+    if mask.shape != losses.shape:
+        raise ValueError(
+            f"mask.shape {tuple(mask.shape)} must equal losses.shape {tuple(losses.shape)}"
+        )
+    losses = losses.detach()
+    zero = torch.zeros((), dtype=torch.float64, device=losses.device)
+    return TokenStats(
+        nll_sum=torch.where(mask, losses, 0).sum(dtype=torch.float64),
+        tokens=mask.sum(dtype=torch.int64),
+        correct=torch.zeros((), dtype=torch.int64, device=losses.device),
+        entropy_sum=zero,
+        lse_sq_sum=zero,
+    )
+
+
+def _state_suffix(ignore_index: int, shift: bool, softcap: float | None) -> str:
+    # Metrics whose configuration changes the sums get different state names, so that a
+    # MetricCollection never puts them in one compute group; equal configurations share states.
+    key = repr((int(ignore_index), bool(shift), None if softcap is None else float(softcap)))
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+class _TokenStatsMetric(Metric):
+    """A torchmetrics ``Metric`` whose state is the sums of a ``TokenStats``, reduced by ``sum``."""
+
+    is_differentiable = False
+    full_state_update = False
+    _needs_predictions = False
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        shift: bool = False,
+        softcap: float | None = None,
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if not isinstance(shift, bool):
+            raise TypeError(f"shift must be a bool, got {shift!r}")
+        if softcap is not None and (
+            isinstance(softcap, bool)
+            or not isinstance(softcap, (int, float))
+            or not 0 < softcap < float("inf")
+        ):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.ignore_index = ignore_index
+        self.shift = shift
+        self.softcap = softcap
+        self.backend = backend
+        self._suffix = _state_suffix(ignore_index, shift, softcap)
+        self._warned_empty = False
+        for field, dtype in _STATE_FIELDS.items():
+            self.add_state(
+                self._state_name(field),
+                default=torch.zeros((), dtype=dtype),
+                dist_reduce_fx="sum",
+                persistent=True,
+            )
+
+    def _state_name(self, field: str) -> str:
+        return f"{field}_{self._suffix}"
+
+    def update(
+        self,
+        preds: torch.Tensor | TokenStats,
+        target: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch: ``(logits, target)``, ``(stats)`` or ``(losses, mask)``."""
+        stats = _token_stats_update(
+            preds,
+            target,
+            mask=mask,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            softcap=self.softcap,
+            backend=self.backend,
+            needs_predictions=self._needs_predictions,
+        )
+        for field in _STATE_FIELDS:
+            name = self._state_name(field)
+            setattr(self, name, getattr(self, name) + getattr(stats, field).to(self.device))
+
+    @property
+    def stats(self) -> TokenStats:
+        """The accumulated sums as a :class:`~lossplug.TokenStats` (``lse_sq_sum`` not kept)."""
+        values = {field: getattr(self, self._state_name(field)) for field in _STATE_FIELDS}
+        return TokenStats(**values, lse_sq_sum=torch.zeros_like(values["nll_sum"]))
+
+    def _checked_stats(self) -> TokenStats:
+        stats = self.stats
+        # compute() is where values are read anyway: one host sync here is expected
+        if int(stats.tokens) == 0 and not self._warned_empty and self._update_count > 0:
+            self._warned_empty = True
+            warnings.warn(
+                f"{type(self).__name__}.compute(): no token has been scored yet (every target "
+                f"was ignore_index={self.ignore_index}); returning nan",
+                UserWarning,
+                stacklevel=3,
+            )
+        return stats
+
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot one value or a sequence of values, with the metric's bounds (needs matplotlib)."""
+        return self._plot(val, ax)

@@ -1,0 +1,83 @@
+"""Cross-entropy (mean negative log-likelihood per token): functional form and Metric."""
+
+from __future__ import annotations
+
+import torch
+
+from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.ops.stats import TokenStats
+
+__all__ = ["CrossEntropy", "cross_entropy"]
+
+
+def _cross_entropy_update(
+    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = _token_stats_update(preds, target, **kwargs)
+    return stats.nll_sum, stats.tokens
+
+
+def _cross_entropy_compute(nll_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return nll_sum / tokens
+
+
+def cross_entropy(
+    preds: torch.Tensor | TokenStats,
+    target: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean cross-entropy in nats per scored token, float64 (nan when none is scored).
+
+    Example:
+        >>> import torch
+        >>> from lossplug.metrics.functional import cross_entropy
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> round(float(cross_entropy(logits, torch.tensor([0, 0]))), 4)
+        1.1269
+    """
+    return _cross_entropy_compute(
+        *_cross_entropy_update(
+            preds,
+            target,
+            mask=mask,
+            ignore_index=ignore_index,
+            shift=shift,
+            softcap=softcap,
+            backend=backend,
+        )
+    )
+
+
+class CrossEntropy(_TokenStatsMetric):
+    """Cross-entropy over everything seen: ``Σ nll / Σ tokens``, exact across batches and ranks.
+
+    Args:
+        ignore_index: target value that is not scored.
+        shift: score position ``t`` against ``target[..., t + 1]`` (causal LM).
+        softcap: soft-cap applied to the logits before the softmax, as in the training loss.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for ``update(logits, target)``.
+        kwargs: passed to :class:`torchmetrics.Metric` (``compute_on_cpu``, ``sync_on_compute``…).
+
+    ``update`` takes ``(logits, target)``, a :class:`~lossplug.TokenStats`, or
+    ``(losses, mask)`` of per-token negative log-likelihoods.
+
+    Example:
+        >>> import torch
+        >>> from lossplug.metrics import CrossEntropy
+        >>> metric = CrossEntropy()
+        >>> metric.update(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]))
+        >>> round(float(metric.compute()), 4)
+        1.1269
+    """
+
+    higher_is_better = False
+    plot_lower_bound = 0.0
+
+    def compute(self) -> torch.Tensor:
+        stats = self._checked_stats()
+        return _cross_entropy_compute(stats.nll_sum, stats.tokens)

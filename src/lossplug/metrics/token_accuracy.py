@@ -1,0 +1,68 @@
+"""Token accuracy (share of scored tokens whose argmax is the label): functional form and Metric."""
+
+from __future__ import annotations
+
+import torch
+
+from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.ops.stats import TokenStats
+
+__all__ = ["TokenAccuracy", "token_accuracy"]
+
+
+def _token_accuracy_update(
+    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = _token_stats_update(preds, target, needs_predictions=True, **kwargs)
+    return stats.correct, stats.tokens
+
+
+def _token_accuracy_compute(correct: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return correct.to(torch.float64) / tokens
+
+
+def token_accuracy(
+    preds: torch.Tensor | TokenStats,
+    target: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Share of scored tokens whose first maximum is the label, float64.
+
+    Example:
+        >>> import torch
+        >>> from lossplug.metrics.functional import token_accuracy
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+        >>> float(token_accuracy(logits, torch.tensor([0, 0, -100])))
+        0.5
+    """
+    return _token_accuracy_compute(
+        *_token_accuracy_update(
+            preds, target, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend
+        )
+    )
+
+
+class TokenAccuracy(_TokenStatsMetric):
+    """Top-1 token accuracy over everything seen (``update(logits, target)`` or ``update(stats)``).
+
+    Example:
+        >>> import torch
+        >>> from lossplug.metrics import TokenAccuracy
+        >>> metric = TokenAccuracy()
+        >>> metric.update(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]))
+        >>> float(metric.compute())
+        0.5
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+    _needs_predictions = True
+
+    def compute(self) -> torch.Tensor:
+        stats = self._checked_stats()
+        return _token_accuracy_compute(stats.correct, stats.tokens)
