@@ -7,11 +7,12 @@ Two jobs are measured side by side on the same inputs:
 * train (forward + backward): lossplug against ``F.cross_entropy``, and lossplug ``shift=True``
   against the Hugging Face causal-LM shift pattern.
 
-Each case runs in its own child process so that its peak extra memory (resident set size above
-the inputs) is not hidden by memory an earlier case left mapped. The median wall time of
-``--repeats`` calls is reported, and the perplexity (and gradient) error against a float64
-reference computed from the very values the case saw (so bf16 inputs are compared with their
-own rounded values).
+Peak extra memory (resident set size above the inputs) comes from one cold call of each case in
+its own child process, so memory an earlier case left mapped cannot hide it; the same call gives
+the perplexity (and gradient) error against a float64 reference computed from the very values
+the case saw (bf16 inputs are compared with their own rounded values). Times are the median of
+``--repeats`` calls, lossplug and its anchors interleaved round-robin in one child process per
+group, so load from other processes hits all of them alike; that load is reported too.
 
 Usage::
 
@@ -31,8 +32,10 @@ import multiprocessing
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -67,17 +70,37 @@ class Case:
     impl: str
     shape: tuple[int, int, int]  # batch, sequence, vocabulary
     dtype: str  # key of DTYPES
-    repeats: int
     threads: int
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Group:
+    """The cases timed together, on the same inputs, calls interleaved."""
+
+    task: str
+    shape: tuple[int, int, int]
+    dtype: str
+    impls: tuple[str, ...]
+    repeats: int
+    threads: int
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} {'x'.join(map(str, self.shape))} {self.dtype}"
+
+    def case(self, impl: str) -> Case:
+        return Case(self.task, impl, self.shape, self.dtype, self.threads, self.seed)
+
+
 @dataclass
 class Result:
-    """What a child process measured for one case."""
+    """What the child processes measured for one case."""
 
     case: Case
     times_s: list[float] = field(default_factory=list)
+    background_cpu: float | None = None  # share of all cores used by other processes
     extra_bytes: int | None = None
     memory_method: str = ""
     grad_bytes: int | None = None
@@ -302,20 +325,35 @@ def build_call(
     return train_call
 
 
-def run_case(case: Case) -> Result:
-    """Child-process body: build inputs, measure peak extra memory once, then time, then check."""
+def _exit_with(parent_pid: int) -> None:
+    """End this process soon after ``parent_pid`` is gone (a killed run leaves no busy child)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _warm_up(case: Case) -> None:
+    """A tiny run of the same call: thread pools, lazy imports and dispatch caches get set up."""
+    small = make_inputs((2, 16, 64), DTYPES[case.dtype], case.seed)
+    small[0].requires_grad_(case.task == "train")
+    build_call(case, *small)()
+
+
+def measure_memory(case: Case, parent_pid: int) -> Result:
+    """Child-process body: peak extra memory of one cold call, and its error vs float64."""
+    _exit_with(parent_pid)
     torch.set_num_threads(case.threads)
     result = Result(case)
     try:
-        dtype = DTYPES[case.dtype]
-        # a tiny run of the same call first: thread pools, lazy imports and dispatch caches
-        # are set up before the memory baseline is taken
-        small = make_inputs((2, 16, 64), dtype, case.seed)
-        small[0].requires_grad_(case.task == "train")
-        build_call(case, *small)()
-        del small
-
-        logits, target, labels = make_inputs(case.shape, dtype, case.seed)
+        _warm_up(case)
+        logits, target, labels = make_inputs(case.shape, DTYPES[case.dtype], case.seed)
         logits.requires_grad_(case.task == "train")
         call = build_call(case, logits, target, labels)
 
@@ -324,35 +362,95 @@ def run_case(case: Case) -> Result:
         out = call()  # the cold call: nothing of it is cached anywhere yet
         result.extra_bytes = probe.extra_bytes()
         result.memory_method = probe.method
-        del out
-        logits.grad = None
-
-        for i in range(case.repeats):
-            gc.collect()
-            t0 = time.perf_counter()
-            out = call()
-            result.times_s.append(time.perf_counter() - t0)
-            if i + 1 < case.repeats:
-                logits.grad = None
         result.ppl = float(out)
 
         grad = logits.grad if case.task == "train" else None
         if grad is not None:
             result.grad_bytes = grad.numel() * grad.element_size()
-        per_row = shifted_target(labels) if case.impl in ("lossplug shift=True", "HF shift pattern") else target
+        shifted = case.impl in ("lossplug shift=True", "HF shift pattern")
+        per_row = shifted_target(labels) if shifted else target
         result.ppl_ref, result.grad_err = reference(logits.detach(), per_row, grad)
     except Exception:  # reported in the table instead of ending the whole run
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
     return result
 
 
-def run_in_child(case: Case, ctx: multiprocessing.context.BaseContext) -> Result:
-    """Run ``case`` in a new process (one per case: its memory high-water mark is its own)."""
+def _cpu_sample() -> tuple[float, float, float]:
+    """(all cores' busy seconds, all cores' total seconds, this process's CPU seconds)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(run_case, case).result()
-    except Exception as exc:  # e.g. the child was killed for memory
-        return Result(case, error=f"{type(exc).__name__}: {exc}")
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0, own.ru_utime + own.ru_stime
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle + iowait; steal counts as busy (someone else ran)
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz, own.ru_utime + own.ru_stime
+
+
+def measure_times(group: Group, parent_pid: int) -> dict[str, Any]:
+    """Child-process body: interleaved timed calls of every impl of ``group`` on one input.
+
+    Round-robin order means a burst of load from other processes hits lossplug and its anchors
+    alike, so the ratios hold up better than the absolute times on a shared machine.
+    """
+    _exit_with(parent_pid)
+    torch.set_num_threads(group.threads)
+    times: dict[str, list[float]] = {impl: [] for impl in group.impls}
+    errors: dict[str, str] = {}
+    logits, target, labels = make_inputs(group.shape, DTYPES[group.dtype], group.seed)
+    logits.requires_grad_(group.task == "train")
+    calls = {}
+    for impl in group.impls:
+        try:
+            calls[impl] = build_call(group.case(impl), logits, target, labels)
+            calls[impl]()  # warm-up at full size
+        except Exception:
+            errors[impl] = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            calls.pop(impl, None)
+        logits.grad = None
+    before = _cpu_sample()
+    for _ in range(group.repeats):
+        for impl, call in calls.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            out = call()
+            times[impl].append(time.perf_counter() - t0)
+            del out
+            logits.grad = None
+    after = _cpu_sample()
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    background = max(0.0, busy - own) / total if total > 0 else None
+    return {"times": times, "errors": errors, "background_cpu": background}
+
+
+def run_in_child(
+    fn: Callable[..., Any], arg: Case | Group, ctx: multiprocessing.context.BaseContext
+) -> Any:
+    """``fn(arg)`` in a new process, so its memory high-water mark is its own."""
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, arg, os.getpid()).result()
+
+
+def run_group(group: Group, ctx: multiprocessing.context.BaseContext) -> list[Result]:
+    """Memory of each case (one process each), then the interleaved timing (one process)."""
+    results = []
+    for impl in group.impls:
+        case = group.case(impl)
+        try:
+            results.append(run_in_child(measure_memory, case, ctx))
+        except Exception as exc:  # e.g. the child was killed for memory
+            results.append(Result(case, error=f"{type(exc).__name__}: {exc}"))
+    try:
+        timed = run_in_child(measure_times, group, ctx)
+    except Exception as exc:
+        timed = {"times": {}, "errors": dict.fromkeys(group.impls, f"{type(exc).__name__}: {exc}")}
+    for res in results:
+        res.times_s = timed["times"].get(res.case.impl, [])
+        res.background_cpu = timed.get("background_cpu")
+        if res.error is None and res.case.impl in timed["errors"]:
+            res.error = timed["errors"][res.case.impl]
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +496,18 @@ def _meminfo_gib() -> float | None:
     return None
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def _fmt(value: float | None, spec: str, na: str = "n/a") -> str:
     return na if value is None else format(value, spec)
 
@@ -419,10 +529,10 @@ def format_tables(results: list[Result]) -> str:
         if not rows:
             continue
         lines += ["", f"### {title}", ""]
-        head = ["shape", "dtype", "impl", "median s", "extra MiB"]
+        head = ["shape", "dtype", "impl", "median ms", "extra MiB"]
         if task == "train":
             head += ["extra / grad buf", "grad err"]
-        head += ["ppl rel err", "lossplug time ratio", "lossplug mem ratio"]
+        head += ["ppl rel err", "lossplug time ratio", "lossplug mem ratio", "bg CPU"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         by_key = {(r.case.shape, r.case.dtype, r.case.impl): r for r in rows}
         for (shape, dtype, impl), res in by_key.items():
@@ -440,7 +550,10 @@ def format_tables(results: list[Result]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
                 continue
             extra = res.extra_bytes
-            cells += [_fmt(res.median_s, ".3f"), _fmt(None if extra is None else extra / MiB, ".0f")]
+            cells += [
+                _fmt(None if res.median_s is None else res.median_s * 1e3, ".1f"),
+                _fmt(None if extra is None else extra / MiB, ".0f"),
+            ]
             if task == "train":
                 cells += [_ratio(extra, res.grad_bytes), _fmt(res.grad_err, ".1e")]
             cells.append(_fmt(res.ppl_rel_err, ".1e"))
@@ -448,28 +561,30 @@ def format_tables(results: list[Result]) -> str:
                 cells += ["—", "—"]
             else:
                 cells += [_ratio(ours.median_s, res.median_s), _ratio(ours.extra_bytes, extra)]
+            cells.append(_fmt(_pct(res.background_cpu), ".0f") + "%")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plan(args: argparse.Namespace, threads: int) -> list[Case]:
-    """The cases to run, grouped so that each lossplug row precedes its anchors."""
+def plan(args: argparse.Namespace) -> list[Group]:
+    """The groups to run: each lossplug impl with the anchors it is compared with."""
     if args.quick:
         shapes = [(2, 64, 1000)]
         train_shapes = shapes
     else:
         shapes = [(4, 512, 32000), (2, 1024, 50257)]
         train_shapes = shapes + ([] if args.skip_large else [(8, 1024, 32000)])
-    cases = []
+    groups = []
     for task, task_shapes, impls in (
         ("eval", shapes, EVAL_IMPLS),
         ("train", train_shapes, TRAIN_IMPLS),
     ):
         for shape in task_shapes:
             for dtype in DTYPES:
-                for impl in impls:
-                    cases.append(Case(task, impl, shape, dtype, args.repeats, threads))
-    return cases
+                groups.append(Group(task, shape, dtype, impls, args.repeats, args.threads))
+    if args.only:
+        groups = [g for g in groups if any(text in g.label for text in args.only)]
+    return groups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-large", action="store_true", help="leave out the [8, 1024, 32000] training case"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help='run only the groups whose "task shape dtype" label contains TEXT '
+        '(repeatable), e.g. --only "train 8x1024x32000 fp32"',
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -488,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     info = machine_info()
-    cases = plan(args, args.threads)
+    groups = plan(args)
+    n_cases = sum(len(g.impls) for g in groups)
     print(
         f"# lossplug cross_entropy CPU benchmark\n\n"
         f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; "
@@ -496,29 +619,38 @@ def main(argv: list[str] | None = None) -> int:
         f"- python {info['python']}, torch {info['torch']}, "
         f"torchmetrics {info['torchmetrics']}, lossplug {info['lossplug']}\n"
         f"- date: {info['date']}\n"
-        f"- command: python {' '.join([sys.argv[0], *sys.argv[1:]])}\n"
-        f"- {len(cases)} cases, each in its own process; median of {args.repeats} calls "
-        f"after one cold call (which gives the peak extra memory)",
+        f"- command: python {shlex.join(sys.argv)}\n"
+        f"- {n_cases} cases; peak extra memory and error from one cold call, each case in its own "
+        f"process; time = median of {args.repeats} calls per case, lossplug and its anchors "
+        f"interleaved in one process per group after a warm-up call each",
         flush=True,
     )
-    results = []
+    results: list[Result] = []
+    load_before = _loadavg()
     t_start = time.perf_counter()
-    for case in cases:
-        res = run_in_child(case, ctx)
-        results.append(res)
-        status = res.error or (
-            f"{_fmt(res.median_s, '.3f')} s, +{_fmt((res.extra_bytes or 0) / MiB, '.0f')} MiB, "
-            f"ppl rel err {_fmt(res.ppl_rel_err, '.1e')}"
-        )
-        shape = "x".join(map(str, case.shape))
-        print(f"  {case.task:5s} {shape:>14s} {case.dtype} {case.impl:22s} {status}", flush=True)
+    for group in groups:
+        for res in run_group(group, ctx):
+            results.append(res)
+            case = res.case
+            status = res.error or (
+                f"{_fmt(res.median_s, '.3f')} s, +{_fmt((res.extra_bytes or 0) / MiB, '.0f')} "
+                f"MiB, ppl rel err {_fmt(res.ppl_rel_err, '.1e')}, "
+                f"background CPU {_fmt(_pct(res.background_cpu), '.0f')}%"
+            )
+            shape = "x".join(map(str, case.shape))
+            print(
+                f"  {case.task:5s} {shape:>14s} {case.dtype} {case.impl:22s} {status}", flush=True
+            )
+    # other processes on a small machine inflate wall times: say how busy it was
+    print(f"\n- load average before: {load_before}; after: {_loadavg()}")
     methods = sorted({r.memory_method for r in results if r.memory_method})
-    print(f"\n- peak memory method: {', '.join(methods) or 'n/a'}")
+    print(f"- peak memory method: {', '.join(methods) or 'n/a'}")
     print(f"- total wall time: {time.perf_counter() - t_start:.0f} s")
     print(
         "- ratios are lossplug ÷ anchor (below 1 = lossplug faster / leaner); "
         "extra MiB = peak RSS above the inputs; grad err = max|g - g_ref| / max|g_ref|; "
-        "ppl rel err against float64 on the same (rounded) values"
+        "ppl rel err against float64 on the same (rounded) values; bg CPU = share of all "
+        "cores used by other processes while the group was timed"
     )
     print(format_tables(results))
     if args.json:
@@ -526,8 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "argv": sys.argv,
             "results": [
-                {**asdict(r), "median_s": r.median_s, "ppl_rel_err": r.ppl_rel_err}
-                for r in results
+                {**asdict(r), "median_s": r.median_s, "ppl_rel_err": r.ppl_rel_err} for r in results
             ],
         }
         with open(args.json, "w") as fh:

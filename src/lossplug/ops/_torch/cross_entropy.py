@@ -11,12 +11,15 @@ import torch
 
 from lossplug.ops._spec import LossSpec, RowOutputs
 
-#: Bytes of one float32 workspace; two are used, so the default extra memory is about 64 MiB.
-WORKSPACE_BYTES = 32 * 2**20
+#: Bytes of one float32 workspace (two are used, three for a soft-capped backward). Chunks of
+#: this size stay in the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
+WORKSPACE_BYTES = 8 * 2**20
 
-# exp(-150) is 0 in float32: clamping here changes no sum but keeps 0 * (-inf) out of the
-# entropy's dot product when a logit is -inf (masked vocabulary entries).
-_EXP_FLOOR = -150.0
+# exp(-150) is 0 in float32: clamping the log-probabilities here changes no probability but keeps
+# 0 * (-inf) out of the entropy when a logit is -inf (masked vocabulary entries).
+_LOG_FLOOR = -150.0
+# width of the blocks of the two-level argmax (torch's CPU argmax is several times slower than amax)
+_ARGMAX_BLOCK = 64
 
 
 def _chunk_rows(vocab: int, n_rows: int) -> int:
@@ -36,6 +39,24 @@ def _softcap_(z: torch.Tensor, cap: float) -> torch.Tensor:
     return z.div_(cap).tanh_().mul_(cap)
 
 
+def _first_argmax(z: torch.Tensor) -> torch.Tensor:
+    """``z.argmax(dim=1)`` (index of the first maximum) from block maxima: one fast pass."""
+    vocab = z.shape[1]
+    main = (vocab // _ARGMAX_BLOCK) * _ARGMAX_BLOCK
+    if main == 0:
+        return z.argmax(dim=1)
+    block_max = z[:, :main].unflatten(1, (-1, _ARGMAX_BLOCK)).amax(dim=2)
+    block = block_max.argmax(dim=1)
+    cols = block[:, None] * _ARGMAX_BLOCK + torch.arange(_ARGMAX_BLOCK, device=z.device)
+    index = block * _ARGMAX_BLOCK + z.gather(1, cols).argmax(dim=1)
+    if main == vocab:
+        return index
+    tail_max, tail_index = z[:, main:].max(dim=1)
+    main_max = block_max.gather(1, block[:, None])[:, 0]
+    # strictly greater: on a tie the earlier (main) index is the first maximum
+    return torch.where(tail_max > main_max, tail_index + main, index)
+
+
 def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
     n_outer, n_inner, vocab = logits3.shape
     n_rows = n_outer * n_inner
@@ -50,34 +71,33 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         return RowOutputs(loss, nll, lse, entropy, correct)
 
     rows_per_chunk = _chunk_rows(vocab, n_inner)
-    shifted = torch.empty(rows_per_chunk, vocab, **f32)
-    probs = torch.empty(rows_per_chunk, vocab, **f32)
+    log_probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
+    probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
     direct = logits3.dtype == torch.float32 and spec.softcap is None
-    ignored_all = target == spec.ignore_index
-    target_safe = torch.where(ignored_all | (target < 0) | (target >= vocab), 0, target)
+    ignored = target == spec.ignore_index
+    invalid = ~ignored & ((target < 0) | (target >= vocab))
+    target_safe = torch.where(ignored | invalid, 0, target)
 
     for row0, chunk in _row_chunks(logits3, rows_per_chunk):
         rows = chunk.shape[0]
         sl = slice(row0, row0 + rows)
-        work = shifted[:rows]
         if direct:
             z = chunk
-        else:
-            z = work.copy_(chunk)
+        else:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
+            z = probs_buf[:rows].copy_(chunk)
             if spec.softcap is not None:
                 _softcap_(z, spec.softcap)
-        y = target_safe[sl]
-        z_true = z.gather(1, y[:, None]).squeeze(1)
-        z_max, argmax = z.max(dim=1)
+        y = target_safe[sl, None]
+        argmax = _first_argmax(z)
+        z_max = z.gather(1, argmax[:, None])[:, 0]
         z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
-        torch.sub(z, z_max[:, None], out=work).clamp_(min=_EXP_FLOOR)
-        p = torch.exp(work, out=probs[:rows])
-        sum_exp = p.sum(dim=1)
-        # Σ e^(z-m) (z-m) as a batched dot product: no [rows, V] temporary
-        weighted = torch.bmm(p[:, None, :], work[:, :, None]).view(rows)
-        log_sum = sum_exp.log()
-        row_lse = z_max + log_sum
-        row_nll = row_lse - z_true
+        log_p = torch.ops.aten._log_softmax.out(z, 1, False, out=log_probs_buf[:rows])
+        row_nll = log_p.gather(1, y)[:, 0].neg_()
+        # the log-probability of the largest logit is -log Σ e^(z - max): exact, never -inf
+        row_lse = z_max - log_p.gather(1, argmax[:, None])[:, 0]
+        log_p.clamp_(min=_LOG_FLOOR)
+        p = torch.exp(log_p, out=probs_buf[:rows])  # z is not needed any more
+        entropy[sl] = p.mul_(log_p).sum(dim=1).neg_()
         row_loss = row_nll
         if spec.label_smoothing > 0:
             eps = spec.label_smoothing
@@ -87,16 +107,14 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         lse[sl] = row_lse
         nll[sl] = row_nll
         loss[sl] = row_loss
-        entropy[sl] = log_sum - weighted / sum_exp
-        correct[sl] = (argmax == y).to(torch.int32)
+        correct[sl] = argmax == y[:, 0]
 
-    invalid = ~ignored_all & ((target < 0) | (target >= vocab))
     # never a number for a label the caller did not validate (no host sync to raise instead)
     loss.masked_fill_(invalid, float("nan"))
     nll.masked_fill_(invalid, float("nan"))
     for out in (loss, nll, lse, entropy):
-        out.masked_fill_(ignored_all, 0.0)
-    correct.masked_fill_(ignored_all | invalid, 0)
+        out.masked_fill_(ignored, 0.0)
+    correct.masked_fill_(ignored | invalid, 0)
     return RowOutputs(loss, nll, lse, entropy, correct)
 
 
@@ -115,15 +133,20 @@ def backward(
     device = logits3.device
     f32 = dict(dtype=torch.float32, device=device)
     rows_per_chunk = _chunk_rows(vocab, n_inner)
-    work_buf = torch.empty(rows_per_chunk, vocab, **f32)
-    dtanh_buf = torch.empty(rows_per_chunk, vocab, **f32) if spec.softcap is not None else None
+    softcap = spec.softcap
+    # a float32 gradient is computed where it is stored; otherwise through a workspace
+    staged = grad3.dtype != torch.float32
+    work_buf = torch.empty(rows_per_chunk, vocab, **f32) if staged or softcap else None
+    dtanh_buf = torch.empty(rows_per_chunk, vocab, **f32) if softcap is not None else None
 
     ignored = target == spec.ignore_index
     g = grad_rows.to(torch.float32).masked_fill(ignored, 0.0)
     eps = spec.label_smoothing
-    prob_scale = g * (1.0 + 2.0 * spec.z_loss * lse)
+    prob_scale = (g * (1.0 + 2.0 * spec.z_loss * lse))[:, None]
     true_delta = (-(1.0 - eps) * g)[:, None]
     uniform_delta = (g * (eps / vocab))[:, None]
+    # e^(z - inf) = 0: ignored rows come out as exact zeros with no extra pass
+    shift = lse.masked_fill(ignored, float("inf"))[:, None]
     target_safe = torch.where(ignored | (target < 0) | (target >= vocab), 0, target)[:, None]
 
     grad_chunks = _row_chunks(grad3, rows_per_chunk)
@@ -132,21 +155,18 @@ def backward(
     ):
         rows = chunk.shape[0]
         sl = slice(row0, row0 + rows)
-        work = work_buf[:rows]
-        if spec.softcap is not None:
-            cap = spec.softcap
-            t = work.copy_(chunk).div_(cap).tanh_()
+        dest = work_buf[:rows] if staged else out
+        if softcap is not None:
+            t = work_buf[:rows].copy_(chunk).div_(softcap).tanh_()
             dtanh = torch.mul(t, t, out=dtanh_buf[:rows]).neg_().add_(1.0)
-            z = t.mul_(cap)
+            z = t.mul_(softcap)
         else:
-            z = chunk
-            dtanh = None
-        torch.sub(z, lse[sl, None], out=work).exp_()
-        work.mul_(prob_scale[sl, None])
+            z, dtanh = chunk, None
+        torch.sub(z, shift[sl], out=dest).exp_().mul_(prob_scale[sl])
         if eps > 0:
-            work.sub_(uniform_delta[sl])
-        work.scatter_add_(1, target_safe[sl], true_delta[sl])
+            dest.sub_(uniform_delta[sl])
+        dest.scatter_add_(1, target_safe[sl], true_delta[sl])
         if dtanh is not None:
-            work.mul_(dtanh)
-        work.masked_fill_(ignored[sl, None], 0.0)
-        out.copy_(work)
+            dest.mul_(dtanh)
+        if staged:
+            out.copy_(dest)

@@ -1,0 +1,570 @@
+"""GPU checks of lossplug's Triton cross-entropy: correctness at real size, speed, peak memory.
+
+1. Correctness of ``backend="triton"`` (loss, every ``TokenStats`` field, the gradient) against a
+   float64 reference computed a few rows at a time: bf16 ``[8192, 128256]``, a ``[16896, 128256]``
+   case whose ``N * V`` exceeds ``2**31`` (int64 offsets), and a strided ``shift=True`` case.
+2. Median times (CUDA events) of forward, forward + backward and forward-only statistics for
+   lossplug-triton, eager ``F.cross_entropy`` (with the ``.float()`` upcast users write),
+   ``torch.compile`` of the same, and Liger-Kernel's ``LigerCrossEntropyLoss`` when it imports;
+   peak extra memory from ``torch.cuda.max_memory_allocated``; each time next to the memory
+   floor of DESIGN.md (one read + one write of the logits at 3.0 TB/s) as a ratio.
+3. A short table last.
+
+``--tiny`` runs the same code paths on the CPU with tiny shapes under ``TRITON_INTERPRET=1``
+(wall-clock timing, no memory numbers) so the script is known to work without a GPU::
+
+    TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --tiny
+    bash benchmarks/gpu_suite.sh            # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+if "--tiny" in sys.argv[1:]:
+    # Triton reads this when a kernel is defined, i.e. when lossplug's kernel module is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import torch.nn.functional as F
+
+import lossplug
+
+IGNORE = -100
+MiB = 2**20
+HBM_BYTES_PER_S = 3.0e12  # DESIGN.md floor: H100 SXM memory bandwidth
+# DESIGN.md targets, as multiples of the floor
+TARGET_FWD_BWD = 1.3
+TARGET_STATS = 1.2
+BF16_ROUNDOFF = 2.0**-7 if os.environ.get("TRITON_INTERPRET") == "1" else 2.0**-8
+
+
+@dataclass
+class Check:
+    """One correctness comparison against the float64 reference."""
+
+    case: str
+    quantity: str
+    value: float
+    reference: float
+    error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+
+@dataclass
+class Timing:
+    """One (implementation, mode) measurement."""
+
+    impl: str
+    mode: str  # "fwd", "fwd+bwd" or "stats"
+    times_ms: list[float] = field(default_factory=list)
+    peak_extra_bytes: int | None = None
+    floor_ms: float = 0.0
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and the float64 reference
+
+
+def make_inputs(
+    rows: int, vocab: int, device: torch.device, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[rows, vocab]`` logits and targets, built in slices (no full float32 temporary).
+
+    Logits are ``2 * randn`` with a random bump on each row's target, so the true class is often
+    near the top as with a trained model; one row in sixteen is ignored.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    target = torch.randint(0, vocab, (rows,), device=device, generator=gen)
+    logits = torch.empty(rows, vocab, device=device, dtype=dtype)
+    step = max(1, (256 * MiB) // (4 * vocab))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        z = torch.randn(stop - start, vocab, device=device, generator=gen).mul_(2.0)
+        bump = torch.rand(stop - start, device=device, generator=gen).mul_(14.0)
+        z[torch.arange(stop - start, device=device), target[start:stop]] += bump
+        logits[start:stop].copy_(z)
+    ignored = torch.rand(rows, device=device, generator=gen) < 1 / 16
+    target = target.masked_fill(ignored, IGNORE)
+    return logits, target
+
+
+def reference_rows(
+    logits2d: torch.Tensor, target: torch.Tensor, grad2d: torch.Tensor | None
+) -> dict[str, float]:
+    """Float64 loss statistics of ``logits2d`` rows, and the gradient error of the mean loss.
+
+    Runs a slice of rows at a time so the float64 copy never exists whole. The gradient check is
+    elementwise: ``|g - g_ref| <= (u + 2**-14) |g_ref| + 1e-6 max|g_ref|`` with ``u`` the bf16
+    unit roundoff ``2**-8`` (``2**-14`` and the absolute term are slack for float32 arithmetic);
+    ``grad_excess`` is the largest ratio of error to bound. The Triton interpreter truncates
+    float32 -> bf16 instead of rounding to nearest (whatever ``fp_downcast_rounding`` says), so
+    there ``u`` is one ulp, ``2**-7``.
+    """
+    rows, vocab = logits2d.shape
+    valid_all = target != IGNORE
+    count = int(valid_all.sum())
+    step = max(1, (512 * MiB) // (8 * vocab))
+    acc = dict(nll_sum=0.0, entropy_sum=0.0, lse_sq_sum=0.0, correct=0.0)
+    worst_ratio, worst_abs = 0.0, 0.0
+    scale = 1.0 / max(count, 1)  # the largest |g_ref| is at most this (a true class, p -> 0)
+    for start in range(0, rows, step):
+        sl = slice(start, min(start + step, rows))
+        z = logits2d[sl].double()
+        y, ok = target[sl], valid_all[sl]
+        y_safe = y.clamp(min=0)
+        lse = torch.logsumexp(z, dim=1)
+        p = torch.exp(z - lse[:, None])
+        nll = lse - z.gather(1, y_safe[:, None]).squeeze(1)
+        entropy = lse - (p * z).sum(dim=1)
+        acc["nll_sum"] += float(nll[ok].sum())
+        acc["entropy_sum"] += float(entropy[ok].sum())
+        acc["lse_sq_sum"] += float(lse[ok].square().sum())
+        # torch.argmax returns the first maximum, the documented tie rule of TokenStats.correct
+        acc["correct"] += float(((z.argmax(dim=1) == y) & ok).sum())
+        if grad2d is not None:
+            g_ref = p
+            g_ref[torch.arange(z.shape[0], device=z.device), y_safe] -= 1.0
+            g_ref.mul_(ok[:, None].double() * scale)
+            diff = (grad2d[sl].double() - g_ref).abs_()
+            worst_abs = max(worst_abs, float(diff.max()))
+            bound = g_ref.abs_().mul_(BF16_ROUNDOFF + 2.0**-14).add_(1e-6 * scale)
+            worst_ratio = max(worst_ratio, float((diff / bound).max()))
+            del g_ref, diff, bound
+        del z, p
+    out = {**acc, "tokens": float(count)}
+    out["loss"] = acc["nll_sum"] / max(count, 1)
+    if grad2d is not None:
+        out["grad_excess"] = worst_ratio
+        out["grad_max_abs_err"] = worst_abs
+    return out
+
+
+def check_case(
+    name: str,
+    leaf: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    shift: bool = False,
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[Check]:
+    """Run lossplug-triton forward + backward with stats and compare with float64.
+
+    ``view`` (e.g. ``lambda t: t[:, :-1]``) makes the op see a strided view of ``leaf``; the
+    gradient is then checked on the same view of ``leaf.grad``.
+    """
+    view = view or (lambda t: t)
+    leaf.requires_grad_(True)
+    logits = view(leaf)
+    loss, stats = lossplug.cross_entropy(
+        logits, target, shift=shift, return_stats=True, backend="triton"
+    )
+    loss.backward()
+    with torch.no_grad():
+        logits, grad = logits.detach(), view(leaf.grad)
+        vocab = logits.shape[-1]
+        if shift:
+            rows_logits = logits[..., :-1, :].reshape(-1, vocab)
+            rows_grad = grad[..., :-1, :].reshape(-1, vocab)
+            rows_target = target[..., 1:].reshape(-1)
+            # the last position of every sequence is not scored: its gradient must be exactly 0
+            tail_grad = float(grad[..., -1, :].abs().max())
+        else:
+            rows_logits, rows_grad, rows_target = logits, grad, target
+            tail_grad = 0.0
+        ref = reference_rows(rows_logits, rows_target, rows_grad)
+    leaf.grad = None
+    leaf.requires_grad_(False)
+
+    got = {
+        "loss": float(loss.detach()),
+        "nll_sum": float(stats.nll_sum),
+        "tokens": float(stats.tokens),
+        "correct": float(stats.correct),
+        "entropy_sum": float(stats.entropy_sum),
+        "lse_sq_sum": float(stats.lse_sq_sum),
+    }
+    # relative tolerances; perplexity's 1e-4 is the DESIGN.md rule, the sums can do better
+    tolerances = {
+        "loss": 1e-5,
+        "nll_sum": 1e-5,
+        "tokens": 0.0,
+        "correct": 0.0,
+        "entropy_sum": 1e-4,
+        "lse_sq_sum": 1e-5,
+    }
+    checks = [
+        Check(name, key, got[key], ref[key], _rel(got[key], ref[key]), tolerances[key])
+        for key in tolerances
+    ]
+    ppl, ppl_ref = float(stats.perplexity), float(torch.tensor(ref["loss"]).double().exp())
+    checks.append(Check(name, "perplexity", ppl, ppl_ref, _rel(ppl, ppl_ref), 1e-4))
+    excess = ref["grad_excess"]
+    checks.append(Check(name, "grad (worst err / bound)", excess, 1.0, excess, 1.0))
+    if shift:
+        checks.append(Check(name, "grad at unscored tail", tail_grad, 0.0, tail_grad, 0.0))
+    return checks
+
+
+def _rel(value: float, reference: float) -> float:
+    if reference == value:
+        return 0.0
+    return abs(value - reference) / max(abs(reference), 1e-30)
+
+
+def run_correctness(device: torch.device, tiny: bool) -> list[Check]:
+    """The three correctness cases; tiny analogues of the same code paths under ``--tiny``."""
+    checks: list[Check] = []
+    if tiny:
+        big, huge, strided = (96, 1000), (80, 777), (2, 33, 500)
+    else:
+        big, huge, strided = (8192, 128256), (16896, 128256), (4, 1024, 128256)
+
+    logits, target = make_inputs(*big, device, seed=1)
+    checks += check_case(f"bf16 {big[0]}x{big[1]}", logits, target)
+    del logits, target
+    _free(device)
+
+    logits, target = make_inputs(*huge, device, seed=2)
+    label = f"bf16 {huge[0]}x{huge[1]}"
+    if logits.numel() > 2**31:
+        label += " (N*V > 2^31)"
+    checks += check_case(label, logits, target)
+    del logits, target
+    _free(device)
+
+    # logits[:, :-1] of a [B, S+1, V] buffer: outer stride != S * V, plus shift=True
+    b, s, v = strided
+    flat, flat_target = make_inputs(b * (s + 1), v, device, seed=3)
+    checks += check_case(
+        f"bf16 {b}x{s}x{v} strided view, shift=True",
+        flat.view(b, s + 1, v),
+        flat_target.view(b, s + 1)[:, :-1],
+        shift=True,
+        view=lambda t: t[:, :-1],
+    )
+    del flat, flat_target
+    _free(device)
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(
+    run: Callable[[], object],
+    reset: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> tuple[list[float], int | None]:
+    """Times of ``run`` in ms (CUDA events on a GPU, wall clock otherwise) and its peak memory.
+
+    ``reset`` runs between calls, outside the timed region (dropping gradients, restoring
+    clobbered inputs). The peak is measured on one call after the warm-up (compilation and
+    autotuning are done by then), above what was allocated before it.
+    """
+    for _ in range(warmup):
+        run()
+        reset()
+    _sync(device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        reset()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        reset()
+    return times, peak
+
+
+def _liger_loss() -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, str]:
+    """Liger-Kernel's cross-entropy module, or None and why it is not available."""
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+    except Exception as exc:  # not installed, or an import that needs what is not here
+        return None, f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:60]})"
+    return LigerCrossEntropyLoss(ignore_index=IGNORE), ""
+
+
+def run_timings(device: torch.device, tiny: bool, repeats: int, compile_: bool) -> list[Timing]:
+    """Every (implementation, mode) pair on one bf16 shape; clobbered logits are restored."""
+    rows, vocab = (64, 1000) if tiny else (8192, 128256)
+    warmup = 1 if tiny else 3
+    logits, target = make_inputs(rows, vocab, device, seed=4)
+    pristine = logits.clone()  # Liger and inplace_backward overwrite the logits
+    bytes_logits = logits.numel() * logits.element_size()
+    floor_read = bytes_logits / HBM_BYTES_PER_S * 1e3
+    floors = {"fwd": floor_read, "fwd+bwd": 2 * floor_read, "stats": floor_read}
+
+    def upcast_ce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(x.float(), y, ignore_index=IGNORE)
+
+    def lossplug_ce(x: torch.Tensor, y: torch.Tensor, **kw: object) -> torch.Tensor:
+        return lossplug.cross_entropy(x, y, backend="triton", **kw)
+
+    liger, liger_missing = _liger_loss()
+    impls: dict[str, Callable[..., torch.Tensor] | None] = {
+        "lossplug-triton": lossplug_ce,
+        "lossplug-triton inplace": lambda x, y: lossplug_ce(x, y, inplace_backward=True),
+        "torch eager (.float())": upcast_ce,
+        "torch.compile (.float())": torch.compile(upcast_ce) if compile_ else None,
+        "liger CrossEntropyLoss": liger,
+    }
+    notes = {
+        ("lossplug-triton", "stats"): "loss + all TokenStats",
+        ("torch eager (.float())", "stats"): "exp(loss) only",
+        ("torch.compile (.float())", "stats"): "exp(loss) only",
+        ("liger CrossEntropyLoss", "fwd"): "grad computed in fwd, in place",
+        ("liger CrossEntropyLoss", "fwd+bwd"): "grad computed in fwd, in place",
+        ("liger CrossEntropyLoss", "stats"): "exp(loss) only",
+    }
+    results: list[Timing] = []
+    for impl, fn in impls.items():
+        modes = ("fwd+bwd",) if impl.endswith("inplace") else ("fwd", "fwd+bwd", "stats")
+        for mode in modes:
+            timing = Timing(impl, mode, floor_ms=floors[mode], note=notes.get((impl, mode), ""))
+            results.append(timing)
+            if fn is None:
+                timing.note = liger_missing if "liger" in impl else "n/a (skipped)"
+                continue
+            logits.copy_(pristine)
+            try:
+                run, reset = _mode_call(impl, mode, fn, logits, target, pristine)
+                timing.times_ms, timing.peak_extra_bytes = time_call(
+                    run, reset, device, repeats, warmup
+                )
+            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
+                timing.note = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+                traceback.print_exc(limit=2)
+            logits.requires_grad_(False)
+            logits.grad = None
+            _free(device)
+    return results
+
+
+def _mode_call(
+    impl: str,
+    mode: str,
+    fn: Callable[..., torch.Tensor],
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pristine: torch.Tensor,
+) -> tuple[Callable[[], object], Callable[[], None]]:
+    """The zero-argument call timed for ``mode`` and the reset run after each call."""
+    clobbers = impl.startswith("liger") or impl.endswith("inplace")
+
+    def reset() -> None:
+        logits.grad = None
+        if clobbers:
+            with torch.no_grad():
+                logits.copy_(pristine)
+
+    if mode == "stats":
+        logits.requires_grad_(False)
+        if impl.startswith("lossplug"):
+
+            def run() -> object:
+                with torch.no_grad():
+                    _, stats = fn(logits, target, return_stats=True)
+                    return stats.perplexity, stats.accuracy, stats.entropy
+
+        else:
+
+            def run() -> object:
+                with torch.no_grad():
+                    return fn(logits, target).exp()
+
+        return run, reset
+
+    logits.requires_grad_(True)
+    if mode == "fwd":
+
+        def run() -> object:
+            return fn(logits, target)
+
+    else:
+
+        def run() -> object:
+            loss = fn(logits, target)
+            loss.backward()
+            return loss
+
+    return run, reset
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Device name and library versions."""
+    import triton
+
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "lossplug": lossplug.__version__,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    for name, module in (
+        ("liger-kernel", "liger_kernel"),
+        ("cut-cross-entropy", "cut_cross_entropy"),
+    ):
+        try:
+            from importlib.metadata import version
+
+            __import__(module)
+            info[name] = version(name)
+        except Exception:
+            info[name] = "not installed"
+    return info
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = [
+        "| case | quantity | lossplug | float64 ref | rel err | tol | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c.case} | {c.quantity} | {c.value:.9g} | {c.reference:.9g} | {c.error:.2e} | "
+            f"{c.tolerance:.0e} | {'PASS' if c.ok else 'FAIL'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_timings(results: list[Timing], shape: str) -> str:
+    """Final table: time, floor ratio, peak extra memory, and the DESIGN.md target verdicts."""
+    liger_fb = next(
+        (t.median_ms for t in results if t.impl.startswith("liger") and t.mode == "fwd+bwd"), None
+    )
+    lines = [
+        f"bf16 {shape}; floor = logits bytes read (+ written) at 3.0 TB/s",
+        "",
+        "| impl | mode | median ms | floor ms | x floor | peak extra MiB | target | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in results:
+        med = t.median_ms
+        ratio = None if med is None else med / t.floor_ms
+        target = ""
+        if t.impl == "lossplug-triton" and ratio is not None:
+            if t.mode == "fwd+bwd":
+                target = f"<= {TARGET_FWD_BWD}x: {'yes' if ratio <= TARGET_FWD_BWD else 'NO'}"
+                if liger_fb is not None:
+                    target += f"; < liger: {'yes' if med < liger_fb else 'NO'}"
+            elif t.mode == "stats":
+                target = f"<= {TARGET_STATS}x: {'yes' if ratio <= TARGET_STATS else 'NO'}"
+        peak = "n/a" if t.peak_extra_bytes is None else f"{t.peak_extra_bytes / MiB:.0f}"
+        lines.append(
+            f"| {t.impl} | {t.mode} | {'n/a' if med is None else f'{med:.3f}'} | "
+            f"{t.floor_ms:.3g} | {'n/a' if ratio is None else f'{ratio:.3g}'} | {peak} | "
+            f"{target} | {t.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (median)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+
+    if args.tiny:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: run on a GPU machine, or use --tiny for the CPU smoke run")
+        return 2
+    repeats = args.repeats or (3 if args.tiny else 20)
+    info = environment(device)
+    print("# lossplug GPU suite\n")
+    print("- " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; command: python {shlex.join(sys.argv)}")
+    timing_clock = "CUDA events" if device.type == "cuda" else "wall clock"
+    print(f"- timing: median of {repeats} calls ({timing_clock})\n", flush=True)
+
+    checks: list[Check] = []
+    if not args.skip_correctness:
+        t0 = time.perf_counter()
+        checks = run_correctness(device, args.tiny)
+        print(f"## Correctness vs float64 ({time.perf_counter() - t0:.1f} s)\n")
+        print(format_checks(checks) + "\n", flush=True)
+
+    t0 = time.perf_counter()
+    timings = run_timings(device, args.tiny, repeats, compile_=not args.no_compile)
+    shape = "64x1000" if args.tiny else "8192x128256"
+    print(f"## Timings ({time.perf_counter() - t0:.1f} s)\n")
+    print(format_timings(timings, shape))
+    failed = [c for c in checks if not c.ok]
+    print(
+        f"\ncorrectness: {'FAIL' if failed else 'PASS'} "
+        f"({len(checks) - len(failed)}/{len(checks)} checks)"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "environment": info,
+                    "checks": [{**asdict(c), "ok": c.ok} for c in checks],
+                    "timings": [{**asdict(t), "median_ms": t.median_ms} for t in timings],
+                },
+                fh,
+                indent=1,
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
