@@ -9,7 +9,9 @@ import torch
 __all__ = ["TokenStats"]
 
 
-@dataclass(frozen=True)
+# Not frozen: Lightning rebuilds dataclasses found in a step's outputs (to detach and move their
+# tensors) and refuses frozen ones. eq=False: tensors have no single truth value.
+@dataclass(eq=False)
 class TokenStats:
     """Device-side sums over the scored (non-ignored) tokens of one or more batches.
 

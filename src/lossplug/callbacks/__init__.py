@@ -1,0 +1,5 @@
+"""Lightning callbacks (both ``lightning.pytorch`` and ``pytorch_lightning`` Trainers)."""
+
+from lossplug.callbacks.loss_monitor import LossMonitor
+
+__all__ = ["LossMonitor"]

@@ -1,0 +1,329 @@
+"""LossMonitor: exact cross-entropy, perplexity, accuracy and entropy, logged from Lightning."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
+from lossplug.callbacks._compat import CALLBACK_BASES, wandb_loggers
+from lossplug.ops._dispatch import BACKENDS
+from lossplug.ops.cross_entropy import cross_entropy
+from lossplug.ops.stats import TokenStats
+
+__all__ = ["LossMonitor"]
+
+Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] | None"]
+_STAGES = ("train", "val")
+_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max"}
+
+
+class LossMonitor(*CALLBACK_BASES):
+    """Log exact model-centric metrics of a language-model fine-tune at optimizer steps.
+
+    Every micro-batch's token statistics are summed on the device (no host synchronisation); at
+    every ``log_every_n_steps``-th optimizer step the sums are reduced across ranks once and the
+    window since the last log is logged: ``train/cross_entropy``, ``train/perplexity``,
+    ``train/token_accuracy``, ``train/entropy``, ``train/tokens`` (cumulative) and
+    ``train/tokens_per_sec``, at the trainer's global step. Each validation run logs one aggregate
+    under ``val/…`` that ``ModelCheckpoint``/``EarlyStopping`` can monitor
+    (``monitor="val/perplexity"``); the train epoch aggregate is logged as ``train/<name>_epoch``.
+
+    Where the numbers come from, cheapest first: a :class:`~lossplug.TokenStats` that
+    ``training_step``/``validation_step`` returns under ``"stats"`` (no extra work: the loss
+    computed them), else ``"logits"`` and ``"labels"`` (the fused op runs forward-only), else
+    ``extract(outputs, batch)``, which returns a ``TokenStats`` or ``(logits, labels)``.
+
+    Args:
+        log_every_n_steps: log every this many optimizer steps (default: the trainer's).
+        metrics: which of ``cross_entropy``, ``perplexity``, ``token_accuracy``, ``entropy``.
+        train_prefix: prefix of the training keys.
+        val_prefix: prefix of the validation keys.
+        prog_bar: show the perplexity on the progress bar.
+        log_epoch: also log the aggregate of each training epoch.
+        stages: ``"train"`` and/or ``"val"``.
+        extract: fallback ``extract(outputs, batch)`` for modules that return neither.
+        ignore_index: for the ``logits``/``labels`` form, as in :func:`lossplug.cross_entropy`.
+        shift: for the ``logits``/``labels`` form (labels not yet shifted: causal LM).
+        softcap: for the ``logits``/``labels`` form.
+        backend: for the ``logits``/``labels`` form.
+
+    Example:
+        >>> import lossplug
+        >>> monitor = lossplug.LossMonitor(log_every_n_steps=10, metrics=("perplexity",))
+        >>> monitor.keys("train")
+        ['train/perplexity', 'train/tokens', 'train/tokens_per_sec']
+    """
+
+    def __init__(
+        self,
+        *,
+        log_every_n_steps: int | None = None,
+        metrics: Sequence[str] = METRIC_NAMES,
+        train_prefix: str = "train/",
+        val_prefix: str = "val/",
+        prog_bar: bool = True,
+        log_epoch: bool = True,
+        stages: Sequence[str] = _STAGES,
+        extract: Extract | None = None,
+        ignore_index: int = -100,
+        shift: bool = False,
+        softcap: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
+        if isinstance(metrics, str):
+            raise TypeError(f"metrics must be a sequence of names, got the string {metrics!r}")
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown or not metrics:
+            raise ValueError(
+                f"metrics must be a non-empty subset of {METRIC_NAMES}, got {tuple(metrics)!r}"
+            )
+        for name, prefix in (("train_prefix", train_prefix), ("val_prefix", val_prefix)):
+            if not isinstance(prefix, str):
+                raise TypeError(f"{name} must be a str, got {prefix!r}")
+        if train_prefix == val_prefix:
+            raise ValueError(f"train_prefix and val_prefix must differ, both are {train_prefix!r}")
+        if isinstance(stages, str) or any(s not in _STAGES for s in stages):
+            raise ValueError(f"stages must be a sequence of {_STAGES}, got {stages!r}")
+        if extract is not None and not callable(extract):
+            raise TypeError(f"extract must be callable(outputs, batch), got {extract!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.metrics = tuple(metrics)
+        self.train_prefix = train_prefix
+        self.val_prefix = val_prefix
+        self.prog_bar = prog_bar
+        self.log_epoch = log_epoch
+        self.stages = tuple(stages)
+        self.extract = extract
+        self.op_kwargs = dict(ignore_index=ignore_index, shift=shift, softcap=softcap)
+        self.backend = backend
+
+        self._window = StatsAccumulator()
+        self._epoch = StatsAccumulator()
+        self._val = StatsAccumulator()
+        self._tokens_total = 0
+        self._last_logged_step = -1
+        self._seen_step = 0
+        self._window_started = time.perf_counter()
+        self._trainer: Any = None
+
+    # ----------------------------------------------------------------------------------- keys
+    def keys(self, stage: str) -> list[str]:
+        """The keys this monitor logs for ``stage`` (``"train"`` or ``"val"``)."""
+        prefix = self.train_prefix if stage == "train" else self.val_prefix
+        keys = [f"{prefix}{name}" for name in self.metrics] + [f"{prefix}tokens"]
+        if stage == "train":
+            keys.append(f"{prefix}tokens_per_sec")
+        return keys
+
+    # ---------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            self._define_wandb_metrics(trainer)
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._seen_step = trainer.global_step
+        self._window_started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if "train" not in self.stages:
+            return
+        stats = self._stats_from(outputs, batch, "training_step")
+        if stats is not None:
+            self._window.add(stats)
+            if self.log_epoch:
+                self._epoch.add(stats)
+        step = trainer.global_step
+        if step == self._seen_step:  # inside a gradient-accumulation window
+            return
+        self._seen_step = step
+        every = self.log_every_n_steps or max(int(trainer.log_every_n_steps or 1), 1)
+        if step % every == 0 and step > self._last_logged_step:
+            self._log_train_window(trainer, pl_module, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "train" not in self.stages or not self.log_epoch:
+            return
+        values = self._epoch.read(self._reduce(trainer))
+        self._epoch.reset()
+        metrics = {f"{self.train_prefix}{n}_epoch": values[n] for n in self.metrics if n in values}
+        self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=False)
+
+    @override
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._val.reset()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if "val" not in self.stages or trainer.sanity_checking:
+            return
+        stats = self._stats_from(outputs, batch, "validation_step")
+        if stats is not None:
+            self._val.add(stats)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "val" not in self.stages or trainer.sanity_checking:
+            self._val.reset()
+            return
+        values = self._val.read(self._reduce(trainer))
+        self._val.reset()
+        metrics = {f"{self.val_prefix}{n}": values[n] for n in self.metrics if n in values}
+        metrics[f"{self.val_prefix}tokens"] = values["tokens"]
+        self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=self.prog_bar)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Sums are reduced over ranks here (Lightning builds the checkpoint on every rank): the
+        # file then holds the global partial window, which rank 0 alone takes back on resume.
+        reduce = self._reduce(self._trainer) if self._trainer is not None else None
+        return {
+            "version": 1,
+            "tokens_total": self._tokens_total,
+            "last_logged_step": self._last_logged_step,
+            "window": self._reduced_state(self._window, reduce),
+            "epoch": self._reduced_state(self._epoch, reduce),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tokens_total = int(state_dict["tokens_total"])
+        self._last_logged_step = int(state_dict["last_logged_step"])
+        rank_zero = self._trainer is None or self._trainer.global_rank == 0
+        for acc, key in ((self._window, "window"), (self._epoch, "epoch")):
+            acc.load(state_dict[key] if rank_zero else None)
+
+    # -------------------------------------------------------------------------------- helpers
+    def _log_train_window(self, trainer: Any, pl_module: Any, step: int) -> None:
+        values = self._window.read(self._reduce(trainer))
+        self._window.reset()
+        now = time.perf_counter()
+        seconds, self._window_started = now - self._window_started, now
+        self._tokens_total += int(values["tokens"])
+        metrics = {f"{self.train_prefix}{n}": values[n] for n in self.metrics if n in values}
+        metrics[f"{self.train_prefix}tokens"] = self._tokens_total
+        metrics[f"{self.train_prefix}tokens_per_sec"] = values["tokens"] / max(seconds, 1e-9)
+        self._emit(trainer, pl_module, metrics, step, prog_bar=self.prog_bar)
+        self._last_logged_step = step
+
+    def _emit(
+        self, trainer: Any, pl_module: Any, metrics: dict[str, float], step: int, prog_bar: bool
+    ) -> None:
+        if not metrics:
+            return
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        # the same values on every rank, for ModelCheckpoint/EarlyStopping and the progress bar
+        for key, value in metrics.items():
+            pl_module.log(
+                key,
+                float(value),
+                logger=False,
+                prog_bar=prog_bar and key.endswith("perplexity"),
+                sync_dist=False,
+                rank_zero_only=False,
+            )
+
+    def _define_wandb_metrics(self, trainer: Any) -> None:
+        for logger in wandb_loggers(trainer):
+            run = logger.experiment
+            if not hasattr(run, "define_metric"):
+                continue
+            run.define_metric("trainer/global_step")
+            for stage in self.stages:
+                for key in self.keys(stage):
+                    name = key.rsplit("/", 1)[-1]
+                    summary = _SUMMARY.get(name, "max" if name == "tokens" else None)
+                    kwargs = {"summary": summary} if summary else {}
+                    run.define_metric(key, step_metric="trainer/global_step", **kwargs)
+
+    def _stats_from(self, outputs: Any, batch: Any, hook: str) -> TokenStats | None:
+        if isinstance(outputs, Mapping):
+            stats = outputs.get("stats")
+            if isinstance(stats, TokenStats):
+                return stats
+            if "logits" in outputs and "labels" in outputs:
+                return self._run_op(outputs["logits"], outputs["labels"])
+        if self.extract is not None:
+            got = self.extract(outputs, batch)
+            if got is None or isinstance(got, TokenStats):
+                return got
+            if isinstance(got, tuple) and len(got) == 2:
+                return self._run_op(*got)
+            raise TypeError(
+                f"LossMonitor's extract must return a TokenStats, (logits, labels) or None; "
+                f"got {type(got).__name__}"
+            )
+        kind = (
+            type(outputs).__name__ if not isinstance(outputs, Mapping) else f"keys {list(outputs)}"
+        )
+        raise ValueError(
+            f"LossMonitor found no token statistics in what {hook} returned ({kind}). Return "
+            "{'loss': loss, 'stats': stats} with `loss, stats = lossplug.cross_entropy(..., "
+            "return_stats=True)`, or {'loss': loss, 'logits': logits, 'labels': labels}, or pass "
+            "LossMonitor(extract=fn) with fn(outputs, batch) -> TokenStats"
+            + (
+                " (or stages=('train',) if validation_step returns nothing)"
+                if hook[0] == "v"
+                else ""
+            )
+        )
+
+    def _run_op(self, logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
+        with torch.no_grad():
+            _, stats = cross_entropy(
+                logits.detach(),
+                labels,
+                reduction="sum",
+                return_stats=True,
+                backend=self.backend,
+                **self.op_kwargs,
+            )
+        return stats
+
+    @staticmethod
+    def _reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Sum over ranks through the trainer's strategy (identity on one process)."""
+        if trainer.world_size <= 1:
+            return lambda tensor: tensor
+        strategy = trainer.strategy
+        # the collective runs on the strategy's device (NCCL needs CUDA tensors, gloo CPU ones)
+        return lambda tensor: strategy.reduce(tensor.to(strategy.root_device), reduce_op="sum")
+
+    @staticmethod
+    def _reduced_state(acc: StatsAccumulator, reduce: Any) -> torch.Tensor | None:
+        if reduce is None:
+            return acc.state()
+        sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
+        return reduce(sums.clone()).detach().cpu()

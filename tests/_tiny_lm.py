@@ -1,0 +1,139 @@
+"""A tiny causal language model and data for Trainer tests, in both Lightning namespaces.
+
+Module-level classes so that spawned DDP processes can import them by name.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lossplug
+
+VOCAB = 50
+
+
+def make_tokens(n_rows: int, seq: int, *, seed: int, ignore_share: float = 0.2) -> torch.Tensor:
+    """Rows of ``[inputs | labels]``: labels are the inputs with some positions ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n_rows, seq), generator=gen)
+    labels = tokens.clone()
+    labels[torch.rand(n_rows, seq, generator=gen) < ignore_share] = -100
+    return torch.cat([tokens, labels], dim=1)
+
+
+def make_loader(n_batches: int, batch_size: int = 4, seq: int = 12, *, seed: int = 0, **kw):
+    rows = make_tokens(n_batches * batch_size, seq, seed=seed, **kw)
+    return DataLoader(TensorDataset(rows), batch_size=batch_size, shuffle=False)
+
+
+class _TinyLMMixin:
+    """Embedding + linear head (a bigram model): fast, and it learns."""
+
+    def __init__(self, mode: str = "stats", lr: float = 0.05, record: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB)
+        self.mode = mode
+        self.lr = lr
+        self.record = record
+        self.seen: dict[str, list] = {"train": [], "val": []}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+    def _step(self, batch, stage: str):
+        (rows,) = batch
+        seq = rows.shape[1] // 2
+        tokens, labels = rows[:, :seq], rows[:, seq:]
+        logits = self(tokens)
+        if self.record:
+            self.seen[stage].append((logits.detach().double().clone(), labels.clone()))
+        loss, stats = lossplug.cross_entropy(logits, labels, shift=True, return_stats=True)
+        if self.mode == "stats":
+            return {"loss": loss, "stats": stats}
+        if self.mode == "logits":
+            return {"loss": loss, "logits": logits, "labels": labels}
+        if self.mode == "custom":
+            return {"loss": loss, "my_logits": logits, "my_labels": labels}
+        return loss  # "none": nothing LossMonitor can use
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        out = self._step(batch, "val")
+        return out if isinstance(out, dict) else None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class TinyLM(_TinyLMMixin, L.LightningModule):
+    pass
+
+
+class TinyLMPL(_TinyLMMixin, pl.LightningModule):
+    pass
+
+
+class _RecorderMixin:
+    """A logger that keeps every ``log_metrics`` call: ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(step, m[key]) for step, m in self.rows if key in m]
+
+
+class Recorder(_RecorderMixin, L.loggers.Logger):
+    pass
+
+
+class RecorderPL(_RecorderMixin, pl.loggers.Logger):
+    pass
+
+
+NAMESPACES = {
+    "lightning.pytorch": (L, TinyLM, Recorder),
+    "pytorch_lightning": (pl, TinyLMPL, RecorderPL),
+}
+
+
+class InOrderShards(L.LightningDataModule):
+    """Rank r reads rows r, r + W, r + 2W, … in order, so step s of a W-rank run covers the same
+    rows as step s of one process with a W times larger batch (Lightning's own distributed
+    sampler shuffles training data)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seq: int = 12) -> None:
+        super().__init__()
+        self.rows = make_tokens(n_rows, seq, seed=0)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        from torch.utils.data.distributed import DistributedSampler
+
+        dataset = TensorDataset(self.rows)
+        sampler = (
+            DistributedSampler(dataset, shuffle=False) if self.trainer.world_size > 1 else None
+        )
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)

@@ -1,0 +1,281 @@
+"""LossMonitor in a real Trainer on CPU: exact values at optimizer steps, validation, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lossplug
+from _reference import reference_cross_entropy
+from _tiny_lm import NAMESPACES, InOrderShards, make_loader
+
+NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
+
+
+def expected(seen) -> dict[str, float]:
+    """Float64 values over recorded (logits, labels) micro-batches, independent of lossplug."""
+    total = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
+    for logits, labels in seen:
+        _, stats = reference_cross_entropy(logits, labels, shift=True)
+        for key in total:
+            total[key] += stats[key].item()
+    n = total["tokens"]
+    return {
+        "cross_entropy": total["nll_sum"] / n,
+        "perplexity": math.exp(total["nll_sum"] / n),
+        "token_accuracy": total["correct"] / n,
+        "entropy": total["entropy_sum"] / n,
+        "tokens": n,
+    }
+
+
+def make_trainer(lightning, tmp_path, logger, callbacks, **kw):
+    defaults = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kw)
+    return lightning.Trainer(**defaults)
+
+
+def row_at(recorder, step: int) -> dict[str, float]:
+    """Everything logged at ``step`` (a step may get several log calls)."""
+    merged: dict[str, float] = {}
+    for logged_step, metrics in recorder.rows:
+        if logged_step == step:
+            merged.update(metrics)
+    return merged
+
+
+def assert_close(got: float, want: float, key: str) -> None:
+    assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), (key, got, want)
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_logs_exact_windows_at_optimizer_steps(namespace, tmp_path):
+    lightning, Module, Recorder = NAMESPACES[namespace]
+    torch.manual_seed(0)
+    module, recorder = Module(record=True), Recorder()
+    monitor = lossplug.LossMonitor(log_every_n_steps=2)
+    trainer = make_trainer(
+        lightning, tmp_path, recorder, [monitor], max_steps=6, limit_val_batches=0
+    )
+    trainer.fit(module, make_loader(6))
+    steps = [step for step, _ in recorder.series("train/perplexity")]
+    assert steps == [2, 4, 6]
+    seen = module.seen["train"]
+    tokens_so_far = 0
+    for index, step in enumerate(steps):
+        want = expected(seen[2 * index : 2 * index + 2])
+        row = row_at(recorder, step)
+        for name in NAMES:
+            assert_close(row[f"train/{name}"], want[name], name)
+        tokens_so_far += want["tokens"]
+        assert row["train/tokens"] == tokens_so_far  # cumulative
+        assert row["train/tokens_per_sec"] > 0
+    epoch_rows = recorder.series("train/perplexity_epoch")
+    assert len(epoch_rows) == 1
+    assert_close(epoch_rows[0][1], expected(seen)["perplexity"], "epoch perplexity")
+    assert "train/perplexity" in trainer.callback_metrics
+
+
+def test_gradient_accumulation_logs_only_at_optimizer_steps(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    module, recorder = Module(record=True), Recorder()
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(log_every_n_steps=1)],
+        max_steps=3,
+        accumulate_grad_batches=4,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, make_loader(12))
+    rows = recorder.series("train/cross_entropy")
+    assert [step for step, _ in rows] == [1, 2, 3]
+    seen = module.seen["train"]
+    assert len(seen) == 12
+    for index, (_, value) in enumerate(rows):
+        assert_close(value, expected(seen[4 * index : 4 * index + 4])["cross_entropy"], "window")
+
+
+@pytest.mark.parametrize("mode", ["logits", "custom"])
+def test_logits_and_extract_forms_give_the_same_numbers(mode, tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    results = {}
+    for form in ("stats", mode):
+        torch.manual_seed(0)
+        module, recorder = Module(mode=form), Recorder()
+        extract = None
+        if form == "custom":
+
+            def extract(outputs, batch):
+                return outputs["my_logits"], outputs["my_labels"]
+
+        monitor = lossplug.LossMonitor(log_every_n_steps=1, shift=True, extract=extract)
+        trainer = make_trainer(
+            lightning, tmp_path, recorder, [monitor], max_steps=3, limit_val_batches=0
+        )
+        trainer.fit(module, make_loader(3))
+        results[form] = recorder.series("train/perplexity")
+    assert [s for s, _ in results["stats"]] == [s for s, _ in results[mode]] == [1, 2, 3]
+    for (_, a), (_, b) in zip(results["stats"], results[mode], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-6)
+
+
+def test_validation_aggregate_is_monitorable_and_sanity_checks_are_not_logged(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    module, recorder = Module(record=True), Recorder()
+    early_stop = lightning.callbacks.EarlyStopping(
+        monitor="val/perplexity", stopping_threshold=1e6, mode="min"
+    )
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(log_every_n_steps=1), early_stop],
+        max_steps=8,
+        val_check_interval=3,
+        num_sanity_val_steps=2,
+    )
+    trainer.fit(module, make_loader(8), make_loader(3, seed=5))
+    val_rows = recorder.series("val/perplexity")
+    # the first validation run (after step 3) meets the threshold and stops training
+    assert [step for step, _ in val_rows] == [3]
+    assert trainer.global_step == 3 and trainer.should_stop
+    # sanity-check batches (2) were seen by the module but are not in the logged aggregate
+    val_seen = module.seen["val"]
+    assert len(val_seen) == 2 + 3
+    want = expected(val_seen[2:])
+    row = row_at(recorder, 3)
+    for name in NAMES:
+        assert_close(row[f"val/{name}"], want[name], name)
+    assert row["val/tokens"] == want["tokens"]
+    assert float(trainer.callback_metrics["val/perplexity"]) == pytest.approx(want["perplexity"])
+
+
+def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    trainer = make_trainer(
+        lightning, tmp_path, Recorder(), [lossplug.LossMonitor()], max_steps=5, limit_val_batches=0
+    )
+    module = Module(mode="none")
+    with pytest.raises(ValueError, match=r"LossMonitor found no token statistics.*training_step"):
+        trainer.fit(module, make_loader(5))
+    assert trainer.global_step <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(log_every_n_steps=0), ValueError, r"log_every_n_steps.*0"),
+        (dict(metrics=("perplexity", "bleu")), ValueError, r"metrics.*'bleu'"),
+        (dict(metrics="perplexity"), TypeError, r"metrics must be a sequence"),
+        (dict(train_prefix="x/", val_prefix="x/"), ValueError, r"must differ.*'x/'"),
+        (dict(stages=("test",)), ValueError, r"stages.*'test'"),
+        (dict(extract=3), TypeError, r"extract must be callable"),
+        (dict(backend="cuda"), ValueError, r"backend.*'cuda'"),
+    ],
+)
+def test_bad_configuration(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        lossplug.LossMonitor(**kwargs)
+
+
+def test_resume_continues_aggregates_and_the_step_axis(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+
+    def run(max_steps, recorder, ckpt_path=None, checkpoint=None):
+        torch.manual_seed(0)
+        module = Module()
+        callbacks = [lossplug.LossMonitor(log_every_n_steps=3)]
+        if checkpoint is not None:
+            callbacks.append(checkpoint)
+        trainer = make_trainer(
+            lightning,
+            tmp_path,
+            recorder,
+            callbacks,
+            max_steps=max_steps,
+            limit_val_batches=0,
+            enable_checkpointing=checkpoint is not None,
+        )
+        trainer.fit(module, make_loader(4), ckpt_path=ckpt_path)
+        return trainer
+
+    whole = Recorder()
+    run(9, whole)
+    checkpoint = NAMESPACES["lightning.pytorch"][0].callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1
+    )
+    first, second = Recorder(), Recorder()
+    run(4, first, checkpoint=checkpoint)  # stops with a window (step 4) not yet logged
+    run(9, second, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    steps = [s for s, _ in first.series("train/perplexity") + second.series("train/perplexity")]
+    assert steps == [3, 6, 9]  # every step once, strictly increasing
+    want = dict(whole.series("train/perplexity"))
+    got = dict(second.series("train/perplexity"))
+    for step in (6, 9):
+        assert math.isclose(got[step], want[step], rel_tol=1e-9), step
+    assert dict(second.series("train/tokens"))[9] == dict(whole.series("train/tokens"))[9]
+
+
+def _read_csv(path) -> dict[int, dict[str, float]]:
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    with open(path) as handle:
+        for record in csv.DictReader(handle):
+            step = int(record.pop("step"))
+            values = {k: float(v) for k, v in record.items() if v not in ("", None)}
+            rows.setdefault(step, {}).update(values)
+    return rows
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    # lr=0: the model stays fixed, so both runs score exactly the same tokens with the same weights
+    torch.manual_seed(0)
+    module = Module(lr=0.0)
+    csv_logger = lightning.loggers.CSVLogger(tmp_path, name="ddp", version=0)
+    ddp = make_trainer(
+        lightning,
+        tmp_path,
+        csv_logger,
+        [lossplug.LossMonitor(log_every_n_steps=2)],
+        max_steps=4,
+        limit_val_batches=0,
+        devices=2,
+        strategy="ddp_spawn",
+        use_distributed_sampler=False,
+    )
+    ddp.fit(module, datamodule=InOrderShards(16, batch_size=2))
+    logged = _read_csv(tmp_path / "ddp" / "version_0" / "metrics.csv")
+
+    torch.manual_seed(0)
+    single_module, recorder = Module(lr=0.0), Recorder()
+    single = make_trainer(
+        lightning,
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(log_every_n_steps=2)],
+        max_steps=4,
+        limit_val_batches=0,
+    )
+    single.fit(single_module, datamodule=InOrderShards(16, batch_size=4))
+    want = {step: row_at(recorder, step) for step, _ in recorder.series("train/perplexity")}
+    assert sorted(step for step in logged if "train/perplexity" in logged[step]) == [2, 4]
+    for step, row in want.items():
+        for name in (*NAMES, "tokens"):
+            key = f"train/{name}"
+            assert math.isclose(logged[step][key], row[key], rel_tol=1e-6), (step, key)
