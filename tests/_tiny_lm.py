@@ -137,3 +137,17 @@ class InOrderShards(L.LightningDataModule):
             DistributedSampler(dataset, shuffle=False) if self.trainer.world_size > 1 else None
         )
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def record_rank_kpi(ctx, path: str) -> float:
+    """A KPI that notes which rank ran it (for the DDP test) and returns a falling score."""
+    with open(path, "a") as handle:
+        handle.write(f"{ctx.trainer.global_rank} {ctx.step}\n")
+    return 100.0 - ctx.step
+
+
+class InOrderShardsWithVal(InOrderShards):
+    """The same, plus one validation batch."""
+
+    def val_dataloader(self):
+        return make_loader(1, seed=5)

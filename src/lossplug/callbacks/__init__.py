@@ -1,5 +1,6 @@
 """Lightning callbacks (both ``lightning.pytorch`` and ``pytorch_lightning`` Trainers)."""
 
+from lossplug.callbacks.kpi_monitor import KPIMonitor
 from lossplug.callbacks.loss_monitor import LossMonitor
 
-__all__ = ["LossMonitor"]
+__all__ = ["KPIMonitor", "LossMonitor"]

@@ -1,0 +1,33 @@
+"""Business KPIs: user functions run on a schedule, safely, beside the model metrics.
+
+The core here is framework-agnostic (plain PyTorch, Fabric, Lightning); ``lossplug.KPIMonitor``
+is the Lightning adapter. Built-in KPIs live in :mod:`lossplug.kpi.builtin`.
+"""
+
+import sys
+import types
+
+from lossplug.kpi._core import EVENTS, KPI, KPIContext, KPIResult, kpi
+from lossplug.kpi._runner import KPIError, KPIOutcome, KPIRunner, KPIState
+
+__all__ = [
+    "EVENTS",
+    "KPI",
+    "KPIContext",
+    "KPIError",
+    "KPIOutcome",
+    "KPIResult",
+    "KPIRunner",
+    "KPIState",
+    "kpi",
+]
+
+
+class _CallableModule(types.ModuleType):
+    """``lossplug.kpi`` is this package and, called, the ``@lossplug.kpi(...)`` decorator."""
+
+    def __call__(self, *args, **kwargs):
+        return kpi(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,203 @@
+"""What a KPI is: a user function, its schedule, and what it may return."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+EVENTS = ("train_step", "validation_end", "train_epoch_end", "train_end")
+ON_ERROR = ("log", "raise")
+
+
+@dataclass
+class KPIContext:
+    """What a KPI function gets: where training is, the model, and the latest logged metrics.
+
+    Attributes:
+        step: the optimizer step (the logging x-axis).
+        epoch: the current epoch.
+        event: what triggered the call (``"train_step"``, ``"validation_end"``…).
+        model: the unwrapped model, in eval mode and under ``torch.no_grad()`` during the call.
+        metrics: the latest logged metrics by key (``"val/perplexity"``…), as floats.
+        device: the model's device.
+        elapsed_s: wall-clock seconds since training started.
+        tokens: tokens scored so far (``train/tokens`` when LossMonitor logs it), else ``None``.
+        samples: training samples seen so far on all ranks, when known.
+        world_size: number of processes training.
+        trainer: the Lightning ``Trainer`` when there is one, else ``None``.
+    """
+
+    step: int
+    epoch: int = 0
+    event: str = "train_step"
+    model: torch.nn.Module | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    elapsed_s: float = 0.0
+    tokens: int | None = None
+    samples: int | None = None
+    world_size: int = 1
+    trainer: Any = None
+
+
+@dataclass
+class KPIResult:
+    """A KPI value (a number or a mapping of names to numbers) with optional sample rows.
+
+    ``samples`` are dicts with the same keys, logged as a table (a W&B table when W&B logs).
+    """
+
+    value: float | Mapping[str, float]
+    samples: Sequence[Mapping[str, Any]] | None = None
+
+
+KPIFunction = Callable[[KPIContext], "float | Mapping[str, float] | KPIResult | None"]
+
+
+class KPI:
+    """A business KPI: a user function run on a schedule, safely, logged as ``kpi/<name>``.
+
+    Args:
+        name: the key under ``kpi/`` (letters, digits, ``_``, ``-``, ``.``, ``/``).
+        fn: ``fn(ctx: KPIContext)`` returning a number, a mapping of names to numbers (logged as
+            ``kpi/<name>/<sub>``), a :class:`KPIResult` with sample rows, or ``None`` (nothing).
+        every_n_steps: run after every this many optimizer steps.
+        every_n_epochs: run at the end of every this many training epochs.
+        at: lifecycle events to run at, among ``"validation_end"``, ``"train_epoch_end"``,
+            ``"train_end"``, ``"train_step"``. Default: ``("validation_end",)`` when no
+            ``every_n_*`` is given, else none.
+        higher_is_better: direction of the value (W&B summary ``max`` or ``min``, targets, best).
+        timeout_s: abandon a call that runs longer (it is recorded as timed out; training goes on
+            within about this time). ``None`` runs the function inline with no limit.
+        on_error: ``"log"`` (count, warn once with the traceback, go on) or ``"raise"``.
+        target: when the value first reaches it, ``kpi/<name>/reached_at_step`` is logged once.
+        rank_zero_only: under DDP, run on rank 0 only and broadcast the result to every rank.
+
+    Example:
+        >>> from lossplug import KPI
+        >>> double_step = KPI("double_step", lambda ctx: 2 * ctx.step, every_n_steps=5)
+        >>> double_step.is_due("train_step", step=10, epoch=0)
+        True
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: KPIFunction,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at: Sequence[str] | None = None,
+        higher_is_better: bool = True,
+        timeout_s: float | None = None,
+        on_error: str = "log",
+        target: float | None = None,
+        rank_zero_only: bool = True,
+    ) -> None:
+        if (
+            not isinstance(name, str)
+            or not name
+            or not all(ch.isalnum() or ch in "_-./" for ch in name)
+        ):
+            raise ValueError(
+                f"name must be a non-empty str of letters, digits, '_', '-', '.', '/'; got {name!r}"
+            )
+        if not callable(fn):
+            raise TypeError(f"fn must be callable(ctx), got {fn!r}")
+        for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{arg} must be None or an int >= 1, got {value!r}")
+        if at is None:
+            at = () if (every_n_steps or every_n_epochs) else ("validation_end",)
+        if isinstance(at, str):
+            at = (at,)
+        unknown = [event for event in at if event not in EVENTS]
+        if unknown:
+            raise ValueError(f"at must contain only {EVENTS}, got {tuple(at)!r}")
+        if not (every_n_steps or every_n_epochs or at):
+            raise ValueError(
+                f"KPI {name!r} would never run: give every_n_steps, every_n_epochs or at"
+            )
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not 0 < timeout_s < math.inf
+        ):
+            raise ValueError(f"timeout_s must be None or a finite number > 0, got {timeout_s!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target)
+        ):
+            raise ValueError(f"target must be None or a number, got {target!r}")
+        self.name = name
+        self.fn = fn
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.at = tuple(at)
+        self.higher_is_better = bool(higher_is_better)
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self.on_error = on_error
+        self.target = None if target is None else float(target)
+        self.rank_zero_only = bool(rank_zero_only)
+
+    @property
+    def key(self) -> str:
+        return f"kpi/{self.name}"
+
+    def is_due(self, event: str, *, step: int, epoch: int) -> bool:
+        """Whether the schedule asks for a call at ``event`` (``epoch`` counts from 0)."""
+        if event in self.at:
+            return True
+        if event == "train_step" and self.every_n_steps:
+            return step > 0 and step % self.every_n_steps == 0
+        if event == "train_epoch_end" and self.every_n_epochs:
+            return (epoch + 1) % self.every_n_epochs == 0
+        return False
+
+    def reached(self, value: float) -> bool:
+        """Whether ``value`` meets the target."""
+        if self.target is None:
+            return False
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
+
+    def __repr__(self) -> str:
+        schedule = []
+        if self.every_n_steps:
+            schedule.append(f"every_n_steps={self.every_n_steps}")
+        if self.every_n_epochs:
+            schedule.append(f"every_n_epochs={self.every_n_epochs}")
+        if self.at:
+            schedule.append(f"at={self.at}")
+        return f"KPI({self.name!r}, {', '.join(schedule)})"
+
+
+def kpi(name: str | None = None, **options: Any) -> Callable[[KPIFunction], KPI]:
+    """Decorator: turn ``fn(ctx)`` into a :class:`KPI` named after the function.
+
+    Example:
+        >>> import lossplug
+        >>> @lossplug.kpi(every_n_steps=100, higher_is_better=False)
+        ... def dollars_per_step(ctx):
+        ...     return 0.01 * ctx.step
+        >>> dollars_per_step.key
+        'kpi/dollars_per_step'
+    """
+    if callable(name):  # used bare: @kpi
+        return KPI(name.__name__, name)
+
+    def wrap(fn: KPIFunction) -> KPI:
+        return KPI(name or fn.__name__, fn, **options)
+
+    return wrap
