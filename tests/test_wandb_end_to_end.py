@@ -1,0 +1,116 @@
+"""Both monitors logging to a real offline W&B run, read back from its file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lossplug
+from _reference import reference_cross_entropy
+from _tiny_lm import NAMESPACES, make_loader
+from lossplug.kpi import KPI, KPIResult
+from lossplug.loggers import read_run, wandb_logger
+
+L, TinyLM, _ = NAMESPACES["lightning.pytorch"]
+
+
+def window_values(seen):
+    sums = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
+    for logits, labels in seen:
+        _, stats = reference_cross_entropy(logits, labels, shift=True)
+        for key in sums:
+            sums[key] += stats[key].item()
+    n = sums["tokens"]
+    return {
+        "cross_entropy": sums["nll_sum"] / n,
+        "perplexity": math.exp(sums["nll_sum"] / n),
+        "token_accuracy": sums["correct"] / n,
+        "entropy": sums["entropy_sum"] / n,
+        "tokens": n,
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wandb_e2e")
+    torch.manual_seed(0)
+    module = TinyLM(record=True)
+    logger = wandb_logger("lossplug-e2e", save_dir=root, verbose=False)
+
+    def generations(ctx):
+        rows = [{"prompt": f"p{i}", "output": f"o{i}", "score": i / 2} for i in range(3)]
+        return KPIResult(0.25 * ctx.step, samples=rows)
+
+    kpis = [
+        KPI("pass_rate", generations, every_n_steps=2, target=0.5),
+        KPI("cost_usd", lambda ctx: 0.01 * ctx.step, at="validation_end", higher_is_better=False),
+    ]
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)],
+        max_steps=6,
+        val_check_interval=3,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, make_loader(6), make_loader(2, seed=9))
+    logger.experiment.finish()
+    return read_run(root, wait=20.0), module
+
+
+def test_every_key_at_the_expected_steps_with_float64_values(run):
+    data, module = run
+    assert data.complete, data.errors
+    seen = module.seen["train"]
+    for index, step in enumerate([2, 4, 6]):
+        want = window_values(seen[2 * index : 2 * index + 2])
+        for name in ("cross_entropy", "perplexity", "token_accuracy", "entropy"):
+            got = dict(data.series(f"train/{name}"))
+            assert math.isclose(got[step], want[name], rel_tol=1e-6), (name, step)
+    assert [s for s, _ in data.series("train/perplexity")] == [2, 4, 6]
+    tokens = [v for _, v in data.series("train/tokens")]
+    assert tokens == sorted(tokens) and tokens[-1] == window_values(seen)["tokens"]
+    # validation: one aggregate per run (after steps 3 and 6), sanity-check batch excluded
+    val = data.series("val/perplexity")
+    assert [s for s, _ in val] == [3, 6]
+    val_seen = module.seen["val"][1:]  # the first batch was the sanity check
+    assert math.isclose(val[0][1], window_values(val_seen[:2])["perplexity"], rel_tol=1e-6)
+    assert math.isclose(val[1][1], window_values(val_seen[2:4])["perplexity"], rel_tol=1e-6)
+
+
+def test_kpis_beside_the_model_metrics(run):
+    data, _ = run
+    assert data.series("kpi/pass_rate") == [(2, 0.5), (4, 1.0), (6, 1.5)]
+    assert data.series("kpi/pass_rate/reached_at_step") == [(2, 2)]
+    assert [s for s, _ in data.series("kpi/cost_usd")] == [3, 6]
+    tables = [v for _, v in data.series("kpi/pass_rate/samples")]
+    assert len(tables) == 3 and all(t.get("_type") == "table-file" for t in tables)
+
+
+def test_summaries_and_step_axis_are_declared(run):
+    data, _ = run
+    metrics = (
+        {m.name: m for m in data.metrics.values()}
+        if isinstance(data.metrics, dict)
+        else {m.name: m for m in data.metrics}
+    )
+    for key, kind in [
+        ("train/perplexity", "min"),
+        ("train/cross_entropy", "min"),
+        ("train/token_accuracy", "max"),
+        ("val/perplexity", "min"),
+        ("kpi/pass_rate", "max"),
+        ("kpi/cost_usd", "min"),
+    ]:
+        assert key in metrics, key
+        assert metrics[key].step_metric == "trainer/global_step", key
+        assert kind in metrics[key].summary, (key, metrics[key].summary)
+    assert data.summary["kpi/pass_rate"]["max"] == 1.5
+    assert data.summary["val/perplexity"]["min"] == min(v for _, v in data.series("val/perplexity"))
