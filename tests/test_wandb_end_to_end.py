@@ -96,11 +96,7 @@ def test_kpis_beside_the_model_metrics(run):
 
 def test_summaries_and_step_axis_are_declared(run):
     data, _ = run
-    metrics = (
-        {m.name: m for m in data.metrics.values()}
-        if isinstance(data.metrics, dict)
-        else {m.name: m for m in data.metrics}
-    )
+    metrics = data.metrics
     for key, kind in [
         ("train/perplexity", "min"),
         ("train/cross_entropy", "min"),
