@@ -76,6 +76,8 @@ class KPI:
         on_error: ``"log"`` (count, warn once with the traceback, go on) or ``"raise"``.
         target: when the value first reaches it, ``kpi/<name>/reached_at_step`` is logged once.
         rank_zero_only: under DDP, run on rank 0 only and broadcast the result to every rank.
+        primary: for a KPI returning a mapping, the entry that ``target`` and the best value
+            follow (default: the first entry).
 
     Example:
         >>> from lossplug import KPI
@@ -97,6 +99,7 @@ class KPI:
         on_error: str = "log",
         target: float | None = None,
         rank_zero_only: bool = True,
+        primary: str | None = None,
     ) -> None:
         if (
             not isinstance(name, str)
@@ -146,6 +149,9 @@ class KPI:
         self.on_error = on_error
         self.target = None if target is None else float(target)
         self.rank_zero_only = bool(rank_zero_only)
+        if primary is not None and not isinstance(primary, str):
+            raise TypeError(f"primary must be None or a str, got {primary!r}")
+        self.primary = primary
 
     @property
     def key(self) -> str:
@@ -166,6 +172,13 @@ class KPI:
         if self.target is None:
             return False
         return value >= self.target if self.higher_is_better else value <= self.target
+
+    def state_dict(self) -> dict[str, Any]:
+        """State of a stateful KPI (built-ins override this) that must survive a resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def better(self, value: float, best: float | None) -> bool:
         if best is None:

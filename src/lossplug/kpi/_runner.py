@@ -212,7 +212,10 @@ class KPIRunner:
                 )
         metrics.update(finite)
         outcome.samples = payload.get("samples")
-        primary = next(iter(values.values()), None) if values else None
+        if kpi.primary is not None:
+            primary = values.get(f"{kpi.key}/{kpi.primary}")
+        else:
+            primary = next(iter(values.values()), None)
         if primary is not None and math.isfinite(primary):
             if kpi.better(primary, state.best):
                 state.best = primary
@@ -224,12 +227,20 @@ class KPIRunner:
         return outcome
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "states": {name: asdict(s) for name, s in self.states.items()}}
+        return {
+            "version": 1,
+            "states": {name: asdict(s) for name, s in self.states.items()},
+            "kpis": {item.name: item.state_dict() for item in self.kpis},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, saved in state.get("states", {}).items():
             if name in self.states:
                 self.states[name] = KPIState(**saved)
+        for item in self.kpis:
+            saved = state.get("kpis", {}).get(item.name)
+            if saved:
+                item.load_state_dict(saved)
 
 
 def _to_float(name: str, value: Any) -> float:
