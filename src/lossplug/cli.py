@@ -1,0 +1,224 @@
+"""The ``lossplug`` command: report on a W&B run read back from disk, with no network.
+
+Usage::
+
+    lossplug report RUN [--plot FILE.png] [--json] [--keys PATTERN ...] [--wait SECONDS]
+    python -m lossplug.cli report RUN ...
+
+``RUN`` is a ``.wandb`` file, a run folder (``wandb/offline-run-*``), a ``wandb/`` folder or the
+save dir holding one (the latest run there is read). The table, JSON and plot come from
+:mod:`lossplug.report`; this module only parses arguments, prints and picks the exit code:
+
+- 0: the run was read whole (it finished and the file is intact);
+- 1: the run was read but is incomplete or partly corrupt (what could be read is shown);
+- 2: nothing could be read (missing path, not a W&B file, no run found), bad arguments, or the
+  plot asked for could not be drawn (e.g. matplotlib is missing: the table is still printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from lossplug.loggers.run_reader import read_run
+from lossplug.report import (
+    PlotDependencyError,
+    format_table,
+    numeric_keys,
+    plot_run,
+    problem_line,
+    report_dict,
+    select_keys,
+    summarize,
+)
+
+__all__ = ["EXIT_INCOMPLETE", "EXIT_OK", "EXIT_UNREADABLE", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_UNREADABLE = 2
+
+_PROG = "lossplug"
+_REPORT_DESCRIPTION = """\
+Read a W&B run from its local files (offline runs included, no network) and
+print the first, last and best value of every model metric (train/, val/,
+test/) and business KPI (kpi/), each with its step. "best" is the lowest or
+highest value as the run's define_metric summary says, shown as (min)/(max),
+else as guessed from the key's name, shown as (min?)/(max?).
+"""
+_EXIT_CODES = """\
+exit codes:
+  0  the run was read whole (it finished and its file is intact)
+  1  the run is incomplete or partly corrupt: what could be read is shown
+  2  nothing could be read (missing path, not a W&B run file, no run found), bad
+     arguments, or the --plot image could not be drawn (the table is still printed)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lossplug`` command."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Tools for runs logged by lossplug (exact perplexity beside business KPIs).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report = commands.add_parser(
+        "report",
+        help="print a table of a W&B run's model metrics and KPIs; optionally plot them",
+        description=_REPORT_DESCRIPTION,
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument(
+        "run",
+        metavar="RUN",
+        type=Path,
+        help="a .wandb file, a run folder, a wandb/ folder or the save dir holding one "
+        "(the latest run there is read)",
+    )
+    report.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=Path,
+        help="also draw the curves against the step into this image: perplexity (train and "
+        'val) and each KPI in its own panel; needs pip install "lossplug[plot]"',
+    )
+    report.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON instead of a table",
+    )
+    report.add_argument(
+        "--keys",
+        metavar="PATTERN",
+        nargs="+",
+        action="extend",
+        help="show (and plot) only the keys matching these glob patterns, e.g. 'val/*' "
+        "'kpi/pass_rate'; a plain prefix such as 'kpi' matches the keys under it; "
+        "bookkeeping keys (kpi/x/seconds, epoch, ...) show only when named, e.g. '*/seconds'",
+    )
+    report.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=_seconds,
+        default=0.0,
+        help="keep re-reading up to this long until the run is complete (a run that is still "
+        "being written, e.g. right after training); default 0",
+    )
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lossplug`` command.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code (see the module docs); never raises for bad input.
+
+    Example:
+        >>> main(["report", "no/such/run"])
+        2
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help/--version (0) and on bad arguments (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_UNREADABLE
+    try:
+        return args.handler(args)
+    except BrokenPipeError:
+        # The reader went away (``lossplug report RUN | head``): not an error worth a traceback.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        run = read_run(args.run, wait=args.wait)
+    except (OSError, ValueError) as exc:  # missing path, no run found, not a W&B file
+        return _fail(str(exc))
+    except Exception as exc:  # an unforeseen failure still gets one line, not a traceback
+        return _fail(f"could not read {args.run}: {type(exc).__name__}: {exc}")
+    if run.run_id is None and not run.history:
+        # The reader's messages start with the file name, which this line already shows.
+        first = run.errors[0].removeprefix(f"{run.path.name}: ") if run.errors else ""
+        return _fail(f"{run.path}: no W&B record could be read" + (f" ({first})" if first else ""))
+
+    if args.keys is not None and not select_keys(run, args.keys):
+        available = ", ".join(numeric_keys(run)) or "none"
+        return _fail(
+            f"no numeric key matches --keys {' '.join(args.keys)} "
+            f"(numeric keys in this run: {available})"
+        )
+    rows = summarize(run, args.keys)
+
+    code = EXIT_OK
+    problem = problem_line(run)
+    if problem:
+        _warn(problem)
+        code = EXIT_INCOMPLETE
+
+    plot_path = None
+    if args.plot is not None:
+        try:
+            plot_path = plot_run(run, args.plot, keys=args.keys)
+        except PlotDependencyError as exc:
+            _warn(str(exc), level="error")
+            code = EXIT_UNREADABLE
+        except (OSError, ValueError) as exc:  # unwritable path, unknown image format, ...
+            _warn(f"could not write the plot {args.plot}: {exc}", level="error")
+            code = EXIT_UNREADABLE
+        except Exception as exc:  # a plotting failure must not hide the table
+            _warn(f"could not draw the plot: {type(exc).__name__}: {exc}", level="error")
+            code = EXIT_UNREADABLE
+
+    if args.json:
+        data = report_dict(run, rows)
+        data["plot"] = None if plot_path is None else str(plot_path)
+        print(json.dumps(data, indent=2, allow_nan=False))
+    else:
+        print(format_table(rows, run))
+        if plot_path is not None:
+            print(f"\nplot written to {plot_path}")
+    return code
+
+
+def _fail(message: str) -> int:
+    _warn(message, level="error")
+    return EXIT_UNREADABLE
+
+
+def _warn(message: str, *, level: str = "warning") -> None:
+    # One line per problem, whatever the reader's message held.
+    print(f"{_PROG} report: {level}: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lossplug")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

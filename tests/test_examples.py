@@ -1,0 +1,133 @@
+"""The README's main job and the code speed-up template, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lossplug.loggers import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_example(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune")
+    done = run_example(
+        str(ROOT / "examples" / "finetune.py"), "--max-steps", "30", "--out", str(out), cwd=out
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
+
+
+def test_finetune_logs_model_and_business_metrics_that_improve(finetune_run):
+    out, _ = finetune_run
+    run = read_run(out / "wandb")
+    assert run.complete, run.errors
+    train = [value for _, value in run.series("train/perplexity")]
+    val = [value for _, value in run.series("val/perplexity")]
+    assert len(train) >= 3 and train[-1] < train[0]
+    assert len(val) >= 2 and val[-1] < val[0]  # validated at least twice in 30 steps
+    for key in ("kpi/throughput/tokens_per_sec", "kpi/cost/total", "kpi/code_tokenizes"):
+        assert run.series(key), key
+
+
+def test_finetune_prints_the_table_the_sync_command_and_writes_the_plot(finetune_run):
+    out, done = finetune_run
+    stdout = done.stdout
+    for text in ("train/perplexity", "val/perplexity", "kpi/code_tokenizes", "wandb sync"):
+        assert text in stdout, text
+    plot = out / "finetune.png"
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE and plot.stat().st_size > 1000
+
+
+def test_report_reads_the_run_back(finetune_run):
+    out, _ = finetune_run
+    png = out / "report.png"
+    done = run_example("-m", "lossplug.cli", "report", str(out), "--plot", str(png), cwd=out)
+    assert done.returncode == 0, done.stderr
+    assert "val/perplexity" in done.stdout and "kpi/cost/total" in done.stdout
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def _save_tiny_hf_model(path: Path) -> None:
+    """A tiny GPT-2 and a byte-level BPE tokenizer trained here: nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(
+        ["def f(x):\n    return x + 1\n", "import os\nclass A:\n    pass\n"], trainer=trainer
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(path)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+
+
+def test_finetune_a_local_hugging_face_model(tmp_path):
+    model_dir = tmp_path / "tiny-gpt2"
+    _save_tiny_hf_model(model_dir)
+    out = tmp_path / "runs"
+    done = run_example(
+        str(ROOT / "examples" / "finetune.py"),
+        "--hf-model",
+        str(model_dir),
+        "--max-steps",
+        "12",
+        "--seq-len",
+        "64",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = read_run(out / "wandb")
+    val = [value for _, value in run.series("val/perplexity")]
+    assert len(val) >= 2 and val[-1] < val[0]
+    assert run.series("kpi/code_tokenizes")  # generated through Hugging Face generate()
+
+
+def test_code_speedup_template_runs_as_is(tmp_path):
+    done = run_example(str(ROOT / "examples" / "code_speedup.py"), "--timeout", "20", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kpi/code_speedup/compile_rate    0.6667" in done.stdout
+    assert "kpi/code_speedup/correct_rate    0.3333" in done.stdout
+    assert "x faster" in done.stdout and "wrong answer" in done.stdout
+    assert "compile error" in done.stdout
