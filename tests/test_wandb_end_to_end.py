@@ -110,3 +110,41 @@ def test_summaries_and_step_axis_are_declared(run):
         assert kind in metrics[key].summary, (key, metrics[key].summary)
     assert data.summary["kpi/pass_rate"]["max"] == 1.5
     assert data.summary["val/perplexity"]["min"] == min(v for _, v in data.series("val/perplexity"))
+
+
+def test_a_resumed_run_holds_every_step_once(tmp_path):
+    """Stop at step 4, resume the same W&B run from the checkpoint: no step twice, none missing."""
+
+    def fit(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        logger = wandb_logger(
+            "lossplug-resume", save_dir=tmp_path, id="resumeme", resume="allow", verbose=False
+        )
+        checkpoint = L.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1
+        )
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            logger=logger,
+            callbacks=[lossplug.LossMonitor(log_every_n_steps=3), checkpoint],
+            max_steps=max_steps,
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(TinyLM(), make_loader(4), ckpt_path=ckpt_path)
+        logger.experiment.finish()
+
+    fit(4)
+    fit(9, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-resumeme.wandb"))
+    assert len(files) == 2  # one file per process; `wandb sync` uploads both into one run
+    steps, tokens = [], []
+    for path in files:
+        part = read_run(path, wait=20.0)
+        assert part.complete and part.run_id == "resumeme"
+        steps += [step for step, _ in part.series("train/perplexity")]
+        tokens += [value for _, value in part.series("train/tokens")]
+    assert steps == [3, 6, 9]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
