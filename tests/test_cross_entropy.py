@@ -330,3 +330,34 @@ def test_large_offsets_use_64_bit_arithmetic(layout):
         x_ref = rows.clone().requires_grad_()
         reference_cross_entropy(x_ref, target, reduction="none")[0].sum().backward()
         torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nll_only_pass_gives_the_same_nll_and_lse(backend, dtype):
+    """The metrics' cheaper pass (no argmax, no entropy) changes none of the NLL numbers."""
+    from lossplug.ops.cross_entropy import _cross_entropy
+
+    logits = make_logits((3, 9, 517), dtype, seed=91)
+    target = make_target((3, 9), 517, seed=92)
+    options = dict(
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=None,
+        shift=True,
+        return_stats=True,
+        backend=backend,
+        inplace_backward=False,
+        all_ignored="zero",
+        check_target=None,
+    )
+    full_loss, full = _cross_entropy(logits, target, full_stats=True, **options)
+    nll_loss, nll_only = _cross_entropy(logits, target, full_stats=False, **options)
+    torch.testing.assert_close(nll_loss, full_loss, rtol=1e-6, atol=0)
+    assert int(nll_only.tokens) == int(full.tokens)
+    torch.testing.assert_close(nll_only.nll_sum, full.nll_sum, rtol=1e-6, atol=0)
+    torch.testing.assert_close(nll_only.lse_sq_sum, full.lse_sq_sum, rtol=1e-6, atol=0)
+    if backend == "torch":  # the Triton pass computes everything anyway: it is free there
+        assert int(nll_only.correct) == 0 and float(nll_only.entropy_sum) == 0.0

@@ -186,6 +186,7 @@ def test_collection_keeps_different_configurations_apart_and_shares_equal_ones()
             "ppl_ignore_pad": Perplexity(ignore_index=0),
             "ppl_default": Perplexity(),
             "ce_default": CrossEntropy(),
+            "acc_default": TokenAccuracy(),
         },
         compute_groups=True,
     )
@@ -206,7 +207,11 @@ def test_collection_keeps_different_configurations_apart_and_shares_equal_ones()
         float(values["ce_default"]), math.log(float(values["ppl_default"])), rel_tol=1e-12
     )
     groups = [sorted(group) for group in collection.compute_groups.values()]
-    assert sorted(groups) == [["ce_default", "ppl_default"], ["ppl_ignore_pad"]]
+    # NLL-only metrics never share with metrics that read the accuracy and entropy sums
+    assert sorted(groups) == [["acc_default"], ["ce_default", "ppl_default"], ["ppl_ignore_pad"]]
+    assert math.isclose(
+        float(values["acc_default"]), reference_values(both)["token_accuracy"], rel_tol=1e-12
+    )
 
 
 def test_no_token_seen_gives_nan_and_one_warning():

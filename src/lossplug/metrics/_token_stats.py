@@ -10,7 +10,7 @@ import torch
 from torchmetrics import Metric
 
 from lossplug.ops._dispatch import BACKENDS
-from lossplug.ops.cross_entropy import cross_entropy
+from lossplug.ops.cross_entropy import _cross_entropy
 from lossplug.ops.stats import TokenStats
 
 _STATE_FIELDS = {
@@ -61,15 +61,22 @@ def _token_stats_update(
             "update needs a target: update(logits, target), update(stats) or update(losses, mask)"
         )
     with torch.no_grad():
-        _, stats = cross_entropy(
+        _, stats = _cross_entropy(
             preds.detach(),
             target,
             ignore_index=ignore_index,
-            shift=shift,
-            softcap=softcap,
-            backend=backend,
             reduction="sum",
+            label_smoothing=0.0,
+            z_loss=0.0,
+            softcap=softcap,
+            shift=shift,
             return_stats=True,
+            backend=backend,
+            inplace_backward=False,
+            all_ignored="zero",
+            check_target=None,
+            # the NLL alone is much cheaper on the CPU; argmax and entropy only when used
+            full_stats=needs_predictions,
         )
     return stats
 
@@ -94,10 +101,21 @@ def _stats_from_losses(losses: torch.Tensor, mask: torch.Tensor) -> TokenStats:
     )
 
 
-def _state_suffix(ignore_index: int, shift: bool, softcap: float | None) -> str:
+def _state_suffix(
+    ignore_index: int, shift: bool, softcap: float | None, needs_predictions: bool
+) -> str:
     # Metrics whose configuration changes the sums get different state names, so that a
     # MetricCollection never puts them in one compute group; equal configurations share states.
-    key = repr((int(ignore_index), bool(shift), None if softcap is None else float(softcap)))
+    # NLL-only metrics (perplexity, cross-entropy) leave the accuracy and entropy sums empty, so
+    # they never share states with the metrics that read those.
+    key = repr(
+        (
+            int(ignore_index),
+            bool(shift),
+            None if softcap is None else float(softcap),
+            bool(needs_predictions),
+        )
+    )
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
@@ -134,7 +152,7 @@ class _TokenStatsMetric(Metric):
         self.shift = shift
         self.softcap = softcap
         self.backend = backend
-        self._suffix = _state_suffix(ignore_index, shift, softcap)
+        self._suffix = _state_suffix(ignore_index, shift, softcap, self._needs_predictions)
         self._warned_empty = False
         for field, dtype in _STATE_FIELDS.items():
             self.add_state(

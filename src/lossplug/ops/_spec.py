@@ -15,6 +15,9 @@ class LossSpec:
     label_smoothing: float
     z_loss: float
     softcap: float | None
+    # False when only the NLL is wanted (perplexity metrics): backends may then skip the argmax
+    # and entropy, which cost as much as the rest on the CPU (on a GPU they are free)
+    full_stats: bool = True
 
 
 @dataclass(frozen=True)

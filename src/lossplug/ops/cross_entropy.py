@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import ModuleType
 from typing import Literal
@@ -85,6 +86,42 @@ def cross_entropy(
         >>> bool(torch.isclose(stats.perplexity, loss.double().exp()))
         True
     """
+    return _cross_entropy(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        return_stats=return_stats,
+        backend=backend,
+        inplace_backward=inplace_backward,
+        all_ignored=all_ignored,
+        check_target=check_target,
+        full_stats=True,
+    )
+
+
+def _cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    shift: bool,
+    return_stats: bool,
+    backend: str,
+    inplace_backward: bool,
+    all_ignored: str,
+    check_target: bool | None,
+    full_stats: bool,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """:func:`cross_entropy`, and with ``full_stats=False`` the NLL-only statistics."""
     spec = _validate(
         logits,
         target,
@@ -96,6 +133,7 @@ def cross_entropy(
         shift=shift,
         all_ignored=all_ignored,
     )
+    spec = dataclasses.replace(spec, full_stats=full_stats)
     loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)

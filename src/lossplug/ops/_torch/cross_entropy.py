@@ -88,16 +88,26 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
             if spec.softcap is not None:
                 _softcap_(z, spec.softcap)
         y = target_safe[sl, None]
-        argmax = _first_argmax(z)
-        z_max = z.gather(1, argmax[:, None])[:, 0]
         z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
+        if spec.full_stats:
+            argmax = _first_argmax(z)
+            z_max = z.gather(1, argmax[:, None])[:, 0]
+        else:
+            z_max = z.amax(dim=1)
         log_p = torch.ops.aten._log_softmax.out(z, 1, False, out=log_probs_buf[:rows])
         row_nll = log_p.gather(1, y)[:, 0].neg_()
         # the log-probability of the largest logit is -log Σ e^(z - max): exact, never -inf
-        row_lse = z_max - log_p.gather(1, argmax[:, None])[:, 0]
-        log_p.clamp_(min=_LOG_FLOOR)
-        p = torch.exp(log_p, out=probs_buf[:rows])  # z is not needed any more
-        entropy[sl] = p.mul_(log_p).sum(dim=1).neg_()
+        row_lse = z_max - (
+            log_p.gather(1, argmax[:, None])[:, 0] if spec.full_stats else log_p.amax(dim=1)
+        )
+        if spec.full_stats:
+            log_p.clamp_(min=_LOG_FLOOR)
+            p = torch.exp(log_p, out=probs_buf[:rows])  # z is not needed any more
+            entropy[sl] = p.mul_(log_p).sum(dim=1).neg_()
+            correct[sl] = argmax == y[:, 0]
+        else:
+            entropy[sl] = 0.0
+            correct[sl] = 0
         row_loss = row_nll
         if spec.label_smoothing > 0:
             eps = spec.label_smoothing
@@ -107,7 +117,6 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         lse[sl] = row_lse
         nll[sl] = row_nll
         loss[sl] = row_loss
-        correct[sl] = argmax == y[:, 0]
 
     # never a number for a label the caller did not validate (no host sync to raise instead)
     loss.masked_fill_(invalid, float("nan"))
