@@ -78,6 +78,8 @@ class KPI:
         rank_zero_only: under DDP, run on rank 0 only and broadcast the result to every rank.
         primary: for a KPI returning a mapping, the entry that ``target`` and the best value
             follow (default: the first entry).
+        uses_model: put the model in eval mode for the call (``False`` for KPIs that do not
+            touch it, which saves two passes over its modules).
 
     Example:
         >>> from lossplug import KPI
@@ -100,6 +102,7 @@ class KPI:
         target: float | None = None,
         rank_zero_only: bool = True,
         primary: str | None = None,
+        uses_model: bool = True,
     ) -> None:
         if (
             not isinstance(name, str)
@@ -152,6 +155,7 @@ class KPI:
         if primary is not None and not isinstance(primary, str):
             raise TypeError(f"primary must be None or a str, got {primary!r}")
         self.primary = primary
+        self.uses_model = bool(uses_model)
 
     @property
     def key(self) -> str:

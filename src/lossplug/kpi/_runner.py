@@ -118,7 +118,7 @@ class KPIRunner:
         previous = self._running.get(kpi.name)
         if previous is not None and previous.is_alive():
             return {"status": "busy", "error": "the previous call is still running", "seconds": 0.0}
-        model = ctx.model
+        model = ctx.model if kpi.uses_model else None
         was_training = bool(model is not None and model.training)
         if model is not None:
             model.eval()

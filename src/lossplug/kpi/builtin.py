@@ -38,6 +38,7 @@ class Throughput(KPI):
     """
 
     def __init__(self, name: str = "throughput", *, every_n_steps: int = 50, **options: Any):
+        options.setdefault("uses_model", False)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self._last: tuple[float, int | None, int | None] = (0.0, 0, 0)
 
@@ -95,6 +96,7 @@ class TrainingCost(KPI):
         ):
             raise ValueError(f"devices must be None or an int >= 1, got {devices!r}")
         options.setdefault("higher_is_better", False)
+        options.setdefault("uses_model", False)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self.price_per_device_hour = float(price_per_device_hour)
         self.devices = devices
@@ -163,6 +165,7 @@ class TimeToTarget(KPI):
         default_name = "time_to_" + metric.replace("/", "_")
         options.setdefault("higher_is_better", False)  # fewer steps is better
         options.setdefault("at", ("validation_end", "train_epoch_end"))
+        options.setdefault("uses_model", False)
         super().__init__(name or default_name, self._check, **options)
         self.metric = metric
         self.metric_target = float(target)
