@@ -376,6 +376,31 @@ def run_group(
     return results
 
 
+def add_common_options(parser: argparse.ArgumentParser, *, repeats: int, only_example: str) -> None:
+    """The options every CPU benchmark shares: --quick, --repeats, --threads, --only, --json."""
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test")
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="timed calls per case (median)"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the groups whose label contains TEXT (repeatable), "
+        f'e.g. --only "{only_example}"',
+    )
+    parser.add_argument("--json", help="also write the raw results to this file")
+    add_load_options(parser)
+
+
+def parse_common(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
 def add_load_options(parser: argparse.ArgumentParser) -> None:
     """``--max-background`` and ``--retries``: what to do when other processes load the CPU."""
     parser.add_argument(

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -230,21 +229,8 @@ def plan(args: argparse.Namespace) -> list[Group]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test")
-    parser.add_argument("--repeats", type=int, default=11, help="timed calls per case (median)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--only",
-        action="append",
-        metavar="TEXT",
-        help='run only the groups whose "shape dtype" label contains TEXT (repeatable), '
-        'e.g. --only "4x512x32000 fp32"',
-    )
-    parser.add_argument("--json", help="also write the raw results to this file")
-    H.add_load_options(parser)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    H.add_common_options(parser, repeats=11, only_example="4x512x32000 fp32")
+    args = H.parse_common(parser, argv)
 
     policy = H.load_policy(args)
     ctx = H.child_context(PRELOAD)
