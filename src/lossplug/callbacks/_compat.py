@@ -7,6 +7,7 @@ Each Trainer accepts only its own ``Callback`` class, so lossplug's callbacks de
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
@@ -26,6 +27,18 @@ if not LIGHTNING_MODULES:
     )
 
 CALLBACK_BASES: tuple[type, ...] = tuple(module.Callback for module in LIGHTNING_MODULES)
+
+
+def define_wandb_metrics(trainer: Any, summaries: Mapping[str, str | None]) -> None:
+    """Declare each key on every W&B logger: x-axis the trainer's step, and its summary kind."""
+    for logger in wandb_loggers(trainer):
+        run = logger.experiment
+        if not hasattr(run, "define_metric"):  # a disabled run
+            continue
+        run.define_metric("trainer/global_step")
+        for key, summary in summaries.items():
+            kwargs = {"summary": summary} if summary else {}
+            run.define_metric(key, step_metric="trainer/global_step", **kwargs)
 
 
 def wandb_loggers(trainer: Any) -> list[Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lossplug.callbacks._compat import CALLBACK_BASES, wandb_loggers
+from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics, wandb_loggers
 from lossplug.kpi._core import KPI, KPIContext
 from lossplug.kpi._runner import KPIOutcome, KPIRunner
 
@@ -161,16 +161,10 @@ class KPIMonitor(*CALLBACK_BASES):
         new = [key for key in metrics if key not in self._defined]
         if not new:
             return
-        for logger in wandb_loggers(trainer):
-            run = logger.experiment
-            if not hasattr(run, "define_metric"):
-                continue
-            for key in new:
-                summary = (
-                    None if _is_bookkeeping(key) else ("max" if item.higher_is_better else "min")
-                )
-                kwargs = {"summary": summary} if summary else {}
-                run.define_metric(key, step_metric="trainer/global_step", **kwargs)
+        direction = "max" if item.higher_is_better else "min"
+        define_wandb_metrics(
+            trainer, {key: None if _is_bookkeeping(key) else direction for key in new}
+        )
         self._defined.update(new)
 
     @staticmethod

@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
-from lossplug.callbacks._compat import CALLBACK_BASES, wandb_loggers
+from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
 from lossplug.ops._dispatch import BACKENDS
 from lossplug.ops.cross_entropy import cross_entropy
 from lossplug.ops.stats import TokenStats
@@ -260,17 +260,12 @@ class LossMonitor(*CALLBACK_BASES):
             )
 
     def _define_wandb_metrics(self, trainer: Any) -> None:
-        for logger in wandb_loggers(trainer):
-            run = logger.experiment
-            if not hasattr(run, "define_metric"):
-                continue
-            run.define_metric("trainer/global_step")
-            for stage in self.stages:
-                for key in self.keys(stage):
-                    name = key.rsplit("/", 1)[-1]
-                    summary = _SUMMARY.get(name, "max" if name == "tokens" else None)
-                    kwargs = {"summary": summary} if summary else {}
-                    run.define_metric(key, step_metric="trainer/global_step", **kwargs)
+        summaries = {}
+        for stage in self.stages:
+            for key in self.keys(stage):
+                name = key.rsplit("/", 1)[-1]
+                summaries[key] = _SUMMARY.get(name, "max" if name == "tokens" else None)
+        define_wandb_metrics(trainer, summaries)
 
     def _stats_from(self, outputs: Any, batch: Any, hook: str) -> TokenStats | None:
         if isinstance(outputs, Mapping):
