@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -35,3 +36,12 @@ class RowOutputs:
     lse: torch.Tensor
     entropy: torch.Tensor
     correct: torch.Tensor
+
+
+class LinearGrads(NamedTuple):
+    """Gradients of the fused linear loss (``None`` where not wanted): float32 except ``hidden``,
+    which has the input's dtype."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None

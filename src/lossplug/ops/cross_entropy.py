@@ -166,14 +166,18 @@ def _cross_entropy(
         loss = (total / denominator).to(torch.float32)
     if not return_stats:
         return loss
-    stats = TokenStats(
+    return loss, _row_stats(rows, tokens)
+
+
+def _row_stats(rows: RowOutputs, tokens: torch.Tensor) -> TokenStats:
+    """The :class:`TokenStats` of a pass from its per-row outputs (device tensors, no sync)."""
+    return TokenStats(
         nll_sum=rows.nll.detach().sum(dtype=torch.float64),
         tokens=tokens,
         correct=rows.correct.sum(dtype=torch.int64),
-        entropy_sum=rows.entropy.sum(dtype=torch.float64),
+        entropy_sum=rows.entropy.detach().sum(dtype=torch.float64),
         lse_sq_sum=rows.lse.detach().to(torch.float64).square().sum(),
     )
-    return loss, stats
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -263,6 +267,30 @@ def _validate(
         raise ValueError(
             f"target is on {target.device} but logits are on {logits.device}: use one device"
         )
+    return _validate_options(
+        target,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        all_ignored=all_ignored,
+    )
+
+
+def _validate_options(
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    shift: bool,
+    all_ignored: str,
+) -> LossSpec:
+    """Check the keywords every fused loss shares (the tensors are checked by each op)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
@@ -295,7 +323,12 @@ def _is_real(value: object) -> bool:
 
 
 def _check_target_values(
-    target: torch.Tensor, vocab: int, ignore_index: int, *, shifted: bool
+    target: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    *,
+    shifted: bool,
+    vocab_from: str = "logits.shape[-1]",
 ) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if not bool(bad.any()):
@@ -308,6 +341,6 @@ def _check_target_values(
     if value < 0:
         raise ValueError(f"{where} = {value} is negative and is not ignore_index ({ignore_index})")
     raise ValueError(
-        f"{where} = {value} is out of range for a vocabulary of {vocab} (logits.shape[-1]): "
+        f"{where} = {value} is out of range for a vocabulary of {vocab} ({vocab_from}): "
         f"class indices must be in [0, {vocab - 1}] or equal ignore_index ({ignore_index})"
     )

@@ -57,6 +57,50 @@ def _first_argmax(z: torch.Tensor) -> torch.Tensor:
     return torch.where(tail_max > main_max, tail_index + main, index)
 
 
+def score_chunk(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    spec: LossSpec,
+    log_probs_buf: torch.Tensor,
+    probs_buf: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Per-row ``(loss, nll, lse, entropy, correct)`` of the float32 (soft-capped) logits ``z``.
+
+    ``target`` must be a valid class for every row (callers mask ignored rows afterwards).
+    ``log_probs_buf`` and ``probs_buf`` are ``z``-shaped float32 workspaces; ``probs_buf`` may be
+    ``z`` itself. With ``spec.full_stats`` it holds the softmax of ``z`` on return, which the
+    fused linear path turns into the gradient without another exponential.
+    """
+    y = target[:, None]
+    z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
+    if spec.full_stats:
+        argmax = _first_argmax(z)
+        z_max = z.gather(1, argmax[:, None])[:, 0]
+    else:
+        z_max = z.amax(dim=1)
+    log_p = torch.ops.aten._log_softmax.out(z, 1, False, out=log_probs_buf)
+    row_nll = log_p.gather(1, y)[:, 0].neg_()
+    # the log-probability of the largest logit is -log Σ e^(z - max): exact, never -inf
+    row_lse = z_max - (
+        log_p.gather(1, argmax[:, None])[:, 0] if spec.full_stats else log_p.amax(dim=1)
+    )
+    if spec.full_stats:
+        log_p.clamp_(min=_LOG_FLOOR)
+        p = torch.exp(log_p, out=probs_buf)  # z is not needed any more
+        row_entropy = log_p.mul_(p).sum(dim=1).neg_()
+        row_correct = argmax == y[:, 0]
+    else:
+        row_entropy = torch.zeros_like(row_nll)
+        row_correct = torch.zeros_like(row_nll, dtype=torch.bool)
+    row_loss = row_nll
+    if spec.label_smoothing > 0:
+        eps = spec.label_smoothing
+        row_loss = (1 - eps) * row_nll + eps * (row_lse - z_mean)
+    if spec.z_loss > 0:
+        row_loss = row_loss + spec.z_loss * row_lse.square()
+    return row_loss, row_nll, row_lse, row_entropy, row_correct
+
+
 def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
     n_outer, n_inner, vocab = logits3.shape
     n_rows = n_outer * n_inner
@@ -87,36 +131,9 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
             z = probs_buf[:rows].copy_(chunk)
             if spec.softcap is not None:
                 _softcap_(z, spec.softcap)
-        y = target_safe[sl, None]
-        z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
-        if spec.full_stats:
-            argmax = _first_argmax(z)
-            z_max = z.gather(1, argmax[:, None])[:, 0]
-        else:
-            z_max = z.amax(dim=1)
-        log_p = torch.ops.aten._log_softmax.out(z, 1, False, out=log_probs_buf[:rows])
-        row_nll = log_p.gather(1, y)[:, 0].neg_()
-        # the log-probability of the largest logit is -log Σ e^(z - max): exact, never -inf
-        row_lse = z_max - (
-            log_p.gather(1, argmax[:, None])[:, 0] if spec.full_stats else log_p.amax(dim=1)
+        loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk(
+            z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
         )
-        if spec.full_stats:
-            log_p.clamp_(min=_LOG_FLOOR)
-            p = torch.exp(log_p, out=probs_buf[:rows])  # z is not needed any more
-            entropy[sl] = p.mul_(log_p).sum(dim=1).neg_()
-            correct[sl] = argmax == y[:, 0]
-        else:
-            entropy[sl] = 0.0
-            correct[sl] = 0
-        row_loss = row_nll
-        if spec.label_smoothing > 0:
-            eps = spec.label_smoothing
-            row_loss = (1 - eps) * row_nll + eps * (row_lse - z_mean)
-        if spec.z_loss > 0:
-            row_loss = row_loss + spec.z_loss * row_lse.square()
-        lse[sl] = row_lse
-        nll[sl] = row_nll
-        loss[sl] = row_loss
 
     # never a number for a label the caller did not validate (no host sync to raise instead)
     loss.masked_fill_(invalid, float("nan"))
@@ -125,6 +142,44 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         out.masked_fill_(ignored, 0.0)
     correct.masked_fill_(ignored | invalid, 0)
     return RowOutputs(loss, nll, lse, entropy, correct)
+
+
+def grad_coefficients(
+    g: torch.Tensor, lse: torch.Tensor, spec: LossSpec, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``[N, 1]`` factors turning row softmaxes into ``g * d loss_row / d logits``.
+
+    The gradient of a row is ``softmax * prob_scale + true_delta at the target -
+    uniform_delta`` (``uniform_delta`` is ``None`` without label smoothing), times the softcap's
+    derivative.
+    """
+    eps = spec.label_smoothing
+    prob_scale = (g * (1.0 + 2.0 * spec.z_loss * lse))[:, None]
+    true_delta = (-(1.0 - eps) * g)[:, None]
+    uniform_delta = (g * (eps / vocab))[:, None] if eps > 0 else None
+    return prob_scale, true_delta, uniform_delta
+
+
+def probs_to_grad_(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    prob_scale: torch.Tensor,
+    true_delta: torch.Tensor,
+    uniform_delta: torch.Tensor | None,
+    dtanh: torch.Tensor | None,
+) -> torch.Tensor:
+    """Turn the float32 softmax ``probs`` ``[n, V]`` into the logits' gradient, in place.
+
+    ``target`` is ``[n, 1]`` (valid classes), the factors come from :func:`grad_coefficients`
+    and ``dtanh`` is the softcap's derivative (``None`` without a softcap).
+    """
+    probs.mul_(prob_scale)
+    if uniform_delta is not None:
+        probs.sub_(uniform_delta)
+    probs.scatter_add_(1, target, true_delta)
+    if dtanh is not None:
+        probs.mul_(dtanh)
+    return probs
 
 
 def backward(
@@ -150,10 +205,7 @@ def backward(
 
     ignored = target == spec.ignore_index
     g = grad_rows.to(torch.float32).masked_fill(ignored, 0.0)
-    eps = spec.label_smoothing
-    prob_scale = (g * (1.0 + 2.0 * spec.z_loss * lse))[:, None]
-    true_delta = (-(1.0 - eps) * g)[:, None]
-    uniform_delta = (g * (eps / vocab))[:, None]
+    prob_scale, true_delta, uniform_delta = grad_coefficients(g, lse, spec, vocab)
     # e^(z - inf) = 0: ignored rows come out as exact zeros with no extra pass
     shift = lse.masked_fill(ignored, float("inf"))[:, None]
     target_safe = torch.where(ignored | (target < 0) | (target >= vocab), 0, target)[:, None]
@@ -171,11 +223,14 @@ def backward(
             z = t.mul_(softcap)
         else:
             z, dtanh = chunk, None
-        torch.sub(z, shift[sl], out=dest).exp_().mul_(prob_scale[sl])
-        if eps > 0:
-            dest.sub_(uniform_delta[sl])
-        dest.scatter_add_(1, target_safe[sl], true_delta[sl])
-        if dtanh is not None:
-            dest.mul_(dtanh)
+        probs = torch.sub(z, shift[sl], out=dest).exp_()
+        probs_to_grad_(
+            probs,
+            target_safe[sl],
+            prob_scale[sl],
+            true_delta[sl],
+            None if uniform_delta is None else uniform_delta[sl],
+            dtanh,
+        )
         if staged:
             out.copy_(dest)

@@ -1,0 +1,182 @@
+"""Chunked PyTorch path of the fused linear cross-entropy: any device, bounded extra memory.
+
+Tokens are processed a chunk of rows at a time: the chunk's logits are computed into a float32
+workspace, scored by the cross-entropy path's chunk code, turned into their gradient in place and
+multiplied back out into the gradients of the hidden states, the weight and the bias. The full
+``[N, V]`` logits never exist; the extra memory is two (three with a softcap) chunk workspaces
+plus the float32 weight-gradient accumulator.
+
+When the loss is reduced to a scalar its gradient is known up to one factor in the forward pass,
+so the gradients are computed there (three matmuls in all, the minimum) and only scaled in the
+backward. Per-token losses (``reduction="none"``) recompute the logits in the backward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._torch.cross_entropy import (
+    grad_coefficients,
+    probs_to_grad_,
+    score_chunk,
+)
+
+#: Bytes of one float32 chunk workspace. Larger chunks make the weight-gradient update (which
+#: reads and writes all of ``[V, D]`` once per chunk) rarer; smaller ones use less memory.
+WORKSPACE_BYTES = 32 * 2**20
+
+PRECOMPUTES_GRAD = True
+
+
+def _rows_per_chunk(vocab: int, n_rows: int) -> int:
+    return max(1, min(n_rows, WORKSPACE_BYTES // (4 * vocab)))
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    spec: LossSpec,
+    *,
+    needs: tuple[bool, bool, bool] | None,
+) -> tuple[RowOutputs, LinearGrads | None]:
+    """Per-row outputs and, when ``needs`` is given, the gradients of the summed row losses."""
+    return _run(hidden, weight, bias, target, spec, grad_rows=None, needs=needs)
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    spec: LossSpec,
+    needs: tuple[bool, bool, bool],
+) -> LinearGrads:
+    """Gradients of ``Σ grad_rows * loss_rows``, recomputing the logits chunk by chunk."""
+    del lse  # the recomputed chunk gives it again, exactly
+    _, grads = _run(hidden, weight, bias, target, spec, grad_rows=grad_rows, needs=needs)
+    return grads
+
+
+def _run(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    spec: LossSpec,
+    *,
+    grad_rows: torch.Tensor | None,
+    needs: tuple[bool, bool, bool] | None,
+) -> tuple[RowOutputs, LinearGrads | None]:
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    f32 = dict(dtype=torch.float32, device=device)
+    outputs = RowOutputs(
+        loss=torch.zeros(n_rows, **f32),
+        nll=torch.zeros(n_rows, **f32),
+        lse=torch.zeros(n_rows, **f32),
+        entropy=torch.zeros(n_rows, **f32),
+        correct=torch.zeros(n_rows, dtype=torch.int32, device=device),
+    )
+    want_h, want_w, want_b = needs if needs is not None else (False, False, False)
+    want_b = want_b and bias is not None
+    grad_h = torch.zeros_like(hidden) if want_h else None
+    grad_w = torch.zeros(vocab, dim, **f32) if want_w else None
+    grad_b = torch.zeros(vocab, **f32) if want_b else None
+    with_grads = want_h or want_w or want_b
+
+    ignored = target == spec.ignore_index
+    invalid = ~ignored & ((target < 0) | (target >= vocab))
+    target_safe = torch.where(ignored | invalid, 0, target)
+    # Ignored tokens never reach a matmul. Finding them costs a host sync, free on the CPU; on
+    # other devices they are computed and zeroed instead, so the path stays sync-free there.
+    if device.type == "cpu":
+        active = torch.nonzero(~ignored).squeeze(1)
+        if active.numel() == n_rows:
+            active = None
+    else:
+        active = None
+    n_active = n_rows if active is None else active.numel()
+    grads = LinearGrads(grad_h, grad_w, grad_b) if with_grads else None
+    if n_active == 0 or n_rows == 0:
+        return outputs, grads
+
+    rows_per_chunk = _rows_per_chunk(vocab, n_active)
+    logits_buf = torch.empty(rows_per_chunk, vocab, **f32)
+    log_probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
+    dtanh_buf = (
+        torch.empty(rows_per_chunk, vocab, **f32)
+        if with_grads and spec.softcap is not None
+        else None
+    )
+    bias32 = None if bias is None else bias.to(torch.float32)
+    direct = weight.dtype == torch.float32
+    if with_grads:
+        g_rows = (
+            torch.ones(n_rows, **f32) if grad_rows is None else grad_rows.to(torch.float32)
+        ).masked_fill(ignored, 0.0)
+
+    for start in range(0, n_active, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_active)
+        rows = stop - start
+        index = None if active is None else active[start:stop]
+        h = hidden[start:stop] if index is None else hidden.index_select(0, index)
+        y = target_safe[start:stop] if index is None else target_safe.index_select(0, index)
+
+        z = logits_buf[:rows]
+        if direct:
+            torch.mm(h, weight.t(), out=z)
+        else:  # the matmul in the input dtype (as the model's own head), scored in float32
+            z.copy_(torch.mm(h, weight.t()))
+        if bias32 is not None:
+            z.add_(bias32)
+        dtanh = None
+        if spec.softcap is not None:
+            z.div_(spec.softcap).tanh_()
+            if dtanh_buf is not None:
+                dtanh = torch.mul(z, z, out=dtanh_buf[:rows]).neg_().add_(1.0)
+            z.mul_(spec.softcap)
+        # the softmax lands back in the logits workspace
+        row_loss, row_nll, row_lse, row_entropy, row_correct = score_chunk(
+            z, y, spec, log_probs_buf[:rows], z
+        )
+        if index is None:
+            sl = slice(start, stop)
+            outputs.loss[sl], outputs.nll[sl], outputs.lse[sl] = row_loss, row_nll, row_lse
+            outputs.entropy[sl], outputs.correct[sl] = row_entropy, row_correct
+        else:
+            outputs.loss.index_copy_(0, index, row_loss)
+            outputs.nll.index_copy_(0, index, row_nll)
+            outputs.lse.index_copy_(0, index, row_lse)
+            outputs.entropy.index_copy_(0, index, row_entropy)
+            outputs.correct.index_copy_(0, index, row_correct.to(torch.int32))
+        if not with_grads:
+            continue
+
+        g = g_rows[start:stop] if index is None else g_rows.index_select(0, index)
+        prob_scale, true_delta, uniform_delta = grad_coefficients(g, row_lse, spec, vocab)
+        grad_z = probs_to_grad_(z, y[:, None], prob_scale, true_delta, uniform_delta, dtanh)
+        if grad_h is not None:
+            chunk_grad_h = torch.mm(grad_z if direct else grad_z.to(weight.dtype), weight)
+            if index is None:
+                grad_h[start:stop] = chunk_grad_h
+            else:
+                grad_h.index_copy_(0, index, chunk_grad_h)
+        if grad_w is not None:
+            grad_w.addmm_(grad_z.t(), h if direct else h.to(torch.float32))
+        if grad_b is not None:
+            grad_b.add_(grad_z.sum(dim=0))
+
+    # never a number for a label the caller did not validate (no host sync to raise instead)
+    outputs.loss.masked_fill_(invalid, float("nan"))
+    outputs.nll.masked_fill_(invalid, float("nan"))
+    outputs.correct.masked_fill_(invalid | ignored, 0)
+    if active is None:  # ignored rows went through the matmul: their outputs are defined as 0
+        for out in (outputs.loss, outputs.nll, outputs.lse, outputs.entropy):
+            out.masked_fill_(ignored, 0.0)
+    return outputs, grads
