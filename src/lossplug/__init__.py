@@ -13,7 +13,7 @@ from typing import Any
 from lossplug import kpi
 from lossplug.kpi import KPI, KPIContext, KPIResult
 from lossplug.nn import FusedCrossEntropyLoss
-from lossplug.ops import TokenStats, cross_entropy
+from lossplug.ops import TokenStats, cross_entropy, linear_cross_entropy
 
 __version__ = "0.1.0.dev0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "callbacks",
     "cross_entropy",
     "kpi",
+    "linear_cross_entropy",
     "loggers",
     "metrics",
 ]

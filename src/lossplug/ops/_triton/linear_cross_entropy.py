@@ -1,0 +1,446 @@
+"""Triton kernels of the fused linear cross-entropy: logits only ever exist as register tiles.
+
+Forward, one program per block of tokens: for each vocabulary block the logits tile is computed
+by ``tl.dot`` over the hidden dimension and folded into a running max, sum of exponentials,
+entropy term, argmax and true-class logit per token (online log-sum-exp). Only the per-token
+results are stored.
+
+Backward, one program per (token block, vocabulary block) tile: the logits tile is recomputed,
+turned into its gradient with the saved log-sum-exp, and multiplied out into the hidden and
+weight gradients, which are accumulated with float32 atomics (the weight gradient is a float32
+buffer whatever the weight's dtype).
+
+Ignored tokens are moved behind the scored ones by a stable sort on the device and the number of
+scored tokens is read by the kernels, so blocks of ignored tokens exit at once and no host sync
+is needed. Values are float32 after loading; the matmuls run in the inputs' dtype on a GPU (full
+float32 precision for float32 inputs) and in float32 under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._triton.cross_entropy import INTERPRETED, _softcap
+
+PRECOMPUTES_GRAD = False
+
+# Tiles: moderate on a GPU (register pressure of the [BLOCK_N, BLOCK_V] float32 tile), the
+# smallest that tl.dot accepts under the interpreter is 16.
+if INTERPRETED:
+    BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 16, 32, 16, 4, 4
+else:
+    BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 64, 128, 64, 8, 8
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    dim,
+    stride_h,
+    stride_w,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The float32 ``[BLOCK_N, BLOCK_V]`` logits tile (soft-capped when asked)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    for k in range(0, dim, BLOCK_D):
+        d = k + offs_d
+        d_mask = d < dim
+        h = tl.load(
+            hidden_ptr + rows[:, None] * stride_h + d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + cols[:, None] * stride_w + d[None, :],
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = _softcap(acc, softcap)
+    return acc
+
+
+@triton.jit
+def _lce_forward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    target_ptr,
+    order_ptr,
+    n_active_ptr,
+    loss_ptr,
+    nll_ptr,
+    lse_ptr,
+    entropy_ptr,
+    correct_ptr,
+    vocab,
+    dim,
+    stride_h,
+    stride_w,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n_active = tl.load(n_active_ptr)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_N
+    if first < n_active:
+        slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_mask = slots < n_active
+        rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
+        y = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        invalid = (y < 0) | (y >= vocab)
+        offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
+        run_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+        run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ e^(z - run_max) (z - run_max)
+        run_zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        run_arg = tl.zeros((BLOCK_N,), dtype=tl.int64)
+        z_true = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offs_v
+            col_mask = cols < vocab
+            z = _logits_tile(
+                hidden_ptr,
+                weight_ptr,
+                bias_ptr,
+                rows,
+                row_mask,
+                cols,
+                col_mask,
+                dim,
+                stride_h,
+                stride_w,
+                softcap,
+                HAS_BIAS,
+                HAS_SOFTCAP,
+                DOT_FP32,
+                IEEE,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_D,
+            )
+            z_true += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+            if HAS_SMOOTHING:
+                run_zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            z = tl.where(col_mask[None, :], z, -float("inf"))
+            block_max = tl.max(z, axis=1)
+            block_arg = tl.argmax(z, axis=1).to(tl.int64) + start
+            new_max = tl.maximum(run_max, block_max)
+            run_arg = tl.where(block_max > run_max, block_arg, run_arg)
+            delta = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            scale = tl.exp(delta)
+            e = tl.exp(z - new_max[:, None])
+            ez = e * tl.where(e > 0, z - new_max[:, None], 0.0)
+            run_ent = scale * (run_ent + run_sum * delta) + tl.sum(ez, axis=1)
+            run_sum = run_sum * scale + tl.sum(e, axis=1)
+            run_max = new_max
+        log_sum = tl.log(run_sum)
+        lse = run_max + log_sum
+        nll = lse - z_true
+        loss = nll
+        if HAS_SMOOTHING:
+            loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - run_zsum / vocab)
+        loss = loss + z_loss * lse * lse
+        entropy = log_sum - run_ent / run_sum
+        correct = tl.where((run_arg == y) & ~invalid, 1, 0)
+        nll = tl.where(invalid, float("nan"), nll)
+        loss = tl.where(invalid, float("nan"), loss)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        tl.store(nll_ptr + rows, nll, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        tl.store(entropy_ptr + rows, entropy, mask=row_mask)
+        tl.store(correct_ptr + rows, correct.to(tl.int32), mask=row_mask)
+
+
+@triton.jit
+def _lce_backward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    target_ptr,
+    order_ptr,
+    n_active_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    grad_h_ptr,
+    grad_w_ptr,
+    grad_b_ptr,
+    n_rows,
+    vocab,
+    dim,
+    stride_h,
+    stride_w,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_H: tl.constexpr,
+    WANT_W: tl.constexpr,
+    WANT_B: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # grouped order: programs running together share weight tiles in the L2 cache
+    pid = tl.program_id(0)
+    n_blocks_n = tl.cdiv(n_rows, BLOCK_N)
+    n_blocks_v = tl.cdiv(vocab, BLOCK_V)
+    per_group = GROUP * n_blocks_v
+    group_first = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_blocks_n - group_first, GROUP)
+    block_n = group_first + (pid % per_group) % group_size
+    block_v = (pid % per_group) // group_size
+
+    n_active = tl.load(n_active_ptr)
+    first = block_n.to(tl.int64) * BLOCK_N
+    if first < n_active:
+        slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_mask = slots < n_active
+        rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
+        y = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
+        cols = block_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < vocab
+        z = _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            dim,
+            stride_h,
+            stride_w,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            DOT_FP32,
+            IEEE,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
+        prob_scale = g * (1.0 + 2.0 * z_loss * lse)
+        grad = (
+            tl.exp(z - lse[:, None]) * prob_scale[:, None] - (g * label_smoothing / vocab)[:, None]
+        )
+        grad = tl.where(
+            cols[None, :] == y[:, None], grad - (g * (1.0 - label_smoothing))[:, None], grad
+        )
+        if HAS_SOFTCAP:
+            t = z / softcap
+            grad = grad * (1.0 - t * t)
+        grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
+        if WANT_B:
+            tl.atomic_add(grad_b_ptr + cols, tl.sum(grad, axis=0), mask=col_mask)
+        if DOT_FP32:  # noqa: SIM108 (a compile-time branch of the kernel)
+            grad_dot = grad
+        else:
+            grad_dot = grad.to(hidden_ptr.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        for k in range(0, dim, BLOCK_D):
+            d = k + offs_d
+            d_mask = d < dim
+            if WANT_H:
+                w = tl.load(
+                    weight_ptr + cols[:, None] * stride_w + d[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    w = w.to(tl.float32)
+                if IEEE:
+                    part_h = tl.dot(grad_dot, w, input_precision="ieee")
+                else:
+                    part_h = tl.dot(grad_dot, w)
+                tl.atomic_add(
+                    grad_h_ptr + rows[:, None] * dim + d[None, :],
+                    part_h,
+                    mask=row_mask[:, None] & d_mask[None, :],
+                )
+            if WANT_W:
+                h = tl.load(
+                    hidden_ptr + rows[:, None] * stride_h + d[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    h = h.to(tl.float32)
+                if IEEE:
+                    part_w = tl.dot(tl.trans(grad_dot), h, input_precision="ieee")
+                else:
+                    part_w = tl.dot(tl.trans(grad_dot), h)
+                tl.atomic_add(
+                    grad_w_ptr + cols[:, None] * dim + d[None, :],
+                    part_w,
+                    mask=col_mask[:, None] & d_mask[None, :],
+                )
+
+
+def _order(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices with the scored rows first, and their count (a 1-element device tensor)."""
+    active = target != ignore_index
+    order = torch.argsort((~active).to(torch.int8), stable=True)
+    return order, active.sum(dtype=torch.int32).reshape(1)
+
+
+def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=spec.softcap is not None,
+        DOT_FP32=INTERPRETED,
+        IEEE=hidden.dtype == torch.float32 and not INTERPRETED,
+        BLOCK_N=BLOCK_N,
+        BLOCK_V=BLOCK_V,
+        BLOCK_D=BLOCK_D,
+    )
+
+
+def _launch_options() -> dict:
+    return {} if INTERPRETED else {"num_warps": NUM_WARPS}
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    spec: LossSpec,
+    *,
+    needs: tuple[bool, bool, bool] | None,
+) -> tuple[RowOutputs, LinearGrads | None]:
+    """Per-row outputs; the gradients are left to :func:`backward` (``needs`` is ignored)."""
+    del needs
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    outputs = RowOutputs(
+        loss=torch.zeros(n_rows, **f32),
+        nll=torch.zeros(n_rows, **f32),
+        lse=torch.zeros(n_rows, **f32),
+        entropy=torch.zeros(n_rows, **f32),
+        correct=torch.zeros(n_rows, dtype=torch.int32, device=hidden.device),
+    )
+    if n_rows == 0:
+        return outputs, None
+    order, n_active = _order(target, spec.ignore_index)
+    _lce_forward_kernel[(triton.cdiv(n_rows, BLOCK_N),)](
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        target,
+        order,
+        n_active,
+        outputs.loss,
+        outputs.nll,
+        outputs.lse,
+        outputs.entropy,
+        outputs.correct,
+        vocab,
+        dim,
+        hidden.stride(0),
+        weight.stride(0),
+        spec.label_smoothing,
+        spec.z_loss,
+        spec.softcap if spec.softcap is not None else 1.0,
+        HAS_SMOOTHING=spec.label_smoothing > 0,
+        **_flags(hidden, spec, bias),
+        **_launch_options(),
+    )
+    return outputs, None
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    spec: LossSpec,
+    needs: tuple[bool, bool, bool],
+) -> LinearGrads:
+    """Gradients of ``Σ grad_rows * loss_rows`` (float32 accumulators, hidden cast back)."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    want_h, want_w, want_b = needs
+    want_b = want_b and bias is not None
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros(n_rows, dim, **f32) if want_h else None
+    grad_w = torch.zeros(vocab, dim, **f32) if want_w else None
+    grad_b = torch.zeros(vocab, **f32) if want_b else None
+    if n_rows > 0 and (want_h or want_w or want_b):
+        order, n_active = _order(target, spec.ignore_index)
+        grid = (triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(vocab, BLOCK_V),)
+        _lce_backward_kernel[grid](
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            target,
+            order,
+            n_active,
+            lse,
+            grad_rows.to(torch.float32).contiguous(),
+            grad_h if grad_h is not None else lse,
+            grad_w if grad_w is not None else lse,
+            grad_b if grad_b is not None else lse,
+            n_rows,
+            vocab,
+            dim,
+            hidden.stride(0),
+            weight.stride(0),
+            spec.label_smoothing,
+            spec.z_loss,
+            spec.softcap if spec.softcap is not None else 1.0,
+            WANT_H=want_h,
+            WANT_W=want_w,
+            WANT_B=want_b,
+            GROUP=GROUP,
+            **_flags(hidden, spec, bias),
+            **_launch_options(),
+        )
+    if grad_h is not None and grad_h.dtype != hidden.dtype:
+        grad_h = grad_h.to(hidden.dtype)
+    return LinearGrads(grad_h, grad_w, grad_b)
