@@ -12,7 +12,7 @@ from typing import Any
 
 from lossplug import kpi
 from lossplug.kpi import KPI, KPIContext, KPIResult
-from lossplug.nn import FusedCrossEntropyLoss
+from lossplug.nn import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
 from lossplug.ops import TokenStats, cross_entropy, linear_cross_entropy
 
 __version__ = "0.1.0.dev0"
@@ -21,6 +21,7 @@ _LAZY = {
     "KPIMonitor": ("lossplug.callbacks", "KPIMonitor"),
     "LossMonitor": ("lossplug.callbacks", "LossMonitor"),
     "callbacks": ("lossplug.callbacks", None),
+    "integrations": ("lossplug.integrations", None),
     "loggers": ("lossplug.loggers", None),
     "metrics": ("lossplug.metrics", None),
 }
@@ -28,6 +29,7 @@ _LAZY = {
 __all__ = [
     "KPI",
     "FusedCrossEntropyLoss",
+    "FusedLinearCrossEntropyLoss",
     "KPIContext",
     "KPIMonitor",
     "KPIResult",
@@ -36,6 +38,7 @@ __all__ = [
     "__version__",
     "callbacks",
     "cross_entropy",
+    "integrations",
     "kpi",
     "linear_cross_entropy",
     "loggers",

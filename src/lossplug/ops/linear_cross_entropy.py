@@ -89,6 +89,7 @@ def linear_cross_entropy(
         >>> bool(torch.allclose(loss, reference))
         True
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_tensors(hidden, weight, target, bias)
     spec = _validate_options(
         target,
@@ -112,31 +113,55 @@ def linear_cross_entropy(
     impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden)
     hidden2 = hidden.reshape(-1, dim)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
-    differentiable = [t is not None and t.requires_grad for t in (hidden2, weight, bias)]
-    if torch.is_grad_enabled() and any(differentiable):
-        loss, nll, lse, entropy, correct = _FusedLinearCrossEntropy.apply(
-            hidden2, weight, bias, target_rows, spec, impl, reduction, all_ignored
+    tokens = (target_rows != ignore_index).sum()
+    # the backends choose their own precisions; autocast would reroute their matmuls
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, rows = _loss_and_rows(
+            hidden2, weight, bias, target_rows, tokens, spec, impl, reduction, all_ignored
         )
-        rows = RowOutputs(loss, nll, lse, entropy, correct)
-        tokens = (target_rows != ignore_index).sum()
-    else:
-        rows, _ = impl.forward(
-            hidden2.detach(),
-            weight.detach(),
-            None if bias is None else bias.detach(),
-            target_rows,
-            spec,
-            needs=None,
-        )
-        tokens = (target_rows != ignore_index).sum()
-        loss = _reduce(rows.loss, tokens, reduction, all_ignored)
-
     if reduction == "none":
         loss = loss.view(target.shape)
         loss = (loss[..., :-1] if shift else loss).reshape(loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens)
+
+
+def _loss_and_rows(
+    hidden2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_rows: torch.Tensor,
+    tokens: torch.Tensor,
+    spec: LossSpec,
+    impl: ModuleType,
+    reduction: str,
+    all_ignored: str,
+) -> tuple[torch.Tensor, RowOutputs]:
+    """The (reduced) loss, with a gradient when one is wanted, and the per-row outputs."""
+    differentiable = any(t is not None and t.requires_grad for t in (hidden2, weight, bias))
+    if torch.is_grad_enabled() and differentiable:
+        loss, *row_stats = _FusedLinearCrossEntropy.apply(
+            hidden2, weight, bias, target_rows, tokens, spec, impl, reduction, all_ignored
+        )
+        # only the statistics are read from the rows; their loss field is not per row here
+        return loss, RowOutputs(loss, *row_stats)
+    detached = [None if t is None else t.detach() for t in (hidden2, weight, bias)]
+    rows, _ = impl.forward(*detached, target_rows, spec, needs=None)
+    return _reduce(rows.loss, tokens, reduction, all_ignored), rows
+
+
+def _autocast_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast to the autocast dtype where ``torch.nn.functional.linear`` would (differentiably)."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    return tuple(  # type: ignore[return-value]
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in (hidden, weight, bias)
+    )
 
 
 def _reduce(loss_rows: torch.Tensor, tokens: torch.Tensor, reduction: str, all_ignored: str):
@@ -164,6 +189,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         target_rows: torch.Tensor,
+        tokens: torch.Tensor,
         spec: LossSpec,
         impl: ModuleType,
         reduction: str,
@@ -174,7 +200,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         rows, grads = impl.forward(
             hidden2, weight, bias, target_rows, spec, needs=needs if precompute else None
         )
-        tokens = (target_rows != spec.ignore_index).sum()
         loss = _reduce(rows.loss, tokens, reduction, all_ignored)
         ctx.save_for_backward(hidden2, weight, bias, target_rows, rows.lse, tokens)
         ctx.spec, ctx.impl, ctx.reduction, ctx.needs = spec, impl, reduction, needs
@@ -202,6 +227,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             _cast(grads.hidden, hidden2),
             _cast(grads.weight, weight),
             _cast(grads.bias, bias),
+            None,
             None,
             None,
             None,

@@ -1,0 +1,263 @@
+"""Train a Hugging Face causal LM through :func:`lossplug.linear_cross_entropy`.
+
+:func:`patch_causal_lm` makes a model's training loss (a forward call with ``labels``) come from
+the fused linear cross-entropy: the ``[batch, seq, vocab]`` logits are never built, the loss and
+its gradients are those of the unpatched model (``num_items_in_batch`` included, so gradient
+accumulation stays exact), and the step's :class:`~lossplug.TokenStats` come with the output, where
+:class:`~lossplug.LossMonitor` picks them up without another pass over anything.
+
+How: in a call with labels the output layer hands its input (the last hidden states) on instead of
+multiplying it out, and the model's loss function, which receives it, runs the fused op with the
+output layer's weight. The model's own forward does everything else (caches, masks, position ids,
+``shift_labels``), so the patch follows the library from release to release; families whose
+forward changes the logits between the output layer and the loss (Gemma 2's soft-capping,
+Cohere's logit scale, Granite's scaling, router losses) are refused rather than silently wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from lossplug.ops.linear_cross_entropy import linear_cross_entropy
+from lossplug.ops.stats import TokenStats
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "is_patched",
+    "patch_causal_lm",
+    "pop_token_stats",
+    "unpatch_causal_lm",
+]
+
+#: ``config.model_type`` of the families whose forward is "output layer, then the loss function"
+#: with nothing in between; each is checked against the unpatched model in the test suite.
+SUPPORTED_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
+
+_ATTR = "_lossplug_patch"
+
+
+class _Patch:
+    """What a patched model keeps: the originals, the fused-loss options and the last stats."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, options: dict[str, Any]) -> None:
+        self.model = model
+        self.head = head
+        self.options = options
+        self.had_loss_function = "_loss_function" in vars(model)
+        self.original_loss_function = vars(model).get("_loss_function")
+        self.deferring = False
+        self.hidden: torch.Tensor | None = None
+        self.last_stats: TokenStats | None = None
+
+    def pop_token_stats(self) -> TokenStats | None:
+        """The statistics of the last call with labels, once (``None`` if already taken)."""
+        stats, self.last_stats = self.last_stats, None
+        return stats
+
+
+def patch_causal_lm(
+    model: nn.Module,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    backend: str = "auto",
+    check_target: bool | None = None,
+) -> nn.Module:
+    """Compute ``model``'s training loss with :func:`lossplug.linear_cross_entropy`, in place.
+
+    After the patch, ``model(input_ids, labels=labels, ...)`` returns the same loss as before
+    (the mean over scored tokens, or the sum over ``num_items_in_batch`` when the caller passes
+    it, as the ``transformers`` ``Trainer`` does under gradient accumulation) and the same
+    gradients, with ``logits=None`` (they are never built) and the step's statistics as
+    ``output.token_stats``. Calls without labels (generation, inference) are untouched.
+    Patching twice is a no-op; :func:`unpatch_causal_lm` undoes it.
+
+    Args:
+        model: a ``transformers`` causal LM of a family in :data:`SUPPORTED_MODEL_TYPES`, whose
+            output layer is a plain ``nn.Linear`` (tied to the embeddings or not).
+        label_smoothing: passed to the fused op (the unpatched model has none).
+        z_loss: passed to the fused op (the unpatched model has none).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``, as in the fused op.
+        check_target: as in the fused op.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: for a model family this patch does not support, or a non-causal loss type.
+        TypeError: when the output layer is not an ``nn.Linear`` (e.g. a LoRA-wrapped head).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lossplug.integrations.transformers import patch_causal_lm
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...                      num_hidden_layers=1, num_attention_heads=2)
+        >>> model = patch_causal_lm(LlamaForCausalLM(config))
+        >>> ids = torch.randint(0, 64, (2, 9))
+        >>> out = model(input_ids=ids, labels=ids)
+        >>> out.logits is None, int(out.token_stats.tokens)
+        (True, 16)
+    """
+    if isinstance(backend, str) is False or backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # a PEFT wrapper: patch the model inside
+    if getattr(model, _ATTR, None) is not None:
+        return model
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(
+            f"patch_causal_lm supports Hugging Face causal LMs of the model types "
+            f"{SUPPORTED_MODEL_TYPES}; got {type(model).__name__} (model_type={model_type!r})"
+        )
+    loss_type = getattr(model, "loss_type", None)
+    if loss_type not in (None, "ForCausalLM"):
+        raise ValueError(
+            f"patch_causal_lm replaces the causal-LM loss, but {type(model).__name__} has "
+            f"loss_type={loss_type!r}"
+        )
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise TypeError(
+            f"patch_causal_lm needs the output layer to be a plain torch.nn.Linear, got "
+            f"{type(head).__name__}; a LoRA or otherwise wrapped output layer is not supported"
+        )
+    # fail now, not at the first batch
+    linear_cross_entropy(
+        torch.zeros(1, 1, 1),
+        torch.zeros(1, 1),
+        torch.zeros(1, 1, dtype=torch.long),
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        backend="torch",
+    )
+    options = dict(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        backend=backend,
+        check_target=check_target,
+    )
+    patch = _Patch(model, head, options)
+    setattr(model, _ATTR, patch)
+    head.forward = _deferring_head_forward(head, patch)
+    model.loss_function = functools.partial(_fused_loss, patch)
+    model.forward = _forward_with_fused_loss(model.forward, patch)
+    return model
+
+
+def unpatch_causal_lm(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_causal_lm` (a no-op on a model that is not patched)."""
+    patch: _Patch | None = getattr(model, _ATTR, None)
+    if patch is None:
+        return model
+    del patch.head.forward
+    del model.forward
+    if patch.had_loss_function:
+        model._loss_function = patch.original_loss_function
+    else:
+        del model._loss_function
+    delattr(model, _ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch_causal_lm` patched ``model``."""
+    return getattr(model, _ATTR, None) is not None
+
+
+def pop_token_stats(module: nn.Module) -> TokenStats | None:
+    """The statistics of the last loss computed by the patched models inside ``module``.
+
+    Each patched model's statistics are handed out once; several are summed. ``None`` when no
+    patched model computed a loss since the last call.
+    """
+    total = None
+    for sub in module.modules():
+        patch = getattr(sub, _ATTR, None)
+        if isinstance(patch, _Patch):
+            stats = patch.pop_token_stats()
+            if stats is not None:
+                total = stats if total is None else total + stats
+    return total
+
+
+def _deferring_head_forward(head: nn.Linear, patch: _Patch):
+    linear_forward = type(head).forward
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if patch.deferring:
+            patch.hidden = hidden_states
+            return None  # the output's logits: never built
+        return linear_forward(head, hidden_states)
+
+    return forward
+
+
+def _forward_with_fused_loss(forward, patch: _Patch):
+    signature = inspect.signature(forward)
+
+    @functools.wraps(forward)
+    def patched_forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
+        except TypeError:  # let the model's own forward raise its own error
+            labels = None
+        if labels is None:
+            return forward(*args, **kwargs)
+        patch.deferring, patch.hidden = True, None
+        try:
+            output = forward(*args, **kwargs)
+        finally:
+            patch.deferring, patch.hidden = False, None
+        if patch.last_stats is not None and not isinstance(output, tuple):
+            # an attribute, not a key: code that iterates the output's tensors never sees it
+            output.token_stats = patch.last_stats
+        return output
+
+    return patched_forward
+
+
+def _fused_loss(
+    patch: _Patch,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **_kwargs: Any,
+) -> torch.Tensor:
+    hidden = patch.hidden
+    if hidden is None or logits is not None:
+        raise RuntimeError(
+            "the lossplug-patched loss function was called outside a patched forward call; "
+            "call the model with labels=... (or unpatch_causal_lm(model) first)"
+        )
+    head = patch.head
+    target = labels if shift_labels is None else shift_labels
+    loss, stats = linear_cross_entropy(
+        hidden,
+        head.weight,
+        target.to(hidden.device),
+        bias=head.bias,
+        ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        shift=shift_labels is None,
+        return_stats=True,
+        **patch.options,
+    )
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    patch.last_stats = stats
+    return loss
