@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
 from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
+from lossplug.integrations.transformers import is_patched, pop_token_stats
 from lossplug.ops._dispatch import BACKENDS
 from lossplug.ops.cross_entropy import cross_entropy
 from lossplug.ops.stats import TokenStats
@@ -35,7 +36,9 @@ class LossMonitor(*CALLBACK_BASES):
 
     Where the numbers come from, cheapest first: a :class:`~lossplug.TokenStats` that
     ``training_step``/``validation_step`` returns under ``"stats"`` (no extra work: the loss
-    computed them), else ``"logits"`` and ``"labels"`` (the fused op runs forward-only), else
+    computed them), else ``"logits"`` and ``"labels"`` (the fused op runs forward-only), else the
+    statistics of a Hugging Face model in the module patched by
+    :func:`lossplug.integrations.transformers.patch_causal_lm` (no extra work either), else
     ``extract(outputs, batch)``, which returns a ``TokenStats`` or ``(logits, labels)``.
 
     Args:
@@ -118,6 +121,7 @@ class LossMonitor(*CALLBACK_BASES):
         self._seen_step = 0
         self._window_started = time.perf_counter()
         self._trainer: Any = None
+        self._patched: list[Any] | None = None  # models patched by patch_causal_lm, found lazily
 
     # ----------------------------------------------------------------------------------- keys
     def keys(self, stage: str) -> list[str]:
@@ -142,6 +146,7 @@ class LossMonitor(*CALLBACK_BASES):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._seen_step = trainer.global_step
         self._window_started = time.perf_counter()
+        self._patched = None
 
     @override
     def on_train_batch_end(
@@ -149,7 +154,7 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         if "train" not in self.stages:
             return
-        stats = self._stats_from(outputs, batch, "training_step")
+        stats = self._stats_from(outputs, batch, pl_module, "training_step")
         if stats is not None:
             self._window.add(stats)
             if self.log_epoch:
@@ -174,6 +179,7 @@ class LossMonitor(*CALLBACK_BASES):
     @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._val.reset()
+        self._patched = None
 
     @override
     def on_validation_batch_end(
@@ -187,7 +193,7 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         if "val" not in self.stages or trainer.sanity_checking:
             return
-        stats = self._stats_from(outputs, batch, "validation_step")
+        stats = self._stats_from(outputs, batch, pl_module, "validation_step")
         if stats is not None:
             self._val.add(stats)
 
@@ -267,13 +273,17 @@ class LossMonitor(*CALLBACK_BASES):
                 summaries[key] = _SUMMARY.get(name, "max" if name == "tokens" else None)
         define_wandb_metrics(trainer, summaries)
 
-    def _stats_from(self, outputs: Any, batch: Any, hook: str) -> TokenStats | None:
+    def _stats_from(self, outputs: Any, batch: Any, pl_module: Any, hook: str) -> TokenStats | None:
+        # taken at every batch, used or not, so a stale value can never be logged later
+        from_patched = self._pop_patched_stats(pl_module)
         if isinstance(outputs, Mapping):
             stats = outputs.get("stats")
             if isinstance(stats, TokenStats):
                 return stats
             if "logits" in outputs and "labels" in outputs:
                 return self._run_op(outputs["logits"], outputs["labels"])
+        if from_patched is not None:
+            return from_patched
         if self.extract is not None:
             got = self.extract(outputs, batch)
             if got is None or isinstance(got, TokenStats):
@@ -298,6 +308,18 @@ class LossMonitor(*CALLBACK_BASES):
                 else ""
             )
         )
+
+    def _pop_patched_stats(self, pl_module: Any) -> TokenStats | None:
+        """The statistics that models patched by ``patch_causal_lm`` computed with their loss."""
+        if self._patched is None:
+            modules = pl_module.modules() if hasattr(pl_module, "modules") else ()
+            self._patched = [m for m in modules if is_patched(m)]
+        total = None
+        for model in self._patched:
+            stats = pop_token_stats(model)
+            if stats is not None:
+                total = stats if total is None else total + stats
+        return total
 
     def _run_op(self, logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
         with torch.no_grad():

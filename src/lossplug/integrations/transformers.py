@@ -180,6 +180,9 @@ def pop_token_stats(module: nn.Module) -> TokenStats | None:
     Each patched model's statistics are handed out once; several are summed. ``None`` when no
     patched model computed a loss since the last call.
     """
+    own = getattr(module, _ATTR, None)
+    if isinstance(own, _Patch):  # patched models do not nest: no need to walk the model
+        return own.pop_token_stats()
     total = None
     for sub in module.modules():
         patch = getattr(sub, _ATTR, None)
