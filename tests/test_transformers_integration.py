@@ -1,0 +1,261 @@
+"""patch_causal_lm on tiny randomly initialised Hugging Face models: same loss, same gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lossplug
+from _reference import reference_cross_entropy
+
+transformers = pytest.importorskip("transformers")
+from lossplug.integrations.transformers import (  # noqa: E402
+    SUPPORTED_MODEL_TYPES,
+    is_patched,
+    patch_causal_lm,
+    pop_token_stats,
+    unpatch_causal_lm,
+)
+
+VOCAB = 97
+DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
+    "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**DECODER, "head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", DECODER),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+}
+
+
+def build(model_type: str, seed: int = 0, **overrides):
+    config_name, model_name, kwargs = CONFIGS[model_type]
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config)
+
+
+def batch(seed: int = 1, shape=(3, 13)):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, shape, generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt that is not scored
+    labels[0, 9:] = -100  # and padding
+    return ids, labels
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_supported_family_is_tested():
+    assert sorted(CONFIGS) == sorted(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("num_items", [None, 23])
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_patched_model_has_the_unpatched_loss_and_gradients(model_type, num_items):
+    reference = build(model_type)
+    patched = patch_causal_lm(copy.deepcopy(reference))
+    ids, labels = batch()
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+
+    want = reference(input_ids=ids, labels=labels, **kw)
+    want.loss.backward()
+    got = patched(input_ids=ids, labels=labels, **kw)
+    got.loss.backward()
+
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert got.logits is None  # never built
+    assert_same_grads(grads(patched), grads(reference))
+    # the statistics of the same pass, against float64 on the unpatched model's logits
+    _, ref_stats = reference_cross_entropy(want.logits.detach(), labels, shift=True)
+    stats = got.token_stats
+    assert int(stats.tokens) == int(ref_stats["tokens"])
+    assert int(stats.correct) == int(ref_stats["correct"])
+    torch.testing.assert_close(stats.nll_sum, ref_stats["nll_sum"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.entropy_sum, ref_stats["entropy_sum"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_gradient_accumulation_with_num_items_in_batch_is_exact(model_type):
+    """Two micro-batches divided by the tokens of both equal the one full batch."""
+    full = build(model_type)
+    split = patch_causal_lm(copy.deepcopy(full))
+    ids, labels = batch(shape=(4, 11))
+    full(input_ids=ids, labels=labels).loss.backward()
+
+    num_items = int((labels[:, 1:] != -100).sum())
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 4)):  # unequal token counts: a mean of means would differ
+        out = split(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=num_items)
+        out.loss.backward()
+        total += float(out.loss.detach())
+    want = float(full(input_ids=ids, labels=labels).loss.detach())
+    assert math.isclose(total, want, rel_tol=1e-5)
+    assert_same_grads(grads(split), grads(full))
+
+
+def test_shift_labels_keyword_is_honoured():
+    reference = build("llama")
+    patched = patch_causal_lm(copy.deepcopy(reference))
+    ids, labels = batch()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    want = reference(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    got = patched(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_calls_without_labels_are_untouched():
+    reference = build("llama")
+    patched = patch_causal_lm(copy.deepcopy(reference))
+    ids, _ = batch()
+    torch.testing.assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert not hasattr(patched(input_ids=ids), "token_stats")
+    prompt = ids[:1, :5]
+    generated = patched.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, reference.generate(prompt, max_new_tokens=3, do_sample=False))
+
+
+def test_patch_is_idempotent_and_undone():
+    model = build("qwen2")
+    assert patch_causal_lm(model) is model and patch_causal_lm(model) is model
+    assert is_patched(model)
+    ids, labels = batch()
+    assert model(input_ids=ids, labels=labels).logits is None
+    unpatch_causal_lm(model)
+    assert not is_patched(model)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (*ids.shape, VOCAB)
+    assert "_lossplug_patch" not in vars(model)
+    assert unpatch_causal_lm(model) is model  # unpatching an unpatched model is a no-op
+
+
+def test_stats_are_handed_out_once():
+    model = patch_causal_lm(build("llama"))
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels)
+    container = nn.ModuleDict({"lm": model})
+    first = pop_token_stats(container)
+    assert int(first.tokens) == int((labels[:, 1:] != -100).sum())
+    assert pop_token_stats(container) is None
+    assert pop_token_stats(model) is None
+
+
+def test_unsupported_family_gets_a_clear_error():
+    config = transformers.Gemma2Config(**{**DECODER, "head_dim": 8})
+    model = transformers.Gemma2ForCausalLM(config)  # soft-caps its logits after the head
+    with pytest.raises(ValueError, match=r"model_type='gemma2'"):
+        patch_causal_lm(model)
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        patch_causal_lm("llama")
+
+
+def test_wrapped_output_layer_gets_a_clear_error():
+    class LoraLinear(nn.Linear):
+        pass
+
+    model = build("llama")
+    old = model.lm_head
+    model.lm_head = LoraLinear(old.in_features, old.out_features, bias=False)
+    with pytest.raises(TypeError, match="LoraLinear"):
+        patch_causal_lm(model)
+    with pytest.raises(ValueError, match="backend"):
+        patch_causal_lm(build("llama"), backend="cuda")
+
+
+def test_options_reach_the_fused_loss():
+    model = patch_causal_lm(build("llama"), z_loss=1e-3, label_smoothing=0.1)
+    reference = build("llama")
+    ids, labels = batch()
+    got = model(input_ids=ids, labels=labels).loss
+    logits = reference(input_ids=ids).logits
+    want = lossplug.cross_entropy(logits, labels, shift=True, z_loss=1e-3, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_monitor_logs_the_patched_models_stats(tmp_path):
+    """A module that only returns ``out.loss``: LossMonitor still logs exact values."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from _tiny_lm import Recorder
+
+    class HFModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = patch_causal_lm(build("llama"))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            ids, labels = batch
+            with torch.no_grad():  # the unpatched logits, for the expected values
+                self.seen.append((self.reference_logits(ids), labels.clone()))
+            return self.model(input_ids=ids, labels=labels).loss
+
+        def reference_logits(self, ids):
+            hidden = self.model.model(input_ids=ids).last_hidden_state
+            return self.model.lm_head(hidden).double()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    ids, labels = batch(shape=(8, 12))
+    loader = DataLoader(TensorDataset(ids, labels), batch_size=2)
+    module, recorder = HFModule(), Recorder()
+    monitor = lossplug.LossMonitor(log_every_n_steps=2, stages=("train",))
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=recorder,
+        callbacks=[monitor],
+        max_steps=4,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader)
+    logged = [value for _, value in recorder.series("train/perplexity")]
+    assert len(logged) == 2
+    for window, value in zip((module.seen[0:2], module.seen[2:4]), logged, strict=True):
+        nll = sum(reference_cross_entropy(x, y, shift=True)[1]["nll_sum"] for x, y in window)
+        tokens = sum(int((y[:, 1:] != -100).sum()) for _, y in window)
+        assert math.isclose(value, math.exp(float(nll) / tokens), rel_tol=1e-5)
