@@ -10,7 +10,8 @@ the interpreter that runs it, on the CPU in about a minute:
 
 At the end it prints a table of every metric (first, last, best and at which step), the run
 folder with the command that uploads it, and writes a plot of perplexity and the KPIs.
-``--hf-model PATH`` fine-tunes a local Hugging Face causal LM (``pip install transformers``).
+``--hf-model PATH`` fine-tunes a local Hugging Face causal LM (``pip install transformers``); a
+supported family trains through ``patch_causal_lm``, which never builds its logits.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lossplug
+from lossplug.integrations.transformers import is_patched, patch_causal_lm
 from lossplug.kpi.builtin import GenerationKPI, Throughput, TrainingCost
 from lossplug.loggers import describe_run, read_run, wandb_logger
 
@@ -126,6 +128,10 @@ class CausalLMFineTune(L.LightningModule):
         self.model, self.lr, self.max_steps, self.hf = model, lr, max_steps, hf
 
     def _step(self, ids: torch.Tensor) -> tuple[torch.Tensor, lossplug.TokenStats]:
+        if self.hf and is_patched(self.model):
+            # the fused linear loss: no [batch, seq, vocab] logits, the statistics come along
+            out = self.model(input_ids=ids, labels=ids)
+            return out.loss, out.token_stats
         logits = self.model(input_ids=ids).logits if self.hf else self.model(ids)
         # shift=True: position t is scored against token t + 1 without copying the logits
         return lossplug.cross_entropy(logits, ids, shift=True, return_stats=True)
@@ -218,6 +224,10 @@ def build(args: argparse.Namespace):
         raise SystemExit("--hf-model needs transformers: pip install transformers") from exc
     tokenizer = AutoTokenizer.from_pretrained(args.hf_model)
     model = AutoModelForCausalLM.from_pretrained(args.hf_model)
+    try:
+        patch_causal_lm(model)
+    except (TypeError, ValueError) as exc:  # another family: the loss runs on its logits
+        print(f"training on the model's logits ({exc})")
 
     def encode(text: str) -> torch.Tensor:
         return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
