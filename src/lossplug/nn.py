@@ -2,19 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lossplug.ops.cross_entropy import AllIgnored, Reduction, _validate, cross_entropy
+from lossplug.ops._dispatch import BACKENDS
+from lossplug.ops.cross_entropy import AllIgnored, Reduction, _validate_options, cross_entropy
 from lossplug.ops.linear_cross_entropy import linear_cross_entropy
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["FusedCrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
 
 
-class FusedCrossEntropyLoss(nn.Module):
+class _FusedLoss(nn.Module):
+    """The keywords the fused losses share, validated at construction, and ``last_stats``."""
+
+    last_stats: TokenStats | None
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        shift: bool = False,
+        backend: Literal["auto", "torch", "triton"] = "auto",
+        all_ignored: AllIgnored = "zero",
+    ) -> None:
+        super().__init__()
+        self._options: dict[str, Any] = dict(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            shift=shift,
+            all_ignored=all_ignored,
+        )
+        # fail at construction, not at the first batch
+        _validate_options(torch.zeros(1, dtype=torch.long), **self._options)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._options["backend"] = backend
+        for name, value in self._options.items():
+            setattr(self, name, value)
+        self.last_stats = None
+
+    def _op_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._options}
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"softcap={self.softcap}, shift={self.shift}, backend={self.backend!r}"
+        )
+
+
+class FusedCrossEntropyLoss(_FusedLoss):
     """``nn.CrossEntropyLoss`` for ``[N, V]`` or ``[B, T, V]`` logits, fused, with token statistics.
 
     Unlike ``nn.CrossEntropyLoss`` the class dimension is always the last one (the layout language
@@ -33,8 +81,6 @@ class FusedCrossEntropyLoss(nn.Module):
         10
     """
 
-    last_stats: TokenStats | None
-
     def __init__(
         self,
         *,
@@ -48,60 +94,31 @@ class FusedCrossEntropyLoss(nn.Module):
         inplace_backward: bool = False,
         all_ignored: AllIgnored = "zero",
     ) -> None:
-        super().__init__()
-        # fail at construction, not at the first batch
-        probe = torch.zeros(1, 1)
-        _validate(
-            probe,
-            torch.zeros(1, dtype=torch.long),
+        super().__init__(
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
             shift=shift,
+            backend=backend,
             all_ignored=all_ignored,
         )
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.shift = shift
-        self.backend = backend
         self.inplace_backward = inplace_backward
-        self.all_ignored = all_ignored
-        self.last_stats = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss, stats = cross_entropy(
             input,
             target,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            shift=self.shift,
             return_stats=True,
-            backend=self.backend,
             inplace_backward=self.inplace_backward,
-            all_ignored=self.all_ignored,
+            **self._op_options(),
         )
         self.last_stats = stats
         return loss
 
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, shift={self.shift}, backend={self.backend!r}"
-        )
 
-
-class FusedLinearCrossEntropyLoss(nn.Module):
+class FusedLinearCrossEntropyLoss(_FusedLoss):
     """The loss of an output layer, ``weight [V, D]`` (and ``bias``), without its logits.
 
     ``criterion(hidden, weight, target, bias=None)`` equals ``FusedCrossEntropyLoss`` applied to
@@ -120,44 +137,6 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         10
     """
 
-    last_stats: TokenStats | None
-
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        reduction: Reduction = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        shift: bool = False,
-        backend: Literal["auto", "torch", "triton"] = "auto",
-        all_ignored: AllIgnored = "zero",
-    ) -> None:
-        super().__init__()
-        _validate(
-            torch.zeros(1, 1),
-            torch.zeros(1, dtype=torch.long),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            shift=shift,
-            all_ignored=all_ignored,
-        )
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.shift = shift
-        self.backend = backend
-        self.all_ignored = all_ignored
-        self.last_stats = None
-
     def forward(
         self,
         hidden: torch.Tensor,
@@ -166,26 +145,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         loss, stats = linear_cross_entropy(
-            hidden,
-            weight,
-            target,
-            bias=bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            shift=self.shift,
-            return_stats=True,
-            backend=self.backend,
-            all_ignored=self.all_ignored,
+            hidden, weight, target, bias=bias, return_stats=True, **self._op_options()
         )
         self.last_stats = stats
         return loss
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, shift={self.shift}, backend={self.backend!r}"
-        )
