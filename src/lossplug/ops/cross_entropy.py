@@ -8,6 +8,7 @@ from types import ModuleType
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
 from lossplug.ops._spec import LossSpec, RowOutputs
@@ -192,6 +193,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct
 
     @staticmethod
+    @once_differentiable  # the gradients are not themselves differentiable: say so, loudly
     def backward(ctx, grad_loss_rows, *_unused):
         logits3, target_rows, lse = ctx.saved_tensors
         grad3 = (

@@ -6,6 +6,7 @@ from types import ModuleType
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
@@ -208,6 +209,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss, rows.nll, rows.lse, rows.entropy, rows.correct
 
     @staticmethod
+    @once_differentiable  # the gradients are not themselves differentiable: say so, loudly
     def backward(ctx, grad_loss, *_unused):
         hidden2, weight, bias, target_rows, lse, tokens = ctx.saved_tensors
         grad_loss = grad_loss.to(torch.float32)
