@@ -28,6 +28,7 @@ import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -464,8 +465,30 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "torchmetrics": torchmetrics.__version__,
         "lossplug": lossplug.__version__,
+        "lossplug_source": lossplug_source(lossplug.__file__),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def lossplug_source(init_file: str) -> str:
+    """Which lossplug code is measured: its folder and the git commit of the checkout it is in,
+    with a warning when that folder has uncommitted changes (numbers must be tied to code)."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
+
+    def git(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", folder, *cmd], capture_output=True, text=True, timeout=20, check=False
+        )
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit.returncode != 0:
+            return f"{folder} (not a git checkout)"
+        dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return folder
+    state = ", with uncommitted changes" if dirty else ""
+    return f"{folder} (git {commit.stdout.strip()}{state})"
 
 
 def _meminfo_gib() -> float | None:
@@ -496,6 +519,7 @@ def header(title: str, info: dict[str, str], threads: int, method: str) -> str:
         f"torch threads {threads}\n"
         f"- python {info['python']}, torch {info['torch']}, "
         f"torchmetrics {info['torchmetrics']}, lossplug {info['lossplug']}\n"
+        f"- lossplug source: {info.get('lossplug_source', 'n/a')}\n"
         f"- date: {info['date']}\n"
         f"- command: python {shlex.join(sys.argv)}\n"
         f"- {method}"

@@ -8,10 +8,21 @@
    ``torch.compile`` of the same, and Liger-Kernel's ``LigerCrossEntropyLoss`` when it imports;
    peak extra memory from ``torch.cuda.max_memory_allocated``; each time next to the memory
    floor of DESIGN.md (one read + one write of the logits at 3.0 TB/s) as a ratio.
-3. A short table last.
+3. Linear cross-entropy (``lossplug.linear_cross_entropy``, hidden ``[N, D]`` and weight
+   ``[V, D]``, the logits never materialised): correctness of ``backend="triton"`` (loss, every
+   ``TokenStats`` field, the hidden and weight gradients) against a float64 reference with
+   materialised float64 logits, in bf16 and fp32 at ``[4099, 2040] x [50257, 2040]`` (odd sizes:
+   masked tiles); then fwd + bwd times at bf16 N=8192, D=4096, V=128256 of lossplug (triton and
+   torch backends), eager and ``torch.compile``'d materialised logits,
+   ``F.linear_cross_entropy`` chunked, Cut Cross-Entropy and Liger's fused linear cross-entropy
+   when they import, each as a multiple of the FLOP floor ``6 N D V`` at 800 TFLOP/s (32 ms) and
+   next to the DESIGN.md target (<= 1.4x the floor, peak extra memory <= CCE's).
+4. A short table last.
 
 ``--tiny`` runs the same code paths on the CPU with tiny shapes under ``TRITON_INTERPRET=1``
-(wall-clock timing, no memory numbers) so the script is known to work without a GPU::
+(wall-clock timing, no memory numbers) so the script is known to work without a GPU; there the
+linear cross-entropy rows run lossplug's torch backend (checked for correctness too), and the
+Triton one is checked under the interpreter at a tiny shape::
 
     TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --tiny
     bash benchmarks/gpu_suite.sh            # on the GPU machine
@@ -46,6 +57,11 @@ HBM_BYTES_PER_S = 3.0e12  # DESIGN.md floor: H100 SXM memory bandwidth
 TARGET_FWD_BWD = 1.3
 TARGET_STATS = 1.2
 BF16_ROUNDOFF = 2.0**-7 if os.environ.get("TRITON_INTERPRET") == "1" else 2.0**-8
+# linear cross-entropy: FLOP floor 6·N·D·V (forward matmul, two backward matmuls) at this rate
+PEAK_FLOPS = 800e12
+TARGET_LCE_FLOOR = 1.4
+LCE_TIMING_SHAPE = (8192, 4096, 128256)  # N, D, V
+LCE_CHECK_SHAPE = (4099, 2040, 50257)
 
 
 @dataclass
@@ -74,6 +90,7 @@ class Timing:
     peak_extra_bytes: int | None = None
     floor_ms: float = 0.0
     note: str = ""
+    section: str = "cross_entropy"  # or "linear_cross_entropy"
 
     @property
     def median_ms(self) -> float | None:
@@ -439,6 +456,326 @@ def _mode_call(
 
 
 # ----------------------------------------------------------------------------------------------
+# linear cross-entropy: hidden [N, D] and weight [V, D], the [N, V] logits never held
+
+
+def make_lce_inputs(
+    rows: int,
+    dim: int,
+    vocab: int,
+    device: torch.device,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hidden [rows, dim]``, ``weight [vocab, dim]`` and targets, built in slices.
+
+    ``weight`` is ``2 randn / sqrt(dim)`` (logits of standard deviation about 2); each hidden row
+    is ``randn`` plus a random multiple in ``[0, 14)`` of ``weight[y] / |weight[y]|^2``, which
+    lifts the logit of its target by that much, so the true class is often near the top as with
+    a trained model; one row in sixteen is ignored.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight = torch.empty(vocab, dim, device=device, dtype=dtype)
+    step = max(1, (256 * MiB) // (4 * dim))
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        w = torch.randn(stop - start, dim, device=device, generator=gen)
+        weight[start:stop].copy_(w.mul_(2.0 / dim**0.5))
+    target = torch.randint(0, vocab, (rows,), device=device, generator=gen)
+    hidden = torch.empty(rows, dim, device=device, dtype=dtype)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        w_true = weight.index_select(0, target[start:stop]).float()  # the rounded values
+        bump = torch.rand(stop - start, device=device, generator=gen).mul_(14.0)
+        h = torch.randn(stop - start, dim, device=device, generator=gen)
+        h.addcmul_(w_true, (bump / w_true.square().sum(dim=1))[:, None])
+        hidden[start:stop].copy_(h)
+    ignored = torch.rand(rows, device=device, generator=gen) < 1 / 16
+    return hidden, weight, target.masked_fill(ignored, IGNORE)
+
+
+def lce_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> dict[str, float]:
+    """Float64 statistics of the logits ``hidden @ weight.T``, materialised in float64 a slice of
+    rows at a time, and the gradient errors ``max |g - g_ref| / max |g_ref|`` of the mean loss
+    for ``hidden`` and ``weight`` (``nan`` when that gradient is missing)."""
+    rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    w64 = weight.double()
+    valid_all = target != IGNORE
+    count = int(valid_all.sum())
+    acc = dict(nll_sum=0.0, entropy_sum=0.0, lse_sq_sum=0.0, correct=0.0)
+    g_w_ref = torch.zeros_like(w64)
+    err_h, top_h = 0.0, 0.0
+    step = max(1, (512 * MiB) // (8 * vocab))
+    for start in range(0, rows, step):
+        sl = slice(start, min(start + step, rows))
+        h64 = hidden[sl].double()
+        y, ok = target[sl], valid_all[sl]
+        y_safe = y.clamp(min=0)
+        z = h64 @ w64.T
+        lse = torch.logsumexp(z, dim=1)
+        p = torch.exp(z - lse[:, None])
+        nll = lse - z.gather(1, y_safe[:, None]).squeeze(1)
+        entropy = lse - (p * z).sum(dim=1)
+        acc["nll_sum"] += float(nll[ok].sum())
+        acc["entropy_sum"] += float(entropy[ok].sum())
+        acc["lse_sq_sum"] += float(lse[ok].square().sum())
+        acc["correct"] += float(((z.argmax(dim=1) == y) & ok).sum())
+        del z
+        g = p  # the gradient of the mean loss w.r.t. the logits, in place
+        g[torch.arange(g.shape[0], device=g.device), y_safe] -= 1.0
+        g.mul_(ok[:, None].double() / max(count, 1))
+        g_h_ref = g @ w64
+        if grad_h is not None:
+            err_h = max(err_h, float((grad_h[sl].double() - g_h_ref).abs_().max()))
+        top_h = max(top_h, float(g_h_ref.abs().max()))
+        g_w_ref.addmm_(g.T, h64)
+        del p, g, g_h_ref
+    err_w, top_w = 0.0, 0.0
+    step_w = max(1, (512 * MiB) // (8 * weight.shape[1]))
+    for start in range(0, vocab, step_w):
+        ref = g_w_ref[start : start + step_w]
+        if grad_w is not None:
+            err_w = max(err_w, float((grad_w[start : start + step_w].double() - ref).abs_().max()))
+        top_w = max(top_w, float(ref.abs().max()))
+    nan = float("nan")
+    return {
+        **acc,
+        "tokens": float(count),
+        "loss": acc["nll_sum"] / max(count, 1),
+        "grad_h_err": nan if grad_h is None else err_h / max(top_h, 1e-300),
+        "grad_w_err": nan if grad_w is None else err_w / max(top_w, 1e-300),
+    }
+
+
+def _lce_tolerances(backend: str, dtype: torch.dtype) -> dict[str, float]:
+    """Relative tolerances of the linear cross-entropy checks.
+
+    The Triton path (and the torch path in float32) computes the logits in float32 from the
+    inputs' values, so the sums match float64 to float32 accuracy; a near-tie may flip an argmax
+    (``correct``). Its bf16 gradients are rounded to bf16 twice (the logits' gradient tile before
+    its matmuls, the results at the end): ``max |g - g_ref| / max |g_ref|`` <= 1e-2. The torch
+    backend rounds bf16 logits to bf16 before scoring them (as the model's own head computes
+    them): an error of up to ``2**-9 |z|`` per logit, hence its looser bf16 bounds.
+    """
+    tol = {
+        "loss": 1e-5,
+        "nll_sum": 1e-5,
+        "tokens": 0.0,
+        "correct": 1e-3,
+        "entropy_sum": 1e-4,
+        "lse_sq_sum": 1e-5,
+        "perplexity": 1e-4,
+        "grad_h_err": 1e-5,
+        "grad_w_err": 1e-5,
+    }
+    if dtype == torch.bfloat16:
+        tol["grad_h_err"] = tol["grad_w_err"] = 1e-2
+        if backend == "torch":
+            for key in ("loss", "nll_sum", "entropy_sum", "lse_sq_sum"):
+                tol[key] = 2.0**-8
+            tol["perplexity"] = 2.0**-5
+            tol["correct"] = 5e-2
+    return tol
+
+
+def check_lce_case(
+    name: str, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, backend: str
+) -> list[Check]:
+    """``lossplug.linear_cross_entropy`` forward + backward with stats against float64."""
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    try:
+        loss, stats = lossplug.linear_cross_entropy(
+            hidden, weight, target, return_stats=True, backend=backend
+        )
+        loss.backward()
+        with torch.no_grad():
+            ref = lce_reference(hidden.detach(), weight.detach(), target, hidden.grad, weight.grad)
+    except Exception as exc:  # one failing case must not end the suite
+        traceback.print_exc(limit=3)
+        message = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        return [Check(name, message, float("nan"), float("nan"), float("inf"), 0.0)]
+    finally:
+        hidden.grad = weight.grad = None
+        hidden.requires_grad_(False)
+        weight.requires_grad_(False)
+    got = {
+        "loss": float(loss.detach()),
+        "nll_sum": float(stats.nll_sum),
+        "tokens": float(stats.tokens),
+        "correct": float(stats.correct),
+        "entropy_sum": float(stats.entropy_sum),
+        "lse_sq_sum": float(stats.lse_sq_sum),
+    }
+    tol = _lce_tolerances(backend, hidden.dtype)
+    checks = [Check(name, k, got[k], ref[k], _rel(got[k], ref[k]), tol[k]) for k in got]
+    ppl, ppl_ref = float(stats.perplexity), float(torch.tensor(ref["loss"]).double().exp())
+    checks.append(Check(name, "perplexity", ppl, ppl_ref, _rel(ppl, ppl_ref), tol["perplexity"]))
+    for key, what in (("grad_h_err", "hidden"), ("grad_w_err", "weight")):
+        err = ref[key]
+        checks.append(Check(name, f"grad {what} (max err / max ref)", err, 0.0, err, tol[key]))
+    return checks
+
+
+def run_lce_correctness(device: torch.device, tiny: bool) -> list[Check]:
+    """bf16 and fp32 at an odd moderate shape, Triton backend; under ``--tiny`` both backends
+    (Triton interpreted) at a tiny odd shape."""
+    rows, dim, vocab = (67, 40, 301) if tiny else LCE_CHECK_SHAPE
+    backends = ("torch", "triton") if tiny else ("triton",)
+    checks: list[Check] = []
+    for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        hidden, weight, target = make_lce_inputs(rows, dim, vocab, device, seed=5, dtype=dtype)
+        for backend in backends:
+            name = f"linear {label} N={rows} D={dim} V={vocab} {backend}"
+            checks += check_lce_case(name, hidden, weight, target, backend)
+            _free(device)
+        del hidden, weight, target
+        _free(device)
+    return checks
+
+
+def _materialised_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss as models write it: the logits in memory, upcast, then cross-entropy."""
+    return F.cross_entropy((h @ w.T).float(), y, ignore_index=IGNORE)
+
+
+def _lce_anchor_builders(
+    tiny: bool, compile_: bool
+) -> dict[str, Callable[[], Callable[..., torch.Tensor]]]:
+    """Each implementation's builder: returns ``fn(hidden, weight, target) -> loss`` or raises
+    (not installed, unsupported here), which the table shows as n/a."""
+
+    def lossplug_fn(backend: str) -> Callable[[], Callable[..., torch.Tensor]]:
+        def build() -> Callable[..., torch.Tensor]:
+            return lambda h, w, y: lossplug.linear_cross_entropy(h, w, y, backend=backend)
+
+        return build
+
+    def compiled() -> Callable[..., torch.Tensor]:
+        if not compile_:
+            raise RuntimeError("skipped (--no-compile)")
+        return torch.compile(_materialised_ce)
+
+    def flce_chunked() -> Callable[..., torch.Tensor]:
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=options)
+
+    def cce() -> Callable[..., torch.Tensor]:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+
+    def liger() -> Callable[..., torch.Tensor]:
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import (
+                LigerFusedLinearCrossEntropyLoss,
+            )
+        except ImportError:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+        return lambda h, w, y: loss_fn(w, h, y)  # Liger takes the weight first
+
+    return {
+        # on the CPU smoke run the Triton row runs the torch backend (see its note)
+        "lossplug (triton)": lossplug_fn("torch" if tiny else "triton"),
+        "lossplug (torch backend)": lossplug_fn("torch"),
+        "torch eager materialised (.float())": lambda: _materialised_ce,
+        "torch.compile materialised (.float())": compiled,
+        "F.linear_cross_entropy chunked (auto)": flce_chunked,
+        "CCE linear_cross_entropy (cce)": cce,
+        "Liger FusedLinearCrossEntropyLoss": liger,
+    }
+
+
+def run_lce_timings(
+    device: torch.device, tiny: bool, repeats: int, compile_: bool
+) -> tuple[list[Timing], str]:
+    """fwd + bwd (gradients of hidden and weight) of every implementation on one bf16 shape;
+    returns the timings and the shape's label."""
+    rows, dim, vocab = (256, 64, 1000) if tiny else LCE_TIMING_SHAPE
+    warmup = 1 if tiny else 3
+    hidden, weight, target = make_lce_inputs(rows, dim, vocab, device, seed=6)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    floor_ms = 6 * rows * dim * vocab / PEAK_FLOPS * 1e3
+
+    def reset() -> None:
+        hidden.grad = weight.grad = None
+
+    results: list[Timing] = []
+    for impl, build in _lce_anchor_builders(tiny, compile_).items():
+        timing = Timing(impl, "fwd+bwd", floor_ms=floor_ms, section="linear_cross_entropy")
+        if tiny and impl == "lossplug (triton)":
+            timing.note = "torch backend on the CPU (--tiny)"
+        results.append(timing)
+        try:
+            fn = build()
+
+            def run(fn: Callable[..., torch.Tensor] = fn) -> object:
+                loss = fn(hidden, weight, target)
+                loss.backward()
+                return loss
+
+            timing.times_ms, timing.peak_extra_bytes = time_call(
+                run, reset, device, repeats, warmup
+            )
+        except Exception as exc:  # not installed, or unsupported on this device
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            last = last.replace("|", "/")  # a table cell
+            timing.note = f"n/a ({type(exc).__name__}: {last[:100]})"
+            if not isinstance(exc, ImportError):
+                traceback.print_exc(limit=2)
+        reset()
+        _free(device)
+    return results, f"N={rows} D={dim} V={vocab}"
+
+
+def format_lce_timings(results: list[Timing], shape: str) -> str:
+    """Time, floor ratio, peak extra memory, lossplug ÷ each anchor, and the DESIGN.md target."""
+    ours = results[0] if results else None
+    cce = next((t for t in results if t.impl.startswith("CCE")), None)
+    lines = [
+        f"bf16 {shape}, fwd + bwd w.r.t. hidden and weight; floor = 6·N·D·V FLOP at "
+        f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s; peak extra = max_memory_allocated above the inputs "
+        f"(gradients included); ratios = {ours.impl if ours else 'lossplug'} ÷ that row",
+        "",
+        "| impl | median ms | floor ms | x floor | peak extra MiB | lossplug time ratio | "
+        "lossplug mem ratio | target | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in results:
+        med = t.median_ms
+        x_floor = None if med is None else med / t.floor_ms
+        peak = t.peak_extra_bytes
+        t_ratio = m_ratio = "—"
+        if t is not ours and ours is not None:
+            if ours.median_ms is not None and med:
+                t_ratio = f"{ours.median_ms / med:.2f}x"
+            if ours.peak_extra_bytes is not None and peak:
+                m_ratio = f"{ours.peak_extra_bytes / peak:.2f}x"
+        target = ""
+        if t is ours and x_floor is not None:
+            within = x_floor <= TARGET_LCE_FLOOR
+            target = f"<= {TARGET_LCE_FLOOR}x floor: {'yes' if within else 'NO'}"
+            if cce is not None and cce.peak_extra_bytes and peak is not None:
+                target += f"; mem <= CCE: {'yes' if peak <= cce.peak_extra_bytes else 'NO'}"
+        lines.append(
+            f"| {t.impl} | {'n/a' if med is None else f'{med:.3f}'} | {t.floor_ms:.3g} | "
+            f"{'n/a' if x_floor is None else f'{x_floor:.3g}'} | "
+            f"{'n/a' if peak is None else f'{peak / MiB:.0f}'} | {t_ratio} | {m_ratio} | "
+            f"{target} | {t.note} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # report
 
 
@@ -517,8 +854,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (median)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument(
+        "--skip-linear", action="store_true", help="leave out the linear cross-entropy section"
+    )
+    parser.add_argument(
+        "--linear-only", action="store_true", help="run only the linear cross-entropy section"
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
+    if args.skip_linear and args.linear_only:
+        parser.error("--skip-linear and --linear-only exclude each other")
 
     if args.tiny:
         device = torch.device("cpu")
@@ -536,17 +881,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- timing: median of {repeats} calls ({timing_clock})\n", flush=True)
 
     checks: list[Check] = []
-    if not args.skip_correctness:
-        t0 = time.perf_counter()
-        checks = run_correctness(device, args.tiny)
-        print(f"## Correctness vs float64 ({time.perf_counter() - t0:.1f} s)\n")
-        print(format_checks(checks) + "\n", flush=True)
+    timings: list[Timing] = []
+    if not args.linear_only:
+        if not args.skip_correctness:
+            t0 = time.perf_counter()
+            checks = run_correctness(device, args.tiny)
+            print(f"## Correctness vs float64 ({time.perf_counter() - t0:.1f} s)\n")
+            print(format_checks(checks) + "\n", flush=True)
 
-    t0 = time.perf_counter()
-    timings = run_timings(device, args.tiny, repeats, compile_=not args.no_compile)
-    shape = "64x1000" if args.tiny else "8192x128256"
-    print(f"## Timings ({time.perf_counter() - t0:.1f} s)\n")
-    print(format_timings(timings, shape))
+        t0 = time.perf_counter()
+        timings = run_timings(device, args.tiny, repeats, compile_=not args.no_compile)
+        shape = "64x1000" if args.tiny else "8192x128256"
+        print(f"## Timings ({time.perf_counter() - t0:.1f} s)\n")
+        print(format_timings(timings, shape) + "\n", flush=True)
+        _free(device)
+
+    lce_checks: list[Check] = []
+    lce_timings: list[Timing] = []
+    if not args.skip_linear:
+        if not args.skip_correctness:
+            t0 = time.perf_counter()
+            lce_checks = run_lce_correctness(device, args.tiny)
+            print(
+                f"## Linear cross-entropy: correctness vs float64 "
+                f"({time.perf_counter() - t0:.1f} s)\n"
+            )
+            print(format_checks(lce_checks) + "\n", flush=True)
+        t0 = time.perf_counter()
+        lce_timings, lce_shape = run_lce_timings(
+            device, args.tiny, repeats, compile_=not args.no_compile
+        )
+        print(f"## Linear cross-entropy: timings ({time.perf_counter() - t0:.1f} s)\n")
+        print(format_lce_timings(lce_timings, lce_shape), flush=True)
+        checks += lce_checks
+        timings += lce_timings
     failed = [c for c in checks if not c.ok]
     print(
         f"\ncorrectness: {'FAIL' if failed else 'PASS'} "

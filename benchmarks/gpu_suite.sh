@@ -3,8 +3,11 @@
 #
 # Installs nothing from the network: lossplug itself (editable, no dependencies, using the
 # setuptools already present) and, when a wheels/ folder holds them, local wheels of the optional
-# anchors liger-kernel and cut-cross-entropy. Extra arguments go to gpu_suite.py, e.g.
+# anchors liger-kernel (LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss) and
+# cut-cross-entropy (linear cross-entropy; cut_cross_entropy-25.1.1-py3-none-any.whl needs only
+# torch and triton). Without them those rows show n/a. Extra arguments go to gpu_suite.py, e.g.
 #   bash benchmarks/gpu_suite.sh --repeats 50 --json gpu_results.json
+#   bash benchmarks/gpu_suite.sh --linear-only       # only the linear cross-entropy section
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
