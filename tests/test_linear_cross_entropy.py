@@ -111,12 +111,14 @@ def test_matches_float64_reference(backend, dtype, option):
         assert_grad_close(got, want, GRAD_TOL[dtype], name)
 
 
-@pytest.mark.parametrize("workspace_bytes", [4096, 64 * 1024])
-def test_torch_path_chunks_give_the_same_result(workspace_bytes, monkeypatch):
-    """Many small chunks (a few rows each, ignored rows scattered among them) change nothing."""
+@pytest.mark.parametrize(("workspace_bytes", "block_bytes"), [(4096, 4096), (64 * 1024, 8192)])
+def test_torch_path_chunks_give_the_same_result(workspace_bytes, block_bytes, monkeypatch):
+    """Small chunks and blocks (a few rows each, ignored rows among them) change nothing."""
     hidden, weight, bias, target = make_inputs(torch.float32, shape=(5, 41), ignore_share=0.4)
     whole = run_both(hidden, weight, bias, target, "torch", z_loss=1e-3, shift=True)
     monkeypatch.setattr(torch_lce, "WORKSPACE_BYTES", workspace_bytes)
+    monkeypatch.setattr(torch_lce, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(torch_lce, "MIN_CHUNK_ROWS", 1)
     chunked = run_both(hidden, weight, bias, target, "torch", z_loss=1e-3, shift=True)
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
     for got, want in zip(chunked[2], whole[2], strict=True):
@@ -142,6 +144,15 @@ def test_equals_cross_entropy_of_materialised_logits(backend):
         )
     assert int(stats.tokens) == int(want_stats.tokens)
     assert int(stats.correct) == int(want_stats.correct)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_without_stats_is_the_same(backend):
+    """Without return_stats the argmax and entropy are skipped; the loss does not change."""
+    hidden, weight, bias, target = make_inputs(torch.float32)
+    kw = dict(bias=bias, backend=backend, label_smoothing=0.1, z_loss=1e-3)
+    loss, _ = lossplug.linear_cross_entropy(hidden, weight, target, return_stats=True, **kw)
+    torch.testing.assert_close(lossplug.linear_cross_entropy(hidden, weight, target, **kw), loss)
 
 
 def test_bf16_torch_path_rounds_logits_like_the_models_head():

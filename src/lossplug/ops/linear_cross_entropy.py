@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 from typing import Literal
 
@@ -102,6 +103,9 @@ def linear_cross_entropy(
         shift=shift,
         all_ignored=all_ignored,
     )
+    # without statistics the argmax and entropy are skipped (they cost as much as the rest on the
+    # CPU; on a GPU they are free)
+    spec = dataclasses.replace(spec, full_stats=return_stats)
     loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
     if shift:
         target = _shift_left(target, ignore_index)

@@ -63,13 +63,15 @@ def score_chunk(
     spec: LossSpec,
     log_probs_buf: torch.Tensor,
     probs_buf: torch.Tensor,
+    *,
+    want_probs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, nll, lse, entropy, correct)`` of the float32 (soft-capped) logits ``z``.
 
     ``target`` must be a valid class for every row (callers mask ignored rows afterwards).
     ``log_probs_buf`` and ``probs_buf`` are ``z``-shaped float32 workspaces; ``probs_buf`` may be
-    ``z`` itself. With ``spec.full_stats`` it holds the softmax of ``z`` on return, which the
-    fused linear path turns into the gradient without another exponential.
+    ``z`` itself. With ``spec.full_stats`` or ``want_probs`` it holds the softmax of ``z`` on
+    return, which the fused linear path turns into the gradient without another exponential.
     """
     y = target[:, None]
     z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
@@ -90,6 +92,8 @@ def score_chunk(
         row_entropy = log_p.mul_(p).sum(dim=1).neg_()
         row_correct = argmax == y[:, 0]
     else:
+        if want_probs:
+            torch.exp(log_p, out=probs_buf)
         row_entropy = torch.zeros_like(row_nll)
         row_correct = torch.zeros_like(row_nll, dtype=torch.bool)
     row_loss = row_nll

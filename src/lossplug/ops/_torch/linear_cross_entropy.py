@@ -22,15 +22,58 @@ from lossplug.ops._torch.cross_entropy import (
     score_chunk,
 )
 
-#: Bytes of one float32 chunk workspace. Larger chunks make the weight-gradient update (which
-#: reads and writes all of ``[V, D]`` once per chunk) rarer; smaller ones use less memory.
+#: Bytes of the float32 chunk of logits the matmuls work on. Larger chunks make the weight-gradient
+#: update (which reads and writes all of ``[V, D]`` once per chunk) rarer and the matmuls more
+#: efficient; smaller ones use less memory.
 WORKSPACE_BYTES = 32 * 2**20
+#: Fewest rows in a chunk whatever the vocabulary: below this the weight-gradient update, not the
+#: matmuls, sets the time.
+MIN_CHUNK_ROWS = 256
+#: Bytes of the blocks of rows the element-wise passes work on, so that they run in the cache
+#: (a second workspace of this size holds their log-probabilities).
+BLOCK_BYTES = 2 * 2**20
 
 PRECOMPUTES_GRAD = True
 
 
 def _rows_per_chunk(vocab: int, n_rows: int) -> int:
-    return max(1, min(n_rows, WORKSPACE_BYTES // (4 * vocab)))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (4 * vocab))))
+
+
+def _fields(outputs: RowOutputs) -> tuple[torch.Tensor, ...]:
+    return outputs.loss, outputs.nll, outputs.lse, outputs.entropy, outputs.correct
+
+
+def _rows_per_block(vocab: int, rows_per_chunk: int) -> int:
+    return max(1, min(rows_per_chunk, BLOCK_BYTES // (4 * vocab)))
+
+
+def _score_block(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    g: torch.Tensor | None,
+    spec: LossSpec,
+    bias32: torch.Tensor | None,
+    log_probs_buf: torch.Tensor,
+    dtanh_buf: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Row outputs of a block of float32 logits ``z``; with ``g``, ``z`` becomes its gradient."""
+    if bias32 is not None:
+        z.add_(bias32)
+    dtanh = None
+    if spec.softcap is not None:
+        z.div_(spec.softcap).tanh_()
+        if g is not None:
+            dtanh = torch.mul(z, z, out=dtanh_buf).neg_().add_(1.0)
+        z.mul_(spec.softcap)
+    # the softmax lands back in the logits' memory
+    row_loss, row_nll, row_lse, row_entropy, row_correct = score_chunk(
+        z, target, spec, log_probs_buf, z, want_probs=g is not None
+    )
+    if g is not None:
+        prob_scale, true_delta, uniform_delta = grad_coefficients(g, row_lse, spec, z.shape[1])
+        probs_to_grad_(z, target[:, None], prob_scale, true_delta, uniform_delta, dtanh)
+    return row_loss, row_nll, row_lse, row_entropy, row_correct
 
 
 def forward(
@@ -107,10 +150,11 @@ def _run(
         return outputs, grads
 
     rows_per_chunk = _rows_per_chunk(vocab, n_active)
+    rows_per_block = _rows_per_block(vocab, rows_per_chunk)
     logits_buf = torch.empty(rows_per_chunk, vocab, **f32)
-    log_probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
+    log_probs_buf = torch.empty(rows_per_block, vocab, **f32)
     dtanh_buf = (
-        torch.empty(rows_per_chunk, vocab, **f32)
+        torch.empty(rows_per_block, vocab, **f32)
         if with_grads and spec.softcap is not None
         else None
     )
@@ -127,40 +171,41 @@ def _run(
         index = None if active is None else active[start:stop]
         h = hidden[start:stop] if index is None else hidden.index_select(0, index)
         y = target_safe[start:stop] if index is None else target_safe.index_select(0, index)
+        g = None
+        if with_grads:
+            g = g_rows[start:stop] if index is None else g_rows.index_select(0, index)
 
         z = logits_buf[:rows]
         if direct:
             torch.mm(h, weight.t(), out=z)
         else:  # the matmul in the input dtype (as the model's own head), scored in float32
             z.copy_(torch.mm(h, weight.t()))
-        if bias32 is not None:
-            z.add_(bias32)
-        dtanh = None
-        if spec.softcap is not None:
-            z.div_(spec.softcap).tanh_()
-            if dtanh_buf is not None:
-                dtanh = torch.mul(z, z, out=dtanh_buf[:rows]).neg_().add_(1.0)
-            z.mul_(spec.softcap)
-        # the softmax lands back in the logits workspace
-        row_loss, row_nll, row_lse, row_entropy, row_correct = score_chunk(
-            z, y, spec, log_probs_buf[:rows], z
-        )
-        if index is None:
-            sl = slice(start, stop)
-            outputs.loss[sl], outputs.nll[sl], outputs.lse[sl] = row_loss, row_nll, row_lse
-            outputs.entropy[sl], outputs.correct[sl] = row_entropy, row_correct
-        else:
-            outputs.loss.index_copy_(0, index, row_loss)
-            outputs.nll.index_copy_(0, index, row_nll)
-            outputs.lse.index_copy_(0, index, row_lse)
-            outputs.entropy.index_copy_(0, index, row_entropy)
-            outputs.correct.index_copy_(0, index, row_correct.to(torch.int32))
+        chunk_rows = [torch.empty(rows, **f32) for _ in range(4)]
+        chunk_rows.append(torch.empty(rows, dtype=torch.int32, device=device))
+        # The element-wise work runs a few rows at a time, so its many passes hit the cache
+        # while the matmuls get the whole chunk; it leaves the logits' gradient in place.
+        for b0 in range(0, rows, rows_per_block):
+            b1 = min(b0 + rows_per_block, rows)
+            block_rows = _score_block(
+                z[b0:b1],
+                y[b0:b1],
+                None if g is None else g[b0:b1],
+                spec,
+                bias32,
+                log_probs_buf[: b1 - b0],
+                None if dtanh_buf is None else dtanh_buf[: b1 - b0],
+            )
+            for out, value in zip(chunk_rows, block_rows, strict=True):
+                out[b0:b1] = value
+        for out, value in zip(_fields(outputs), chunk_rows, strict=True):
+            if index is None:
+                out[start:stop] = value
+            else:
+                out.index_copy_(0, index, value)
         if not with_grads:
             continue
 
-        g = g_rows[start:stop] if index is None else g_rows.index_select(0, index)
-        prob_scale, true_delta, uniform_delta = grad_coefficients(g, row_lse, spec, vocab)
-        grad_z = probs_to_grad_(z, y[:, None], prob_scale, true_delta, uniform_delta, dtanh)
+        grad_z = z
         if grad_h is not None:
             chunk_grad_h = torch.mm(grad_z if direct else grad_z.to(weight.dtype), weight)
             if index is None:
