@@ -1,10 +1,11 @@
 """Chunked PyTorch path of the fused linear cross-entropy: any device, bounded extra memory.
 
-Tokens are processed a chunk of rows at a time: the chunk's logits are computed into a float32
-workspace, scored by the cross-entropy path's chunk code, turned into their gradient in place and
+Tokens are processed a chunk of rows at a time (512 rows, or 32 MiB of logits where that is more):
+the chunk's logits are computed into a float32 workspace by one matmul, scored a cache-sized block
+of rows at a time by the cross-entropy path's code, turned into their gradient in place and
 multiplied back out into the gradients of the hidden states, the weight and the bias. The full
-``[N, V]`` logits never exist; the extra memory is two (three with a softcap) chunk workspaces
-plus the float32 weight-gradient accumulator.
+``[N, V]`` logits never exist; the extra memory is the chunk workspace, two block-sized ones and
+the float32 weight-gradient accumulator, none of which grows with the number of tokens.
 
 When the loss is reduced to a scalar its gradient is known up to one factor in the forward pass,
 so the gradients are computed there (three matmuls in all, the minimum) and only scaled in the
@@ -26,9 +27,9 @@ from lossplug.ops._torch.cross_entropy import (
 #: update (which reads and writes all of ``[V, D]`` once per chunk) rarer and the matmuls more
 #: efficient; smaller ones use less memory.
 WORKSPACE_BYTES = 32 * 2**20
-#: Fewest rows in a chunk whatever the vocabulary: below this the weight-gradient update, not the
-#: matmuls, sets the time.
-MIN_CHUNK_ROWS = 256
+#: Fewest rows in a chunk whatever the vocabulary: the logits matmul loses a fifth of its speed at
+#: 256 rows on a CPU, and below that the weight-gradient update, not the matmuls, sets the time.
+MIN_CHUNK_ROWS = 512
 #: Bytes of the blocks of rows the element-wise passes work on, so that they run in the cache
 #: (a second workspace of this size holds their log-probabilities).
 BLOCK_BYTES = 2 * 2**20
