@@ -30,6 +30,9 @@ WORKSPACE_BYTES = 32 * 2**20
 #: Fewest rows in a chunk whatever the vocabulary: the logits matmul loses a fifth of its speed at
 #: 256 rows on a CPU, and below that the weight-gradient update, not the matmuls, sets the time.
 MIN_CHUNK_ROWS = 512
+#: Bytes of the half-precision slices of the weight gradient that are added into its float32
+#: accumulator one at a time.
+SLICE_BYTES = 8 * 2**20
 #: Bytes of the blocks of rows the element-wise passes work on, so that they run in the cache
 #: (a second workspace of this size holds their log-probabilities).
 BLOCK_BYTES = 2 * 2**20
@@ -161,6 +164,10 @@ def _run(
     )
     bias32 = None if bias is None else bias.to(torch.float32)
     direct = weight.dtype == torch.float32
+    if not direct:
+        lowp_buf = torch.empty(rows_per_chunk, vocab, dtype=weight.dtype, device=device)
+        slice_rows = max(1, min(vocab, SLICE_BYTES // (weight.element_size() * dim)))
+        slice_buf = torch.empty(slice_rows, dim, dtype=weight.dtype, device=device)
     if with_grads:
         g_rows = (
             torch.ones(n_rows, **f32) if grad_rows is None else grad_rows.to(torch.float32)
@@ -180,7 +187,7 @@ def _run(
         if direct:
             torch.mm(h, weight.t(), out=z)
         else:  # the matmul in the input dtype (as the model's own head), scored in float32
-            z.copy_(torch.mm(h, weight.t()))
+            z.copy_(torch.mm(h, weight.t(), out=lowp_buf[:rows]))
         chunk_rows = [torch.empty(rows, **f32) for _ in range(4)]
         chunk_rows.append(torch.empty(rows, dtype=torch.int32, device=device))
         # The element-wise work runs a few rows at a time, so its many passes hit the cache
@@ -206,17 +213,24 @@ def _run(
         if not with_grads:
             continue
 
-        grad_z = z
+        # half-precision inputs: both gradient matmuls in their dtype (as the model's own head's
+        # backward), the weight gradient added up in float32 a slice of the vocabulary at a time
+        grad_z = z if direct else lowp_buf[:rows].copy_(z)
         if grad_h is not None:
-            chunk_grad_h = torch.mm(grad_z if direct else grad_z.to(weight.dtype), weight)
+            chunk_grad_h = torch.mm(grad_z, weight)
             if index is None:
                 grad_h[start:stop] = chunk_grad_h
             else:
                 grad_h.index_copy_(0, index, chunk_grad_h)
-        if grad_w is not None:
-            grad_w.addmm_(grad_z.t(), h if direct else h.to(torch.float32))
+        if grad_w is not None and direct:
+            grad_w.addmm_(grad_z.t(), h)
+        elif grad_w is not None:
+            for v0 in range(0, vocab, slice_rows):
+                v1 = min(v0 + slice_rows, vocab)
+                part = torch.mm(grad_z[:, v0:v1].t(), h, out=slice_buf[: v1 - v0])
+                grad_w[v0:v1].add_(part)
         if grad_b is not None:
-            grad_b.add_(grad_z.sum(dim=0))
+            grad_b.add_(z.sum(dim=0))
 
     # never a number for a label the caller did not validate (no host sync to raise instead)
     outputs.loss.masked_fill_(invalid, float("nan"))
