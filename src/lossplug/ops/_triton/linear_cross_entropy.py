@@ -1,9 +1,10 @@
 """Triton kernels of the fused linear cross-entropy: logits only ever exist as register tiles.
 
-Forward, one program per block of tokens: for each vocabulary block the logits tile is computed
-by ``tl.dot`` over the hidden dimension and folded into a running max, sum of exponentials,
-entropy term, argmax and true-class logit per token (online log-sum-exp). Only the per-token
-results are stored.
+Forward, one program per block of tokens and split of the vocabulary (enough splits that the GPU
+is full even for few tokens): for each vocabulary block the logits tile is computed by ``tl.dot``
+over the hidden dimension and folded into a running max, sum of exponentials, entropy term,
+argmax and true-class logit per token (online log-sum-exp). Only these per-token partials are
+stored, and merged across splits by a few device ops.
 
 Backward, one program per (token block, vocabulary block) tile: the logits tile is recomputed,
 turned into its gradient with the saved log-sum-exp, and multiplied out into the hidden and
@@ -33,6 +34,8 @@ if INTERPRETED:
     BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 16, 32, 16, 4, 4
 else:
     BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 64, 128, 64, 8, 8
+# The forward splits the vocabulary until about this many programs run (a few per GPU core).
+TARGET_PROGRAMS = 1024
 
 
 @triton.jit
@@ -94,35 +97,35 @@ def _lce_forward_kernel(
     target_ptr,
     order_ptr,
     n_active_ptr,
-    loss_ptr,
-    nll_ptr,
-    lse_ptr,
-    entropy_ptr,
-    correct_ptr,
+    part_ptr,
+    n_rows,
     vocab,
+    split_cols,
     dim,
     stride_h,
     stride_w,
-    label_smoothing,
-    z_loss,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
     DOT_FP32: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Partial results of one block of tokens over one split of the vocabulary.
+
+    ``part_ptr`` is ``[6, splits, n_rows]`` float32: running max, sum of exponentials and
+    entropy term (both relative to that max), sum of logits, argmax and true-class logit.
+    """
     n_active = tl.load(n_active_ptr)
     first = tl.program_id(0).to(tl.int64) * BLOCK_N
+    split = tl.program_id(1).to(tl.int64)
     if first < n_active:
         slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
         row_mask = slots < n_active
         rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
         y = tl.load(target_ptr + rows, mask=row_mask, other=0)
-        invalid = (y < 0) | (y >= vocab)
         offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
         run_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -130,9 +133,11 @@ def _lce_forward_kernel(
         run_zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         run_arg = tl.zeros((BLOCK_N,), dtype=tl.int64)
         z_true = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for start in range(0, vocab, BLOCK_V):
+        col_first = split * split_cols
+        col_stop = tl.minimum(col_first + split_cols, vocab)
+        for start in range(col_first, col_stop, BLOCK_V):
             cols = start + offs_v
-            col_mask = cols < vocab
+            col_mask = cols < col_stop
             z = _logits_tile(
                 hidden_ptr,
                 weight_ptr,
@@ -154,13 +159,13 @@ def _lce_forward_kernel(
                 BLOCK_D,
             )
             z_true += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-            if HAS_SMOOTHING:
-                run_zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            run_zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
             z = tl.where(col_mask[None, :], z, -float("inf"))
             block_max = tl.max(z, axis=1)
             block_arg = tl.argmax(z, axis=1).to(tl.int64) + start
             new_max = tl.maximum(run_max, block_max)
             run_arg = tl.where(block_max > run_max, block_arg, run_arg)
+            # 0 on the first block (run_max = -inf), where the rescale would be 0 * -inf
             delta = tl.where(run_sum > 0, run_max - new_max, 0.0)
             scale = tl.exp(delta)
             e = tl.exp(z - new_max[:, None])
@@ -168,22 +173,14 @@ def _lce_forward_kernel(
             run_ent = scale * (run_ent + run_sum * delta) + tl.sum(ez, axis=1)
             run_sum = run_sum * scale + tl.sum(e, axis=1)
             run_max = new_max
-        log_sum = tl.log(run_sum)
-        lse = run_max + log_sum
-        nll = lse - z_true
-        loss = nll
-        if HAS_SMOOTHING:
-            loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - run_zsum / vocab)
-        loss = loss + z_loss * lse * lse
-        entropy = log_sum - run_ent / run_sum
-        correct = tl.where((run_arg == y) & ~invalid, 1, 0)
-        nll = tl.where(invalid, float("nan"), nll)
-        loss = tl.where(invalid, float("nan"), loss)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-        tl.store(nll_ptr + rows, nll, mask=row_mask)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
-        tl.store(entropy_ptr + rows, entropy, mask=row_mask)
-        tl.store(correct_ptr + rows, correct.to(tl.int32), mask=row_mask)
+        plane = tl.num_programs(1).to(tl.int64) * n_rows
+        out = part_ptr + split * n_rows + rows
+        tl.store(out, run_max, mask=row_mask)
+        tl.store(out + plane, run_sum, mask=row_mask)
+        tl.store(out + 2 * plane, run_ent, mask=row_mask)
+        tl.store(out + 3 * plane, run_zsum, mask=row_mask)
+        tl.store(out + 4 * plane, run_arg.to(tl.float32), mask=row_mask)
+        tl.store(out + 5 * plane, z_true, mask=row_mask)
 
 
 @triton.jit
@@ -340,6 +337,12 @@ def _launch_options() -> dict:
     return {} if INTERPRETED else {"num_warps": NUM_WARPS}
 
 
+def _splits(n_rows: int, vocab: int) -> int:
+    """Vocabulary splits so that a few programs per GPU core run even for few tokens."""
+    blocks_v = triton.cdiv(vocab, BLOCK_V)
+    return max(1, min(blocks_v, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, BLOCK_N))))
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -354,41 +357,65 @@ def forward(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    outputs = RowOutputs(
-        loss=torch.zeros(n_rows, **f32),
-        nll=torch.zeros(n_rows, **f32),
-        lse=torch.zeros(n_rows, **f32),
-        entropy=torch.zeros(n_rows, **f32),
-        correct=torch.zeros(n_rows, dtype=torch.int32, device=hidden.device),
-    )
+    device = hidden.device
     if n_rows == 0:
-        return outputs, None
+        zeros = torch.zeros(0, dtype=torch.float32, device=device)
+        return RowOutputs(zeros, zeros, zeros, zeros, zeros.to(torch.int32)), None
     order, n_active = _order(target, spec.ignore_index)
-    _lce_forward_kernel[(triton.cdiv(n_rows, BLOCK_N),)](
+    splits = _splits(n_rows, vocab)
+    split_cols = triton.cdiv(triton.cdiv(vocab, splits), BLOCK_V) * BLOCK_V
+    splits = triton.cdiv(vocab, split_cols)  # every split holds at least one column
+    parts = torch.zeros(6, splits, n_rows, dtype=torch.float32, device=device)
+    _lce_forward_kernel[(triton.cdiv(n_rows, BLOCK_N), splits)](
         hidden,
         weight,
         bias if bias is not None else hidden,
         target,
         order,
         n_active,
-        outputs.loss,
-        outputs.nll,
-        outputs.lse,
-        outputs.entropy,
-        outputs.correct,
+        parts,
+        n_rows,
         vocab,
+        split_cols,
         dim,
         hidden.stride(0),
         weight.stride(0),
-        spec.label_smoothing,
-        spec.z_loss,
         spec.softcap if spec.softcap is not None else 1.0,
-        HAS_SMOOTHING=spec.label_smoothing > 0,
         **_flags(hidden, spec, bias),
         **_launch_options(),
     )
-    return outputs, None
+    return _combine(parts, target, vocab, spec), None
+
+
+def _combine(parts: torch.Tensor, target: torch.Tensor, vocab: int, spec: LossSpec) -> RowOutputs:
+    """Merge the per-split partials into the row outputs (device ops, no host sync)."""
+    part_max, part_sum, part_ent, part_zsum, part_arg, part_true = parts
+    run_max = part_max.amax(dim=0)
+    # rows no program wrote (ignored ones) hold zeros here and are zeroed again at the end
+    shift = (part_max - run_max).nan_to_num(nan=0.0, neginf=-torch.inf)
+    scale = torch.exp(shift)
+    run_sum = (part_sum * scale).sum(dim=0)
+    run_ent = (scale * (part_ent + part_sum * shift)).sum(dim=0)
+    log_sum = torch.log(run_sum)
+    lse = run_max + log_sum
+    nll = lse - part_true.sum(dim=0)
+    loss = nll
+    if spec.label_smoothing > 0:
+        eps = spec.label_smoothing
+        loss = (1.0 - eps) * nll + eps * (lse - part_zsum.sum(dim=0) / vocab)
+    loss = loss + spec.z_loss * lse * lse
+    entropy = log_sum - run_ent / run_sum
+    # the first split reaching the maximum holds the first argmax
+    first_split = (part_max == run_max).to(torch.int8).argmax(dim=0, keepdim=True)
+    argmax = part_arg.gather(0, first_split)[0].to(torch.int64)
+    ignored = target == spec.ignore_index
+    invalid = ~ignored & ((target < 0) | (target >= vocab))
+    correct = ((argmax == target) & ~invalid & ~ignored).to(torch.int32)
+    nan = torch.full_like(loss, float("nan"))
+    loss, nll = torch.where(invalid, nan, loss), torch.where(invalid, nan, nll)
+    zero = torch.zeros_like(loss)
+    loss, nll, lse, entropy = (torch.where(ignored, zero, t) for t in (loss, nll, lse, entropy))
+    return RowOutputs(loss, nll, lse, entropy, correct)
 
 
 def backward(
