@@ -259,3 +259,22 @@ def test_loss_monitor_logs_the_patched_models_stats(tmp_path):
         nll = sum(reference_cross_entropy(x, y, shift=True)[1]["nll_sum"] for x, y in window)
         tokens = sum(int((y[:, 1:] != -100).sum()) for _, y in window)
         assert math.isclose(value, math.exp(float(nll) / tokens), rel_tol=1e-5)
+
+
+def test_bf16_model_and_gradient_checkpointing():
+    """A bf16 model (its head rounds logits to bf16, as the torch path does) with checkpointing."""
+    reference = build("llama").to(torch.bfloat16)
+    patched = patch_causal_lm(copy.deepcopy(reference))
+    for model in (reference, patched):
+        model.gradient_checkpointing_enable()
+        model.train()
+    ids, labels = batch()
+    want = reference(input_ids=ids, labels=labels)
+    got = patched(input_ids=ids, labels=labels)
+    want.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(patched.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad.dtype == torch.bfloat16
+        err = (p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp(min=1e-12)
+        assert float(err) < 2e-2, name
