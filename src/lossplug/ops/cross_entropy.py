@@ -156,18 +156,33 @@ def _cross_entropy(
         rows = impl.forward(logits3.detach(), target_rows, spec)
 
     tokens = (target_rows != ignore_index).sum()
+    loss = _reduce(rows.loss, tokens, reduction, all_ignored)
     if reduction == "none":
-        loss = rows.loss.view(target.shape)
-        loss = (loss[..., :-1] if shift else loss).reshape(loss_shape)
-    elif reduction == "sum":
-        loss = rows.loss.sum(dtype=torch.float64).to(torch.float32)
-    else:
-        total = rows.loss.sum(dtype=torch.float64)
-        denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
-        loss = (total / denominator).to(torch.float32)
+        loss = _unshift(loss, target.shape, shift, loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens)
+
+
+def _reduce(
+    loss_rows: torch.Tensor, tokens: torch.Tensor, reduction: str, all_ignored: str
+) -> torch.Tensor:
+    """The float32 loss of a reduction (sums in float64); ``"none"`` returns the rows."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum(dtype=torch.float64)
+    if reduction == "sum":
+        return total.to(torch.float32)
+    denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
+    return (total / denominator).to(torch.float32)
+
+
+def _unshift(
+    loss_rows: torch.Tensor, target_shape: torch.Size, shift: bool, loss_shape: tuple
+) -> torch.Tensor:
+    """Per-token losses in the caller's shape (without the unscored last position if shifted)."""
+    loss = loss_rows.view(target_shape)
+    return (loss[..., :-1] if shift else loss).reshape(loss_shape)
 
 
 def _row_stats(rows: RowOutputs, tokens: torch.Tensor) -> TokenStats:

@@ -16,8 +16,10 @@ from lossplug.ops.cross_entropy import (
     AllIgnored,
     Reduction,
     _check_target_values,
+    _reduce,
     _row_stats,
     _shift_left,
+    _unshift,
     _validate_options,
 )
 from lossplug.ops.stats import TokenStats
@@ -125,8 +127,7 @@ def linear_cross_entropy(
             hidden2, weight, bias, target_rows, tokens, spec, impl, reduction, all_ignored
         )
     if reduction == "none":
-        loss = loss.view(target.shape)
-        loss = (loss[..., :-1] if shift else loss).reshape(loss_shape)
+        loss = _unshift(loss, target.shape, shift, loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens)
@@ -167,16 +168,6 @@ def _autocast_inputs(
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         for t in (hidden, weight, bias)
     )
-
-
-def _reduce(loss_rows: torch.Tensor, tokens: torch.Tensor, reduction: str, all_ignored: str):
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum(dtype=torch.float64)
-    if reduction == "sum":
-        return total.to(torch.float32)
-    denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
-    return (total / denominator).to(torch.float32)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

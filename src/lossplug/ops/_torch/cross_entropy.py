@@ -96,12 +96,7 @@ def score_chunk(
             torch.exp(log_p, out=probs_buf)
         row_entropy = torch.zeros_like(row_nll)
         row_correct = torch.zeros_like(row_nll, dtype=torch.bool)
-    row_loss = row_nll
-    if spec.label_smoothing > 0:
-        eps = spec.label_smoothing
-        row_loss = (1 - eps) * row_nll + eps * (row_lse - z_mean)
-    if spec.z_loss > 0:
-        row_loss = row_loss + spec.z_loss * row_lse.square()
+    row_loss = spec.training_loss(row_nll, row_lse, z_mean)
     return row_loss, row_nll, row_lse, row_entropy, row_correct
 
 
@@ -122,9 +117,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
     log_probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
     probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
     direct = logits3.dtype == torch.float32 and spec.softcap is None
-    ignored = target == spec.ignore_index
-    invalid = ~ignored & ((target < 0) | (target >= vocab))
-    target_safe = torch.where(ignored | invalid, 0, target)
+    ignored, invalid, target_safe = spec.target_masks(target, vocab)
 
     for row0, chunk in _row_chunks(logits3, rows_per_chunk):
         rows = chunk.shape[0]
@@ -139,13 +132,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
             z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
         )
 
-    # never a number for a label the caller did not validate (no host sync to raise instead)
-    loss.masked_fill_(invalid, float("nan"))
-    nll.masked_fill_(invalid, float("nan"))
-    for out in (loss, nll, lse, entropy):
-        out.masked_fill_(ignored, 0.0)
-    correct.masked_fill_(ignored | invalid, 0)
-    return RowOutputs(loss, nll, lse, entropy, correct)
+    return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
 
 
 def grad_coefficients(
@@ -207,12 +194,12 @@ def backward(
     work_buf = torch.empty(rows_per_chunk, vocab, **f32) if staged or softcap else None
     dtanh_buf = torch.empty(rows_per_chunk, vocab, **f32) if softcap is not None else None
 
-    ignored = target == spec.ignore_index
+    ignored, _, target_safe = spec.target_masks(target, vocab)
     g = grad_rows.to(torch.float32).masked_fill(ignored, 0.0)
     prob_scale, true_delta, uniform_delta = grad_coefficients(g, lse, spec, vocab)
     # e^(z - inf) = 0: ignored rows come out as exact zeros with no extra pass
     shift = lse.masked_fill(ignored, float("inf"))[:, None]
-    target_safe = torch.where(ignored | (target < 0) | (target >= vocab), 0, target)[:, None]
+    target_safe = target_safe[:, None]
 
     grad_chunks = _row_chunks(grad3, rows_per_chunk)
     for (row0, chunk), (_, out) in zip(

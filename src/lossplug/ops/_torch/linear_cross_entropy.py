@@ -137,9 +137,7 @@ def _run(
     grad_b = torch.zeros(vocab, **f32) if want_b else None
     with_grads = want_h or want_w or want_b
 
-    ignored = target == spec.ignore_index
-    invalid = ~ignored & ((target < 0) | (target >= vocab))
-    target_safe = torch.where(ignored | invalid, 0, target)
+    ignored, invalid, target_safe = spec.target_masks(target, vocab)
     # Ignored tokens never reach a matmul. Finding them costs a host sync, free on the CPU; on
     # other devices they are computed and zeroed instead, so the path stays sync-free there.
     if device.type == "cpu":
@@ -232,11 +230,4 @@ def _run(
         if grad_b is not None:
             grad_b.add_(z.sum(dim=0))
 
-    # never a number for a label the caller did not validate (no host sync to raise instead)
-    outputs.loss.masked_fill_(invalid, float("nan"))
-    outputs.nll.masked_fill_(invalid, float("nan"))
-    outputs.correct.masked_fill_(invalid | ignored, 0)
-    if active is None:  # ignored rows went through the matmul: their outputs are defined as 0
-        for out in (outputs.loss, outputs.nll, outputs.lse, outputs.entropy):
-            out.masked_fill_(ignored, 0.0)
-    return outputs, grads
+    return outputs.mask_(ignored, invalid), grads

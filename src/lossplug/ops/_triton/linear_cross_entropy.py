@@ -399,23 +399,16 @@ def _combine(parts: torch.Tensor, target: torch.Tensor, vocab: int, spec: LossSp
     log_sum = torch.log(run_sum)
     lse = run_max + log_sum
     nll = lse - part_true.sum(dim=0)
-    loss = nll
-    if spec.label_smoothing > 0:
-        eps = spec.label_smoothing
-        loss = (1.0 - eps) * nll + eps * (lse - part_zsum.sum(dim=0) / vocab)
-    loss = loss + spec.z_loss * lse * lse
+    z_mean = part_zsum.sum(dim=0) / vocab if spec.label_smoothing > 0 else None
     entropy = log_sum - run_ent / run_sum
     # the first split reaching the maximum holds the first argmax
     first_split = (part_max == run_max).to(torch.int8).argmax(dim=0, keepdim=True)
     argmax = part_arg.gather(0, first_split)[0].to(torch.int64)
-    ignored = target == spec.ignore_index
-    invalid = ~ignored & ((target < 0) | (target >= vocab))
-    correct = ((argmax == target) & ~invalid & ~ignored).to(torch.int32)
-    nan = torch.full_like(loss, float("nan"))
-    loss, nll = torch.where(invalid, nan, loss), torch.where(invalid, nan, nll)
-    zero = torch.zeros_like(loss)
-    loss, nll, lse, entropy = (torch.where(ignored, zero, t) for t in (loss, nll, lse, entropy))
-    return RowOutputs(loss, nll, lse, entropy, correct)
+    ignored, invalid, _ = spec.target_masks(target, vocab)
+    rows = RowOutputs(
+        spec.training_loss(nll, lse, z_mean), nll, lse, entropy, (argmax == target).to(torch.int32)
+    )
+    return rows.mask_(ignored, invalid)
 
 
 def backward(
