@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
 from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
-from lossplug.integrations.transformers import is_patched, pop_token_stats
+from lossplug.integrations.transformers import patched_models, pop_token_stats
 from lossplug.ops._dispatch import BACKENDS
 from lossplug.ops.cross_entropy import cross_entropy
 from lossplug.ops.stats import TokenStats
@@ -311,15 +311,9 @@ class LossMonitor(*CALLBACK_BASES):
 
     def _pop_patched_stats(self, pl_module: Any) -> TokenStats | None:
         """The statistics that models patched by ``patch_causal_lm`` computed with their loss."""
-        if self._patched is None:
-            modules = pl_module.modules() if hasattr(pl_module, "modules") else ()
-            self._patched = [m for m in modules if is_patched(m)]
-        total = None
-        for model in self._patched:
-            stats = pop_token_stats(model)
-            if stats is not None:
-                total = stats if total is None else total + stats
-        return total
+        if self._patched is None:  # found once per stage, not walked at every batch
+            self._patched = patched_models(pl_module) if hasattr(pl_module, "modules") else []
+        return pop_token_stats(self._patched)
 
     def _run_op(self, logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
         with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "is_patched",
     "patch_causal_lm",
+    "patched_models",
     "pop_token_stats",
     "unpatch_causal_lm",
 ]
@@ -45,7 +47,6 @@ class _Patch:
     """What a patched model keeps: the originals, the fused-loss options and the last stats."""
 
     def __init__(self, model: nn.Module, head: nn.Linear, options: dict[str, Any]) -> None:
-        self.model = model
         self.head = head
         self.options = options
         self.had_loss_function = "_loss_function" in vars(model)
@@ -174,22 +175,28 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-def pop_token_stats(module: nn.Module) -> TokenStats | None:
-    """The statistics of the last loss computed by the patched models inside ``module``.
+def patched_models(module: nn.Module) -> list[nn.Module]:
+    """The models inside ``module`` (``module`` itself included) that :func:`patch_causal_lm`
+    patched."""
+    if is_patched(module):  # patched models do not nest: no need to walk the model
+        return [module]
+    return [sub for sub in module.modules() if is_patched(sub)]
 
-    Each patched model's statistics are handed out once; several are summed. ``None`` when no
+
+def pop_token_stats(models: nn.Module | Iterable[nn.Module]) -> TokenStats | None:
+    """The statistics of the last loss computed by the patched models in ``models``.
+
+    ``models`` is a module (searched with :func:`patched_models`) or the patched models
+    themselves. Each model's statistics are handed out once; several are summed. ``None`` when no
     patched model computed a loss since the last call.
     """
-    own = getattr(module, _ATTR, None)
-    if isinstance(own, _Patch):  # patched models do not nest: no need to walk the model
-        return own.pop_token_stats()
+    if isinstance(models, nn.Module):
+        models = patched_models(models)
     total = None
-    for sub in module.modules():
-        patch = getattr(sub, _ATTR, None)
-        if isinstance(patch, _Patch):
-            stats = patch.pop_token_stats()
-            if stats is not None:
-                total = stats if total is None else total + stats
+    for model in models:
+        stats = getattr(model, _ATTR).pop_token_stats()
+        if stats is not None:
+            total = stats if total is None else total + stats
     return total
 
 

@@ -14,6 +14,8 @@ backward. Per-token losses (``reduction="none"``) recompute the logits in the ba
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
@@ -105,7 +107,9 @@ def backward(
 ) -> LinearGrads:
     """Gradients of ``Σ grad_rows * loss_rows``, recomputing the logits chunk by chunk."""
     del lse  # the recomputed chunk gives it again, exactly
-    _, grads = _run(hidden, weight, bias, target, spec, grad_rows=grad_rows, needs=needs)
+    # the statistics came with the forward pass: no argmax or entropy again here
+    nll_only = dataclasses.replace(spec, full_stats=False)
+    _, grads = _run(hidden, weight, bias, target, nll_only, grad_rows=grad_rows, needs=needs)
     return grads
 
 
