@@ -35,8 +35,15 @@ def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int):
             yield outer * n_inner + start, logits3[outer, start:stop]
 
 
-def _softcap_(z: torch.Tensor, cap: float) -> torch.Tensor:
-    return z.div_(cap).tanh_().mul_(cap)
+def softcap_(
+    z: torch.Tensor, cap: float, dtanh_out: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``z = cap * tanh(z / cap)`` in place; with ``dtanh_out`` also writes the derivative
+    ``1 - tanh²`` there and returns it (``None`` otherwise)."""
+    t = z.div_(cap).tanh_()
+    dtanh = None if dtanh_out is None else torch.mul(t, t, out=dtanh_out).neg_().add_(1.0)
+    t.mul_(cap)
+    return dtanh
 
 
 def _first_argmax(z: torch.Tensor) -> torch.Tensor:
@@ -127,7 +134,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         else:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
             z = probs_buf[:rows].copy_(chunk)
             if spec.softcap is not None:
-                _softcap_(z, spec.softcap)
+                softcap_(z, spec.softcap)
         loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk(
             z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
         )
@@ -209,9 +216,8 @@ def backward(
         sl = slice(row0, row0 + rows)
         dest = work_buf[:rows] if staged else out
         if softcap is not None:
-            t = work_buf[:rows].copy_(chunk).div_(softcap).tanh_()
-            dtanh = torch.mul(t, t, out=dtanh_buf[:rows]).neg_().add_(1.0)
-            z = t.mul_(softcap)
+            z = work_buf[:rows].copy_(chunk)
+            dtanh = softcap_(z, softcap, dtanh_buf[:rows])
         else:
             z, dtanh = chunk, None
         probs = torch.sub(z, shift[sl], out=dest).exp_()

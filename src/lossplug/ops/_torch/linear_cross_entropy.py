@@ -23,6 +23,7 @@ from lossplug.ops._torch.cross_entropy import (
     grad_coefficients,
     probs_to_grad_,
     score_chunk,
+    softcap_,
 )
 
 #: Bytes of the float32 chunk of logits the matmuls work on. Larger chunks make the weight-gradient
@@ -68,10 +69,7 @@ def _score_block(
         z.add_(bias32)
     dtanh = None
     if spec.softcap is not None:
-        z.div_(spec.softcap).tanh_()
-        if g is not None:
-            dtanh = torch.mul(z, z, out=dtanh_buf).neg_().add_(1.0)
-        z.mul_(spec.softcap)
+        dtanh = softcap_(z, spec.softcap, dtanh_buf if g is not None else None)
     # the softmax lands back in the logits' memory
     row_loss, row_nll, row_lse, row_entropy, row_correct = score_chunk(
         z, target, spec, log_probs_buf, z, want_probs=g is not None
