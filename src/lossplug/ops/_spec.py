@@ -73,8 +73,8 @@ class RowOutputs:
 
 
 class LinearGrads(NamedTuple):
-    """Gradients of the fused linear loss (``None`` where not wanted): float32 except ``hidden``,
-    which has the input's dtype."""
+    """Gradients of the fused linear loss (``None`` where not wanted), in float32 or the inputs'
+    dtype: the op casts each to its input's dtype."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None

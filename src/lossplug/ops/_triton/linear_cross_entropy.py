@@ -24,16 +24,16 @@ import triton
 import triton.language as tl
 
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
-from lossplug.ops._triton.cross_entropy import INTERPRETED, _softcap
+from lossplug.ops._triton.cross_entropy import INTERPRETED, _launch_options, _softcap
 
 PRECOMPUTES_GRAD = False
 
 # Tiles: moderate on a GPU (register pressure of the [BLOCK_N, BLOCK_V] float32 tile), the
 # smallest that tl.dot accepts under the interpreter is 16.
 if INTERPRETED:
-    BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 16, 32, 16, 4, 4
+    BLOCK_N, BLOCK_V, BLOCK_D, GROUP = 16, 32, 16, 4
 else:
-    BLOCK_N, BLOCK_V, BLOCK_D, NUM_WARPS, GROUP = 64, 128, 64, 8, 8
+    BLOCK_N, BLOCK_V, BLOCK_D, GROUP = 64, 128, 64, 8
 # The forward splits the vocabulary until about this many programs run (a few per GPU core).
 TARGET_PROGRAMS = 1024
 
@@ -333,10 +333,6 @@ def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None) -> d
     )
 
 
-def _launch_options() -> dict:
-    return {} if INTERPRETED else {"num_warps": NUM_WARPS}
-
-
 def _splits(n_rows: int, vocab: int) -> int:
     """Vocabulary splits so that a few programs per GPU core run even for few tokens."""
     blocks_v = triton.cdiv(vocab, BLOCK_V)
@@ -421,7 +417,7 @@ def backward(
     spec: LossSpec,
     needs: tuple[bool, bool, bool],
 ) -> LinearGrads:
-    """Gradients of ``Σ grad_rows * loss_rows`` (float32 accumulators, hidden cast back)."""
+    """Gradients of ``Σ grad_rows * loss_rows``, in float32 (the op casts them to the inputs')."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -461,6 +457,4 @@ def backward(
             **_flags(hidden, spec, bias),
             **_launch_options(),
         )
-    if grad_h is not None and grad_h.dtype != hidden.dtype:
-        grad_h = grad_h.to(hidden.dtype)
     return LinearGrads(grad_h, grad_w, grad_b)
