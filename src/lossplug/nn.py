@@ -15,6 +15,18 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["FusedCrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
 
 
+_OPTION_NAMES = (
+    "ignore_index",
+    "reduction",
+    "label_smoothing",
+    "z_loss",
+    "softcap",
+    "shift",
+    "backend",
+    "all_ignored",
+)
+
+
 class _FusedLoss(nn.Module):
     """The keywords the fused losses share, validated at construction, and ``last_stats``."""
 
@@ -33,7 +45,9 @@ class _FusedLoss(nn.Module):
         all_ignored: AllIgnored = "zero",
     ) -> None:
         super().__init__()
-        self._options: dict[str, Any] = dict(
+        # fail at construction, not at the first batch
+        _validate_options(
+            torch.zeros(1, dtype=torch.long),
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
@@ -42,17 +56,21 @@ class _FusedLoss(nn.Module):
             shift=shift,
             all_ignored=all_ignored,
         )
-        # fail at construction, not at the first batch
-        _validate_options(torch.zeros(1, dtype=torch.long), **self._options)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self._options["backend"] = backend
-        for name, value in self._options.items():
-            setattr(self, name, value)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.shift = shift
+        self.backend = backend
+        self.all_ignored = all_ignored
         self.last_stats = None
 
     def _op_options(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._options}
+        """The op's keywords, read from the attributes (which may have been changed since)."""
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
 
     def extra_repr(self) -> str:
         return (
