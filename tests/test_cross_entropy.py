@@ -361,3 +361,17 @@ def test_nll_only_pass_gives_the_same_nll_and_lse(backend, dtype):
     torch.testing.assert_close(nll_only.lse_sq_sum, full.lse_sq_sum, rtol=1e-6, atol=0)
     if backend == "torch":  # the Triton pass computes everything anyway: it is free there
         assert int(nll_only.correct) == 0 and float(nll_only.entropy_sum) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_without_stats_is_the_same(backend):
+    """Without return_stats the argmax and entropy are skipped; loss and gradient do not change."""
+    logits, target = make_logits((2, 9, 101), torch.float32), make_target((2, 9), 101)
+    kw = dict(backend=backend, label_smoothing=0.1, z_loss=1e-3, softcap=8.0, shift=True)
+    x_stats, x_plain = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    with_stats, _ = lossplug.cross_entropy(x_stats, target, return_stats=True, **kw)
+    plain = lossplug.cross_entropy(x_plain, target, **kw)
+    with_stats.backward()
+    plain.backward()
+    torch.testing.assert_close(plain, with_stats)
+    torch.testing.assert_close(x_plain.grad, x_stats.grad)

@@ -134,7 +134,9 @@ def _cross_entropy(
         shift=shift,
         all_ignored=all_ignored,
     )
-    spec = dataclasses.replace(spec, full_stats=full_stats)
+    # no statistics wanted, none computed: the argmax and entropy cost as much as the rest on
+    # the CPU (on a GPU they are free)
+    spec = dataclasses.replace(spec, full_stats=full_stats and return_stats)
     loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
