@@ -223,7 +223,8 @@ def _forward_with_fused_loss(forward, patch: _Patch):
             labels = None
         if labels is None:
             return forward(*args, **kwargs)
-        patch.deferring, patch.hidden = True, None
+        # a call's statistics are its own: never the last call's, should its loss not run
+        patch.deferring, patch.hidden, patch.last_stats = True, None, None
         try:
             output = forward(*args, **kwargs)
         finally:
