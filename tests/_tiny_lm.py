@@ -146,6 +146,18 @@ def record_rank_kpi(ctx, path: str) -> float:
     return 100.0 - ctx.step
 
 
+class CloseProcessGroup(L.Callback):
+    """For ``strategy="ddp_spawn"``: spawned workers exit without running ``atexit``, where
+    Lightning would close the gloo process group, and a worker that exits with gloo's threads
+    alive sometimes aborts ("terminate called without an active exception"). Close it once the
+    run is over."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 class InOrderShardsWithVal(InOrderShards):
     """The same, plus one validation batch."""
 

@@ -11,7 +11,13 @@ import warnings
 import pytest
 
 import lossplug
-from _tiny_lm import NAMESPACES, InOrderShardsWithVal, make_loader, record_rank_kpi
+from _tiny_lm import (
+    NAMESPACES,
+    CloseProcessGroup,
+    InOrderShardsWithVal,
+    make_loader,
+    record_rank_kpi,
+)
 from lossplug.kpi import KPI, KPIContext, KPIResult, KPIRunner
 
 L, TinyLM, Recorder = NAMESPACES["lightning.pytorch"]
@@ -205,7 +211,7 @@ def test_two_process_ddp_runs_a_rank_zero_kpi_once(tmp_path):
         strategy="ddp_spawn",
         use_distributed_sampler=False,
         logger=csv_logger,
-        callbacks=[lossplug.KPIMonitor([kpi]), early_stop],
+        callbacks=[lossplug.KPIMonitor([kpi]), early_stop, CloseProcessGroup()],
         max_steps=20,
         val_check_interval=1,
         limit_val_batches=1,

@@ -9,7 +9,7 @@ import torch
 
 import lossplug
 from _reference import reference_cross_entropy
-from _tiny_lm import NAMESPACES, InOrderShards, make_loader
+from _tiny_lm import NAMESPACES, CloseProcessGroup, InOrderShards, make_loader
 
 NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
 
@@ -252,7 +252,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         lightning,
         tmp_path,
         csv_logger,
-        [lossplug.LossMonitor(log_every_n_steps=2)],
+        [lossplug.LossMonitor(log_every_n_steps=2), CloseProcessGroup()],
         max_steps=4,
         limit_val_batches=0,
         devices=2,
