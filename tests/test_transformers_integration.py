@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
+import pickle
 
+import lightning.pytorch as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lossplug
 from _reference import reference_cross_entropy
+from _tiny_lm import CloseProcessGroup
 
 transformers = pytest.importorskip("transformers")
 from lossplug.integrations.transformers import (  # noqa: E402
@@ -278,3 +284,153 @@ def test_bf16_model_and_gradient_checkpointing():
         assert p.grad.dtype == torch.bfloat16
         err = (p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp(min=1e-12)
         assert float(err) < 2e-2, name
+
+
+class PatchedLlama(L.LightningModule):
+    """A module holding a patched model, at module level so that ``ddp_spawn`` workers can
+    unpickle it by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = patch_causal_lm(build("llama"))
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return self.model(input_ids=ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        # lr=0: the weights stay those of build("llama"), the reference's
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def assert_same_stats(got: lossplug.TokenStats, want: lossplug.TokenStats) -> None:
+    for field in dataclasses.fields(want):
+        assert torch.equal(getattr(got, field.name), getattr(want, field.name)), field.name
+
+
+def reference_loss(model, ids, labels) -> torch.Tensor:
+    """The float64 loss of ``model``'s own logits (its head called outside a call with labels)."""
+    with torch.no_grad():
+        logits = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+    loss, _ = reference_cross_entropy(logits.double(), labels, shift=True)
+    return loss
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # gpt2: a head tied to the embeddings
+def test_pickled_model_is_patched_and_computes_the_same(model_type):
+    model = patch_causal_lm(build(model_type))
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels)  # leaves its statistics on the model
+    loaded = pickle.loads(pickle.dumps(model))
+
+    assert is_patched(loaded)
+    assert pop_token_stats(loaded) is None  # handed out by the model that computed them only
+    assert pop_token_stats(model) is not None
+    got = loaded(input_ids=ids, labels=labels)
+    assert got.logits is None
+    assert torch.equal(got.loss, want.loss)
+    assert_same_stats(got.token_stats, want.token_stats)
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_grads(grads(loaded), grads(model))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    # generate() and the transformers Trainer read the model's parameters from its forward
+    assert inspect.signature(loaded.forward) == inspect.signature(build(model_type).forward)
+    unpatch_causal_lm(loaded)
+    assert loaded(input_ids=ids, labels=labels).logits.shape == (*ids.shape, VOCAB)
+    assert is_patched(model)
+
+
+def test_pickled_lightning_module_holds_a_patched_model():
+    module = PatchedLlama()
+    ids, labels = batch()
+    want = module.model(input_ids=ids, labels=labels)
+    loaded = pickle.loads(pickle.dumps(module))
+    got = loaded.model(input_ids=ids, labels=labels)
+    assert is_patched(loaded.model) and got.logits is None
+    assert torch.equal(got.loss, want.loss)
+    assert_same_stats(got.token_stats, want.token_stats)
+
+
+def test_deep_copy_runs_its_own_weights_and_unpatches_alone():
+    original = patch_causal_lm(build("llama"))
+    clone = copy.deepcopy(original)
+    ids, labels = batch()
+    before = original(input_ids=ids, labels=labels).loss.detach()
+    pop_token_stats(original)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2.0)
+        clone.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    want = reference_loss(clone, ids, labels)
+
+    got = clone(input_ids=ids, labels=labels)
+    assert is_patched(clone) and got.logits is None
+    torch.testing.assert_close(got.loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert not math.isclose(float(got.loss.detach()), float(before), rel_tol=1e-3)
+    assert pop_token_stats(original) is None  # the clone's statistics are the clone's
+    assert int(pop_token_stats(clone).tokens) == int((labels[:, 1:] != -100).sum())
+    assert torch.equal(original(input_ids=ids, labels=labels).loss, before)
+
+    unpatch_causal_lm(clone)
+    assert not is_patched(clone) and is_patched(original)
+    out = clone(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+    patched = original(input_ids=ids, labels=labels)
+    assert patched.logits is None and torch.equal(patched.loss, before)
+    unpatch_causal_lm(original)
+    assert original(input_ids=ids, labels=labels).logits is not None
+
+
+class DoubledLoss:
+    """A forward someone set on the instance before the patch (as accelerate's wrappers are)."""
+
+    def __init__(self, forward) -> None:
+        self.__wrapped__ = forward  # what functools.wraps sets: the signature is forward's
+
+    def __call__(self, *args, **kwargs):
+        output = self.__wrapped__(*args, **kwargs)
+        if output.loss is not None:
+            output.loss = 2 * output.loss
+        return output
+
+
+def test_a_forward_set_before_the_patch_runs_inside_it_and_comes_back():
+    model = build("llama")
+    ids, labels = batch()
+    want = 2 * model(input_ids=ids, labels=labels).loss
+    wrapper = DoubledLoss(model.forward)
+    model.forward = wrapper
+    patch_causal_lm(model)
+    got = model(input_ids=ids, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    unpatch_causal_lm(model)
+    assert vars(model)["forward"] is wrapper
+
+
+def test_ddp_spawn_trains_a_patched_model(tmp_path):
+    """ddp_spawn pickles the module to its workers; both ranks' statistics reach the log."""
+    ids, labels = batch(shape=(8, 12))  # 2 ranks x 2 steps x 2 rows: every row once
+    module = PatchedLlama()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        logger=False,
+        callbacks=[
+            lossplug.LossMonitor(log_every_n_steps=2, stages=("train",)),
+            CloseProcessGroup(),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(ids, labels), batch_size=2))
+
+    logged = trainer.callback_metrics  # rank 0's, sent back to this process
+    assert int(logged["train/tokens"]) == int((labels[:, 1:] != -100).sum())
+    want = math.exp(float(reference_loss(build("llama"), ids, labels)))
+    assert math.isclose(float(logged["train/perplexity"]), want, rel_tol=1e-5)

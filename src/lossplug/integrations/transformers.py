@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -44,13 +44,22 @@ _ATTR = "_lossplug_patch"
 
 
 class _Patch:
-    """What a patched model keeps: the originals, the fused-loss options and the last stats."""
+    """What a patched model keeps: the originals, the fused-loss options and the last stats.
+
+    The patch and the forwards it installs are plain objects that reach the model and its output
+    layer through attributes, never through closures, so that ``pickle`` (``ddp_spawn`` sends the
+    model to its workers that way) and ``copy.deepcopy`` copy them with the model and point the
+    copy's at the copy's own modules.
+    """
 
     def __init__(self, model: nn.Module, head: nn.Linear, options: dict[str, Any]) -> None:
         self.head = head
         self.options = options
         self.had_loss_function = "_loss_function" in vars(model)
         self.original_loss_function = vars(model).get("_loss_function")
+        # a forward already set on the instance (a wrapper of someone else's): run inside ours and
+        # put back by unpatch_causal_lm
+        self.original_forward: Callable[..., Any] | None = vars(model).get("forward")
         self.deferring = False
         self.hidden: torch.Tensor | None = None
         self.last_stats: TokenStats | None = None
@@ -59,6 +68,12 @@ class _Patch:
         """The statistics of the last call with labels, once (``None`` if already taken)."""
         stats, self.last_stats = self.last_stats, None
         return stats
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy has run no call yet: the statistics are handed out once, by the model that
+        # computed them (a copy handing them out again would count those tokens twice), and the
+        # hidden states of a call in flight belong to that call's graph.
+        return {**vars(self), "deferring": False, "hidden": None, "last_stats": None}
 
 
 def patch_causal_lm(
@@ -76,7 +91,9 @@ def patch_causal_lm(
     it, as the ``transformers`` ``Trainer`` does under gradient accumulation) and the same
     gradients, with ``logits=None`` (they are never built) and the step's statistics as
     ``output.token_stats``. Calls without labels (generation, inference) are untouched.
-    Patching twice is a no-op; :func:`unpatch_causal_lm` undoes it.
+    Patching twice is a no-op; :func:`unpatch_causal_lm` undoes it. A patched model pickles
+    (``ddp_spawn``, ``torch.save``) and ``copy.deepcopy`` gives a patched copy that runs its own
+    weights, starts with no statistics and is unpatched on its own.
 
     Args:
         model: a ``transformers`` causal LM of a family in :data:`SUPPORTED_MODEL_TYPES`, whose
@@ -149,9 +166,9 @@ def patch_causal_lm(
     )
     patch = _Patch(model, head, options)
     setattr(model, _ATTR, patch)
-    head.forward = _deferring_head_forward(head, patch)
+    head.forward = _DeferringHeadForward(patch)
     model.loss_function = functools.partial(_fused_loss, patch)
-    model.forward = _forward_with_fused_loss(model.forward, patch)
+    model.forward = _ForwardWithFusedLoss(model, patch)
     return model
 
 
@@ -161,7 +178,10 @@ def unpatch_causal_lm(model: nn.Module) -> nn.Module:
     if patch is None:
         return model
     del patch.head.forward
-    del model.forward
+    if patch.original_forward is not None:
+        model.forward = patch.original_forward
+    else:
+        del model.forward
     if patch.had_loss_function:
         model._loss_function = patch.original_loss_function
     else:
@@ -200,25 +220,46 @@ def pop_token_stats(models: nn.Module | Iterable[nn.Module]) -> TokenStats | Non
     return total
 
 
-def _deferring_head_forward(head: nn.Linear, patch: _Patch):
-    linear_forward = type(head).forward
+class _DeferringHeadForward:
+    """The output layer's ``forward`` while patched: in a call with labels it hands its input (the
+    last hidden states) to the fused loss instead of building the logits."""
 
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor | None:
+    def __init__(self, patch: _Patch) -> None:
+        self.patch = patch
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        patch = self.patch
         if patch.deferring:
             patch.hidden = hidden_states
             return None  # the output's logits: never built
-        return linear_forward(head, hidden_states)
-
-    return forward
+        return nn.Linear.forward(patch.head, hidden_states)
 
 
-def _forward_with_fused_loss(forward, patch: _Patch):
-    signature = inspect.signature(forward)
+class _ForwardWithFusedLoss:
+    """The model's ``forward`` while patched: a call with labels runs the model's own forward
+    with the output layer deferring to the fused loss, and attaches the call's statistics."""
 
-    @functools.wraps(forward)
-    def patched_forward(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, model: nn.Module, patch: _Patch) -> None:
+        self.model = model
+        self.patch = patch
+        self._signature: inspect.Signature | None = None
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The forward this one runs; ``inspect.signature(model.forward)`` follows it, so code
+        that reads the model's parameters (``generate``, the ``transformers`` Trainer's column
+        filter) sees the model's own."""
+        if self.patch.original_forward is not None:
+            return self.patch.original_forward
+        model = self.model
+        return type(model).forward.__get__(model, type(model))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward, patch = self.__wrapped__, self.patch
+        if self._signature is None:
+            self._signature = inspect.signature(forward)
         try:
-            labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
+            labels = self._signature.bind_partial(*args, **kwargs).arguments.get("labels")
         except TypeError:  # let the model's own forward raise its own error
             labels = None
         if labels is None:
@@ -234,7 +275,9 @@ def _forward_with_fused_loss(forward, patch: _Patch):
             output.token_stats = patch.last_stats
         return output
 
-    return patched_forward
+    def __getstate__(self) -> dict[str, Any]:
+        # read again from the model in the copy; a signature's defaults need not pickle
+        return {**vars(self), "_signature": None}
 
 
 def _fused_loss(
