@@ -6,19 +6,30 @@ how many times faster the C++ program is. Nothing the two programs do (fail to c
 loop forever, print the wrong answer) raises: the result says what went wrong. Only bad arguments
 raise.
 
-Timing is CPU time (user + system) of the program's own process, read from ``os.wait4`` when it
-is reaped, not wall-clock time. Training and evaluation machines are shared: other processes
-competing for the cores stretch wall-clock time by a varying amount, while the CPU time a
-program consumes stays nearly the same. The cost is that time spent blocked (sleeping, waiting on
-a pipe) is not counted and the threads of a multi-threaded program add up; neither matters for
-the single-threaded, compute-bound programs translation benchmarks are made of. The time limit
-itself is wall-clock, so a program that sleeps forever is stopped too. Both timings include
-process start-up (for Python, the interpreter's: about 15 ms; for either, under 1 ms spent
-applying the resource limits), which dominates for programs that run only a few milliseconds:
+The programs a model writes are untrusted: the compiler, the compiled program and the Python
+reference all run inside a Linux namespace sandbox (:mod:`lossplug.kpi._sandbox`) that sees no
+other process, no network, no file outside a read-only view of the system and one private
+directory, and no environment variable but ``PATH`` and ``LANG``. Where no sandbox can be built
+the call raises :class:`SandboxUnavailableError`; ``sandbox="none"`` (or ``LOSSPLUG_SANDBOX=none``)
+runs them unsandboxed, only under the resource limits, and only when asked.
+
+Timing is CPU time (user + system) of the program's whole process tree (every process it
+started, reaped or not: inside the sandbox the kernel reaps them all when the program exits, and
+their time is added to it), read from ``os.wait4``, not wall-clock time. The sandbox's own start-up
+is measured once per process and subtracted.
+
+Training and evaluation machines are shared: other processes competing for the cores stretch
+wall-clock time by a varying amount, while the CPU time a program consumes stays nearly the same.
+The cost is that time spent blocked (sleeping, waiting on a pipe) is not counted and the threads
+and processes of a parallel program add up; neither matters for the single-threaded,
+compute-bound programs translation benchmarks are made of, and a program cannot look faster by
+handing its work to a child process. The time limit itself is wall-clock, so a program that
+sleeps forever is stopped too. Both timings include process start-up (for Python, the
+interpreter's: about 15 ms), which dominates for programs that run only a few milliseconds:
 use inputs large enough that the program does real work.
 
-The resource limits are applied with util-linux's ``prlimit`` where it is installed, and with a
-``preexec_fn`` only where it is not; :func:`_limits` explains why.
+The resource limits are applied with util-linux's ``prlimit`` where it is installed, and (without
+a sandbox only) with a ``preexec_fn`` where it is not; :func:`_limits` explains why.
 
 Example:
     >>> python_source = "n = int(input())\nprint(sum(i * i for i in range(n)))"
@@ -39,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -52,18 +64,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from lossplug.kpi._sandbox import (
+    SOURCE_DIR,
+    Jail,
+    Limits,
+    SandboxUnavailableError,
+    read_report,
+    resolve_sandbox,
+)
 
 try:
     import resource
 except ImportError:  # Windows: no rlimits, no process groups
     resource = None  # type: ignore[assignment]
 
-__all__ = ["SpeedupResult", "measure_speedup"]
+__all__ = ["SandboxUnavailableError", "SpeedupResult", "measure_speedup"]
 
-# The compiler is trusted and its time is not measured, but a pathological template program can
-# still make it run for minutes; stop it rather than hang an evaluation loop.
-_COMPILE_TIMEOUT_S = 120.0
+# The compiler's address-space limit is at least this (a template program can make it use GiBs;
+# an ordinary program needs a few hundred MiB), whatever the program's own memory_mb.
+_COMPILE_MEMORY_MB = 2048
+# Processes (threads included) a program or the compiler may have at once: a fork storm stops here.
+_MAX_PROCESSES = 64
 # Captured output is held in memory; a program printing in a tight loop until the time limit
 # could otherwise fill the caller's memory, since a file-size limit does not apply to pipes.
 _MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -94,6 +117,8 @@ class SpeedupResult:
             or ``None`` if it was not run or did not finish successfully. Set for a wrong answer
             too.
         error: Why the translation is not correct, in one short line; ``None`` when it is.
+        isolation: How the programs ran: ``"bwrap"`` (in the namespace sandbox) or ``"none"``
+            (asked for with ``sandbox="none"``: resource limits only).
     """
 
     compiled: bool
@@ -102,6 +127,7 @@ class SpeedupResult:
     python_seconds: float | None
     cpp_seconds: float | None
     error: str | None
+    isolation: str = "none"
 
 
 @dataclass(frozen=True)
@@ -126,16 +152,19 @@ def measure_speedup(
     memory_mb: int = 1024,
     repeats: int = 1,
     compiler: str | None = None,
+    sandbox: str | None = None,
 ) -> SpeedupResult:
     r"""Compile and run a C++ translation and its Python source; report correctness and speedup.
 
-    The C++ program is compiled at ``-O2 -std=c++17`` in a fresh temporary directory. Both
-    programs then run in that directory, without a shell, with ``stdin`` on their standard input,
-    a minimal environment (``PATH`` and ``LANG=C``), a wall-clock limit of ``timeout_s`` (the
-    whole process group is killed when it is reached), an address-space limit of ``memory_mb``
-    MiB, a CPU-time limit just above ``timeout_s``, a file-size limit and no core dumps. Python
-    runs with the caller's interpreter in isolated mode (``-I``). Compile time is not measured;
-    the compiler has its own limit of two minutes.
+    The C++ program is compiled at ``-O2 -std=c++17`` from a fresh private directory. The
+    compiler and both programs each run in a new sandbox (see the module docstring), without a
+    shell, with ``stdin`` on the programs' standard input, a minimal environment (``PATH`` and
+    ``LANG=C``), a wall-clock limit of ``timeout_s`` (the sandbox and everything in it are killed
+    when it is reached), an address-space limit of ``memory_mb`` MiB (for the compiler, at least
+    2 GiB), a CPU-time limit just above ``timeout_s``, a file-size limit, at most 64 processes
+    and no core dumps. The programs can write only a private 64 MiB scratch directory, the
+    compiler only the directory of the source. Python runs with the caller's interpreter in
+    isolated mode (``-I``). Compile time is not measured, but is limited like a run.
 
     The standard outputs are compared line by line after removing trailing whitespace from each
     line and trailing empty lines. Times are CPU seconds (user + system) of each program's
@@ -150,8 +179,13 @@ def measure_speedup(
         timeout_s: Wall-clock limit of each run, in seconds; finite and > 0.
         memory_mb: Address-space limit of each run, in MiB; at least 16.
         repeats: How many times to run each program; at least 1.
-        compiler: The C++ compiler command, possibly with extra words (``"ccache g++"``).
-            Defaults to ``$CXX``, else ``g++``, else ``clang++``.
+        compiler: The C++ compiler command, possibly with extra words (``"clang++ -march=native"``).
+            Defaults to ``$CXX``, else ``g++``, else ``clang++``. In the sandbox it sees only the
+            system directories (and its own installation, if outside ``/usr``) and no
+            environment variable but ``PATH`` and ``LANG``.
+        sandbox: ``"bwrap"`` (the namespace sandbox) or ``"none"`` (no isolation: the programs
+            run as the caller, with only the resource limits; for trusted code or machines where
+            no sandbox can be built). Defaults to ``$LOSSPLUG_SANDBOX``, else ``"bwrap"``.
 
     Returns:
         A :class:`SpeedupResult`. Compile errors, crashes, time-outs, memory exhaustion, wrong
@@ -160,6 +194,8 @@ def measure_speedup(
     Raises:
         TypeError: An argument has the wrong type.
         ValueError: An argument is out of range.
+        SandboxUnavailableError: The sandbox was asked for (the default) and cannot be built on
+            this machine; the message says what is missing and how to opt out.
         OSError: The platform has no POSIX resource limits (Windows).
 
     Example:
@@ -173,45 +209,42 @@ def measure_speedup(
         (True, False, None, "wrong answer: expected '42', got '63'")
     """
     timeout_s = _validate(python_source, cpp_source, stdin, timeout_s, memory_mb, repeats, compiler)
+    isolation = resolve_sandbox(sandbox)
     if resource is None:
         raise OSError("measure_speedup needs POSIX resource limits, which this platform lacks")
+
+    def failure(**fields: Any) -> SpeedupResult:
+        return SpeedupResult(correct=False, speedup=None, isolation=isolation, **fields)
 
     compiler_command = _find_compiler(compiler)
     if compiler_command is None:
         tried = repr(compiler) if compiler is not None else "$CXX, g++ and clang++"
-        return _failure(compiled=False, error=f"no C++ compiler found (tried {tried})")
-    if not sys.executable:
-        return _failure(compiled=False, error="no Python interpreter found (sys.executable)")
+        return failure(compiled=False, error=f"no C++ compiler found (tried {tried})", **_NO_TIMES)
+    jail = Jail.get(compiler_command) if isolation == "bwrap" else None
+    python = _python_interpreter()
+    if python is None:
+        return failure(compiled=False, error="no Python interpreter found", **_NO_TIMES)
 
+    # The private directory is a 0755 folder inside a 0700 one: other users of the host cannot
+    # reach it, the sandbox's unprivileged user (which sees only the inner one) can.
     with tempfile.TemporaryDirectory(prefix="lossplug-speedup-") as tmp:
-        workdir = Path(tmp)
-        python_path = workdir / "main.py"
-        cpp_path = workdir / "main.cpp"
-        binary_path = workdir / "main"
-        python_path.write_text(python_source, encoding="utf-8")
-        cpp_path.write_text(cpp_source, encoding="utf-8")
+        box = _Box(Path(tmp) / "box", jail, compiler_command, python, timeout_s, memory_mb)
+        box.write(python_source, cpp_source)
 
-        compile_error = _compile(compiler_command, cpp_path, binary_path, workdir)
+        compile_error = box.compile()
         if compile_error is not None:
-            return _failure(compiled=False, error=compile_error)
+            return failure(compiled=False, error=compile_error, **_NO_TIMES)
 
-        # The children get a fixed, minimal environment so that neither the caller's PYTHON*
-        # variables nor its locale change what the programs print or how fast they run.
-        env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"}
-        limit_prefix, limit_preexec = _limits(timeout_s, memory_mb)
         stdin_bytes = stdin.encode("utf-8")
-        python_command = [*limit_prefix, sys.executable, "-I", str(python_path)]
-        cpp_command = [*limit_prefix, str(binary_path)]
-
         expected: list[str] | None = None
         python_times: list[float] = []
         cpp_times: list[float] = []
         for _ in range(repeats):
             # Alternating the two programs spreads any change in machine load over both.
-            python_run = _run(python_command, stdin_bytes, timeout_s, workdir, env, limit_preexec)
+            python_run = box.run(box.python_argv, stdin_bytes)
             problem = _run_problem(python_run, timeout_s, memory_mb)
             if problem is not None:
-                return _failure(
+                return failure(
                     compiled=True,
                     error=_shorten(f"Python reference failed: {problem}"),
                     python_seconds=None,
@@ -221,10 +254,10 @@ def measure_speedup(
             if expected is None:
                 expected = _normalise(python_run.stdout)
 
-            cpp_run = _run(cpp_command, stdin_bytes, timeout_s, workdir, env, limit_preexec)
+            cpp_run = box.run(box.cpp_argv, stdin_bytes)
             problem = _run_problem(cpp_run, timeout_s, memory_mb)
             if problem is not None:
-                return _failure(
+                return failure(
                     compiled=True,
                     error=_shorten(f"C++ {problem}"),
                     python_seconds=min(python_times),
@@ -233,7 +266,7 @@ def measure_speedup(
             cpp_times.append(cpp_run.cpu_seconds)
             mismatch = _compare(expected, _normalise(cpp_run.stdout))
             if mismatch is not None:
-                return _failure(
+                return failure(
                     compiled=True,
                     error=mismatch,
                     python_seconds=min(python_times),
@@ -249,7 +282,160 @@ def measure_speedup(
         python_seconds=python_seconds,
         cpp_seconds=cpp_seconds,
         error=None,
+        isolation=isolation,
     )
+
+
+_NO_TIMES: dict[str, Any] = {"python_seconds": None, "cpp_seconds": None}
+
+
+class _Box:
+    """One call's private directory, and how to compile and run its programs under the limits.
+
+    With a :class:`Jail`, each step runs in a new sandbox where the directory is
+    :data:`SOURCE_DIR`; without one (``sandbox="none"``), in the directory itself.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        jail: Jail | None,
+        compiler_command: list[str],
+        python: str,
+        timeout_s: float,
+        memory_mb: int,
+    ) -> None:
+        directory.mkdir(mode=0o755)
+        self.directory = directory
+        self.jail = jail
+        self.compiler_command = compiler_command
+        self.timeout_s = timeout_s
+        self.memory_mb = memory_mb
+        # Where the programs see the directory: the sandbox shows it at SOURCE_DIR.
+        self.seen = Path(SOURCE_DIR) if jail is not None else directory
+        self.python_argv = [python, "-I", str(self.seen / "main.py")]
+        self.cpp_argv = [str(self.seen / "main")]
+        # The interpreter's installation and a compiler outside /usr must be visible inside.
+        self.readable = [
+            os.path.realpath(sys.base_prefix),
+            os.path.dirname(python),
+            _installation(compiler_command[0]),
+        ]
+
+    def write(self, python_source: str, cpp_source: str) -> None:
+        (self.directory / "main.py").write_text(python_source, encoding="utf-8")
+        (self.directory / "main.cpp").write_text(cpp_source, encoding="utf-8")
+        for path in (self.directory / "main.py", self.directory / "main.cpp"):
+            path.chmod(0o644)
+        if self.jail is not None:
+            self.jail.prepare(self.directory)
+
+    def compile(self) -> str | None:
+        """Compile ``main.cpp`` to ``main``; return ``None`` or why it failed."""
+        binary = self.seen / "main"
+        argv = [*self.compiler_command, "-O2", "-std=c++17", "-o", str(binary)]
+        argv.append(str(self.seen / "main.cpp"))
+        memory_mb = max(self.memory_mb, _COMPILE_MEMORY_MB)
+        run = self._run(argv, b"", memory_mb, writable=True)
+        if run.start_error is not None:
+            return _shorten(
+                f"compile error: could not run {self.compiler_command[0]}: {run.start_error}"
+            )
+        if run.timed_out:
+            return f"compile error: compiler timed out after {self.timeout_s} s"
+        if run.returncode == 0 and (self.directory / "main").exists():
+            return None
+        # Quote paths relative to the private directory, which means nothing to the caller.
+        messages = run.stderr.decode("utf-8", "replace").replace(f"{self.seen}{os.sep}", "")
+        lines = [line.strip() for line in messages.splitlines() if line.strip()]
+        first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
+        if not first_error:
+            if run.returncode == -signal.SIGKILL or run.returncode == -signal.SIGXCPU:
+                first_error = f"compiler stopped at its CPU time limit of {self.timeout_s} s"
+            else:
+                first_error = f"compiler exited with code {run.returncode}"
+        if any(marker in first_error for marker in _OUT_OF_MEMORY_MARKERS):
+            first_error = f"compiler memory limit exceeded ({memory_mb} MiB): {first_error}"
+        return _shorten(f"compile error: {first_error}")
+
+    def run(self, argv: Sequence[str], stdin: bytes) -> _Run:
+        return self._run(argv, stdin, self.memory_mb, writable=False)
+
+    def _run(self, argv: Sequence[str], stdin: bytes, memory_mb: int, *, writable: bool) -> _Run:
+        # A fixed, minimal environment, so that neither the caller's secrets nor its PYTHON*
+        # variables or locale reach the programs or change what they print.
+        env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"}
+        if self.jail is None:
+            prefix, preexec = _limits(self.timeout_s, memory_mb)
+            return _run([*prefix, *argv], stdin, self.timeout_s, self.directory, env, preexec)
+        values = {
+            name: (soft, hard) for name, _, soft, hard in _limit_values(self.timeout_s, memory_mb)
+        }
+        limits = Limits(
+            address_space_bytes=values["as"][0],
+            cpu_soft_s=values["cpu"][0],
+            cpu_hard_s=values["cpu"][1],
+            file_bytes=values["fsize"][0],
+            processes=values["nproc"][0],
+        )
+        read_fd, write_fd = os.pipe()
+        lifeline_read, lifeline_write = os.pipe()
+        lifeline = [lifeline_write]
+
+        def cut_lifeline() -> None:
+            # Ends the sandbox at once: bwrap's death alone does not reach a sandbox that runs
+            # as another user (see the launcher).
+            with contextlib.suppress(IndexError, OSError):
+                os.close(lifeline.pop())
+
+        try:
+            command, fds = self.jail.command(
+                argv,
+                limits=limits,
+                report_fd=write_fd,
+                lifeline_fd=lifeline_read,
+                source_dir=self.directory,
+                writable_source=writable,
+                readable=self.readable,
+            )
+            run = _run(
+                command,
+                stdin,
+                self.timeout_s,
+                self.directory,
+                env,
+                None,
+                pass_fds=fds,
+                end_sandbox=cut_lifeline,
+            )
+            os.close(write_fd)
+            write_fd = -1
+            report = read_report(read_fd)
+        finally:
+            cut_lifeline()
+            for fd in (read_fd, lifeline_read, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+        if report is None:  # killed at the time limit, or the sandbox could not start it
+            return run
+        # The launcher saw the program end: its own status and the CPU time of its whole tree.
+        return dataclasses.replace(
+            run, returncode=report.returncode, cpu_seconds=report.cpu_seconds
+        )
+
+
+def _python_interpreter() -> str | None:
+    """The real interpreter behind ``sys.executable`` (a venv's python is a link to it)."""
+    executable = getattr(sys, "_base_executable", None) or sys.executable
+    if not executable:
+        return None
+    return os.path.realpath(executable)
+
+
+def _installation(program: str) -> str:
+    """The installation directory of ``program`` (the folder above its ``bin``)."""
+    real = os.path.dirname(os.path.realpath(program))
+    return os.path.dirname(real) if os.path.basename(real) == "bin" else real
 
 
 def _validate(
@@ -287,23 +473,6 @@ def _validate(
     return float(timeout_s)
 
 
-def _failure(
-    *,
-    compiled: bool,
-    error: str,
-    python_seconds: float | None = None,
-    cpp_seconds: float | None = None,
-) -> SpeedupResult:
-    return SpeedupResult(
-        compiled=compiled,
-        correct=False,
-        speedup=None,
-        python_seconds=python_seconds,
-        cpp_seconds=cpp_seconds,
-        error=error,
-    )
-
-
 def _find_compiler(compiler: str | None) -> list[str] | None:
     """The compiler command as an argument list with an absolute program path, or ``None``."""
     if compiler is not None:
@@ -322,31 +491,6 @@ def _find_compiler(compiler: str | None) -> list[str] | None:
     return None
 
 
-def _compile(
-    compiler_command: Sequence[str], cpp_path: Path, binary_path: Path, workdir: Path
-) -> str | None:
-    """Compile ``cpp_path`` to ``binary_path``; return ``None`` or why it failed."""
-    command = [*compiler_command, "-O2", "-std=c++17", "-o", str(binary_path), str(cpp_path)]
-    # The compiler keeps the caller's environment (it may need its own variables, such as
-    # ccache's) and no resource limits: it is trusted, only the programs are not. LC_ALL=C
-    # keeps its messages in English, so the "error" looked for below is there to be found.
-    env = {**os.environ, "LC_ALL": "C"}
-    run = _run(command, b"", _COMPILE_TIMEOUT_S, workdir, env, None)
-    if run.start_error is not None:
-        return _shorten(f"compile error: could not run {compiler_command[0]}: {run.start_error}")
-    if run.timed_out:
-        return f"compile error: compiler timed out after {_COMPILE_TIMEOUT_S} s"
-    if run.returncode == 0 and binary_path.exists():
-        return None
-    # Quote paths relative to the temporary directory, which means nothing to the caller.
-    messages = run.stderr.decode("utf-8", "replace").replace(f"{workdir}{os.sep}", "")
-    lines = [line.strip() for line in messages.splitlines() if line.strip()]
-    first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
-    if not first_error:
-        first_error = f"compiler exited with code {run.returncode}"
-    return _shorten(f"compile error: {first_error}")
-
-
 def _limits(timeout_s: float, memory_mb: int) -> tuple[list[str], Callable[[], None] | None]:
     """How to start a program under the resource limits: a command prefix, or a ``preexec_fn``.
 
@@ -361,10 +505,21 @@ def _limits(timeout_s: float, memory_mb: int) -> tuple[list[str], Callable[[], N
     that is about 19 ms per run, against under 1 ms through ``prlimit``, and it grows with the
     caller's memory.
     """
+    limits = _limit_values(timeout_s, memory_mb)
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        return [prlimit, *_limit_options(limits), "--"], None
+
+    def apply_limits() -> None:
+        for _, which, soft, hard in limits:
+            resource.setrlimit(which, (soft, hard))
+
+    return [], apply_limits
+
+
+def _limit_values(timeout_s: float, memory_mb: int) -> list[tuple[str, int, int, int]]:
+    """The limits of one run: ``(name for prlimit, resource, soft limit, hard limit)``."""
     assert resource is not None
-    # Lowering a hard limit is always allowed, raising it is not: never ask for more than the
-    # caller's own hard limit, or the program cannot start.
-    # (name for prlimit, resource, soft limit, hard limit)
     wanted = [
         ("as", resource.RLIMIT_AS, memory_mb * 1024 * 1024, memory_mb * 1024 * 1024),
         # A backstop to the wall-clock limit, for when the caller is itself stopped and cannot
@@ -372,23 +527,21 @@ def _limits(timeout_s: float, memory_mb: int) -> tuple[list[str], Callable[[], N
         ("cpu", resource.RLIMIT_CPU, math.ceil(timeout_s) + 1, math.ceil(timeout_s) + 2),
         ("fsize", resource.RLIMIT_FSIZE, _MAX_FILE_BYTES, _MAX_FILE_BYTES),
         ("core", resource.RLIMIT_CORE, 0, 0),
+        ("nproc", resource.RLIMIT_NPROC, _MAX_PROCESSES, _MAX_PROCESSES),
     ]
+    # Lowering a hard limit is always allowed, raising it is not: never ask for more than the
+    # caller's own hard limit, or the program cannot start.
     limits: list[tuple[str, int, int, int]] = []
     for name, which, soft, hard in wanted:
         _, current_hard = resource.getrlimit(which)
         if current_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, current_hard), min(hard, current_hard)
         limits.append((name, which, soft, hard))
+    return limits
 
-    prlimit = shutil.which("prlimit")
-    if prlimit is not None:
-        return [prlimit, *(f"--{name}={soft}:{hard}" for name, _, soft, hard in limits), "--"], None
 
-    def apply_limits() -> None:
-        for _, which, soft, hard in limits:
-            resource.setrlimit(which, (soft, hard))
-
-    return [], apply_limits
+def _limit_options(limits: Sequence[tuple[str, int, int, int]]) -> list[str]:
+    return [f"--{name}={soft}:{hard}" for name, _, soft, hard in limits]
 
 
 def _run(
@@ -398,15 +551,22 @@ def _run(
     cwd: Path,
     env: dict[str, str],
     preexec_fn: Callable[[], None] | None,
+    pass_fds: Sequence[int] = (),
+    end_sandbox: Callable[[], None] | None = None,
 ) -> _Run:
     """Run ``command`` in its own session under a wall-clock limit; return its output and time.
 
     ``subprocess.run`` does not fit: it kills only the direct child on a time-out (leaving
     anything it started running, and holding the pipes open), and it reaps the child with
     ``waitpid``, which discards the resource usage that ``os.wait4`` returns.
+
+    ``end_sandbox``, for a sandboxed command, ends the sandbox from inside (its launcher kills
+    everything and exits, so bwrap exits too and reaps it); the process group is killed only if
+    that has not worked a second later, since a sandbox orphaned by its bwrap would be left for
+    the host's init to reap.
     """
     try:
-        process = _start(command, cwd, env, preexec_fn)
+        process = _start(command, cwd, env, preexec_fn, pass_fds)
     except (OSError, subprocess.SubprocessError) as exc:
         # Not executable, a limit too low for exec itself, ...
         return _Run(-1, b"", b"", 0.0, timed_out=False, output_overflow=False, start_error=str(exc))
@@ -416,10 +576,17 @@ def _run(
     lock = threading.Lock()
     stopped = {"timed_out": False, "overflow": False}
 
+    backstop = threading.Timer(1.0, _kill_group, args=(process.pid,))
+    backstop.daemon = True
+
     def stop(reason: str) -> None:
         with lock:
             stopped[reason] = True
-        _kill_group(process.pid)
+            if end_sandbox is None:
+                _kill_group(process.pid)
+            elif not backstop.is_alive():
+                end_sandbox()
+                backstop.start()
 
     stdout_chunks: list[bytes] = []
     stderr_chunks: list[bytes] = []
@@ -448,10 +615,15 @@ def _run(
         reaped = True
     finally:
         timer.cancel()
+        with lock:
+            backstop.cancel()  # the leader is reaped: its pid may be reused from now on
         # Whatever the leader left behind (a forked child still holding the pipes open) goes
         # too; and if wait4 was interrupted (KeyboardInterrupt), the leader is killed and
         # reaped here rather than left running.
-        _kill_group(process.pid)
+        if end_sandbox is not None:
+            end_sandbox()
+        if not reaped or end_sandbox is None:
+            _kill_group(process.pid)
         if not reaped:
             os.wait4(process.pid, 0)
             process.returncode = -signal.SIGKILL
@@ -470,7 +642,9 @@ def _run(
     process.returncode = returncode
     with lock:
         # The timer may fire just as the program exits on its own; only a kill counts.
-        timed_out = stopped["timed_out"] and returncode == -signal.SIGKILL
+        # A sandbox ended through its lifeline exits with the launcher's code 124.
+        killed = returncode == -signal.SIGKILL or (end_sandbox is not None and returncode == 124)
+        timed_out = stopped["timed_out"] and killed
         overflow = stopped["overflow"]
     return _Run(
         returncode=returncode,
@@ -487,6 +661,7 @@ def _start(
     cwd: Path,
     env: dict[str, str],
     preexec_fn: Callable[[], None] | None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
@@ -499,6 +674,7 @@ def _start(
         # the program and everything it started.
         start_new_session=True,
         preexec_fn=preexec_fn,
+        pass_fds=tuple(pass_fds),
         bufsize=0,
     )
 
