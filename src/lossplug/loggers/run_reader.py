@@ -19,12 +19,18 @@ Where the numbers live: every ``run.log`` call writes one ``history`` record (it
 ``nested_key`` path and a JSON value, ``_step`` among them) right after a ``summary`` record with
 the updated summary values; ``define_metric`` writes ``metric`` records; ``wandb.init(config=)``
 puts the first config in the ``run`` record and later changes come as ``config`` records;
-``run.finish()`` writes ``exit`` last.
+``run.finish()`` writes ``exit`` last, with the exit code (non-zero when the script raised).
+
+A resumed run (``wandb.init(id=..., resume="allow")``, or Lightning's ``WandbLogger(id=...,
+resume="allow")``) is written in parts: one run folder, and one ``.wandb`` file, per process, all
+with the same run id. Reading a folder reads the whole run: every part, merged (see
+:func:`read_run`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -35,7 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricDefinition", "RunData", "iter_records", "read_run"]
+__all__ = [
+    "CRASHED",
+    "FINISHED",
+    "UNFINISHED",
+    "MetricDefinition",
+    "RunData",
+    "iter_records",
+    "read_run",
+]
 
 _MAGIC = b":W&B"
 _MAGIC_NUMBER = 0xBEE1
@@ -50,6 +64,12 @@ _RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+)$")
 _GOALS = {1: "minimize", 2: "maximize"}
 _POLL = 0.02  # seconds between reads while waiting for a run to finish writing
 _SUMMARY_KINDS = ("min", "max", "mean", "best", "last", "none", "copy", "first")
+_NO_EXIT = "no exit record"  # starts the reader's message for a run without its end
+
+# RunData.state: how the run ended, from its exit record.
+FINISHED = "finished"  # exit record with exit code 0
+CRASHED = "crashed"  # exit record with a non-zero exit code: the script raised or exited with one
+UNFINISHED = "unfinished"  # no exit record: still running or killed (or the file is cut short)
 
 
 @dataclass(frozen=True)
@@ -93,9 +113,13 @@ class RunData:
             from the summary records; a history key with no summary entry gets its last value.
         metrics: ``define_metric`` definitions by name (globs such as ``"*"`` included).
         config: The run config (the ``_wandb`` bookkeeping entry left out).
-        complete: True when the ``exit`` record was read (the run finished and the file is whole).
-        exit_code: The exit code from the ``exit`` record, if read.
+        complete: True when the ``exit`` record was read: the run ended (finished or crashed,
+            see ``exit_code`` and :attr:`state`) and its file holds that end.
+        exit_code: The exit code from the ``exit`` record, if read; non-zero for a crashed run.
         errors: What could not be read, one message each; empty for a clean, complete file.
+        parts: For a resumed run read from a folder, each part (one per process, oldest first)
+            read on its own; the fields above are then the merged run. Empty for a run in one
+            part.
     """
 
     path: Path
@@ -109,6 +133,24 @@ class RunData:
     complete: bool = False
     exit_code: int | None = None
     errors: list[str] = field(default_factory=list)
+    parts: list[RunData] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """How the run ended: ``"finished"``, ``"crashed"`` or ``"unfinished"``.
+
+        ``"finished"``: its exit record says exit code 0. ``"crashed"``: its exit record has a
+        non-zero exit code (the script raised, or called ``run.finish(exit_code=...)``).
+        ``"unfinished"``: no exit record, so the run is still running or was killed (or the
+        file was cut short).
+
+        Example:
+            >>> RunData(path=Path("run.wandb"), complete=True, exit_code=1).state
+            'crashed'
+        """
+        if not self.complete:
+            return UNFINISHED
+        return CRASHED if self.exit_code else FINISHED
 
     def keys(self) -> list[str]:
         """Every history key, in order of first appearance."""
@@ -164,6 +206,23 @@ def read_run(path: str | os.PathLike[str], *, sep: str = ".", wait: float = 0.0)
       one ``wandb/latest-run`` points to, else the newest by the time in the folder name, then
       by the file's modification time). ``RunData.path`` tells which file was read.
 
+    A folder reads the whole run: when the run was resumed, its other parts (the run folders of
+    the same run id beside it, ``offline-run-*`` or ``run-*``) are read too and merged, oldest
+    first, and ``RunData.parts`` holds each part read on its own. A ``.wandb`` file is read alone,
+    which is how to read one part. Merging:
+
+    - ``_step``: wandb offline counts each part from 0; a part that does so is numbered on from
+      the part before it, as W&B numbers the steps of an online resumed run.
+    - history: each step once per key, the later part winning for a key logged at the same step
+      in both (the rows after the checkpoint that the resumed process logged again); a row left
+      with nothing of its own is dropped; the rows are then in step order (``trainer/global_step``
+      when the run has it, else ``_step``), parts in order within a step.
+    - summary: the last part's, plus the keys only earlier parts had; ``define_metric``
+      definitions and config: merged, the later part winning; run id, project, name, exit
+      record and ``path``: the last part's.
+    - errors: every part's, each naming its run folder, but for an earlier part's missing exit
+      record (a process killed, then resumed: see its ``state`` in ``parts``).
+
     A truncated, partly written or corrupt file does not raise: whatever could be read is
     returned, with ``complete=False`` and a message per problem in ``errors``. A run still being
     written reads the same way, without its end.
@@ -175,7 +234,7 @@ def read_run(path: str | os.PathLike[str], *, sep: str = ".", wait: float = 0.0)
     Args:
         path: Where the run is, as above.
         sep: Separator used to join the keys of a nested dict logged as a history value.
-        wait: Seconds to keep re-reading until the run is complete; 0 reads once.
+        wait: Seconds to keep re-reading until the run (its last part) is complete; 0 reads once.
 
     Returns:
         The decoded :class:`RunData`.
@@ -196,7 +255,25 @@ def read_run(path: str | os.PathLike[str], *, sep: str = ".", wait: float = 0.0)
     """
     if not isinstance(wait, (int, float)) or not wait >= 0:
         raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
-    file = _find_run_file(Path(path))
+    path = Path(path)
+    file = _find_run_file(path)
+    files = [file] if path.is_file() else _run_parts(file)
+    if len(files) == 1:
+        return _read_file(file, sep, wait)
+    parts = []
+    errors = []
+    for part in files[:-1]:
+        try:
+            parts.append(_read_file(part, sep, 0.0))
+        except (OSError, ValueError) as exc:  # e.g. an empty file: a process killed at once
+            errors.append(f"{_part_name(part)}: part not read ({exc})")
+    parts.append(_read_file(files[-1], sep, wait))
+    run = _merge(parts) if len(parts) > 1 else parts[0]
+    run.errors[:0] = errors
+    return run
+
+
+def _read_file(file: Path, sep: str, wait: float) -> RunData:
     deadline = time.monotonic() + wait
     while True:
         remaining = deadline - time.monotonic()
@@ -366,6 +443,167 @@ def _find_run_file(path: Path) -> Path:
     return max(runs, key=lambda r: r[:2])[2]
 
 
+def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The folders of ``run_id``'s parts in ``wandb_dir``, oldest first."""
+    found = []
+    for folder in wandb_dir.iterdir():
+        match = _RUN_DIR.match(folder.name)
+        # latest-run is a link to one of them; a part's folder is unique to its start second.
+        if match and match.group(2) == run_id and folder.is_dir() and not folder.is_symlink():
+            found.append((match.group(1), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def _run_parts(file: Path) -> list[Path]:
+    """The ``.wandb`` files of every part of ``file``'s run, oldest first, ``file`` among them."""
+    real = file.parent.resolve()  # wandb/latest-run is a link to the run folder
+    match = _RUN_DIR.match(real.name)
+    if not match:
+        return [file]
+    # Name the other parts beside the folder as the user named it (wandb/latest-run/.. is wandb/).
+    base = file.parent.parent
+    if not (base / real.name).is_dir() or (base / real.name).resolve() != real:
+        base = real.parent
+    files = []
+    for folder in _run_folders(real.parent, match.group(2)):
+        if folder.name == real.name:
+            files.append(file)
+            continue
+        candidates = list((base / folder.name).glob("run-*.wandb"))
+        if candidates:  # a folder left without its file (deleted, or never written) is no part
+            files.append(max(candidates, key=lambda f: f.stat().st_mtime))
+    return files
+
+
+def _part_name(file: Path) -> str:
+    # Every part's file is run-<id>.wandb: its folder tells them apart.
+    return f"{file.parent.resolve().name}/{file.name}"
+
+
+def _merge(parts: list[RunData]) -> RunData:
+    """One run from the parts of a resumed run, oldest first (rules in :func:`read_run`)."""
+    last = parts[-1]
+    run = RunData(
+        path=last.path,
+        run_id=_last_set(p.run_id for p in parts),
+        project=_last_set(p.project for p in parts),
+        name=_last_set(p.name for p in parts),
+        complete=last.complete,
+        exit_code=last.exit_code,
+        parts=parts,
+    )
+    histories = _continue_steps([part.history for part in parts])
+    step_key = (
+        "trainer/global_step"
+        if any("trainer/global_step" in row for rows in histories for row in rows)
+        else "_step"
+    )
+    run.history = _merge_histories(histories, step_key)
+    for part in parts:
+        run.summary.update(part.summary)
+        run.config.update(part.config)
+        for name, new in part.metrics.items():
+            old = run.metrics.get(name)
+            run.metrics[name] = new if old is None else _merge_definitions(old, new)
+        # An earlier part without its end is a process that was killed, then resumed.
+        kept = [e for e in part.errors if part is last or _NO_EXIT not in e]
+        prefix = f"{part.path.name}: "
+        run.errors += [f"{_part_name(part.path)}: {e.removeprefix(prefix)}" for e in kept]
+    if _is_step(run.summary.get("_step")):
+        # The last part counted its own steps: the summary follows the renumbering.
+        run.summary["_step"] = max(
+            (row["_step"] for row in run.history if _is_step(row.get("_step"))),
+            default=run.summary["_step"],
+        )
+    return run
+
+
+def _last_set(values: Iterator[str | None]) -> str | None:
+    found = None
+    for value in values:
+        found = value or found
+    return found
+
+
+def _merge_definitions(old: MetricDefinition, new: MetricDefinition) -> MetricDefinition:
+    # As W&B merges two define_metric calls for one name: what the later call sets wins.
+    return MetricDefinition(
+        name=new.name,
+        glob=new.glob,
+        step_metric=new.step_metric or old.step_metric,
+        step_sync=new.step_sync or old.step_sync,
+        hidden=new.hidden or old.hidden,
+        summary=new.summary or old.summary,
+        goal=new.goal or old.goal,
+    )
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _continue_steps(histories: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Copies of the parts' rows, a part whose ``_step`` starts over numbered on from the last."""
+    out = []
+    previous: int | float | None = None
+    for rows in histories:
+        steps = [row["_step"] for row in rows if _is_step(row.get("_step"))]
+        shift = 0
+        # Offline, wandb cannot know where the run stopped: each part counts from 0 again.
+        if previous is not None and steps and steps[0] <= previous:
+            shift = previous + 1 - steps[0]
+        copies = []
+        for row in rows:
+            row = dict(row)
+            if shift and _is_step(row.get("_step")):
+                row["_step"] += shift
+            copies.append(row)
+        out.append(copies)
+        if steps:
+            previous = max(steps) + shift
+    return out
+
+
+def _merge_histories(histories: list[list[dict[str, Any]]], step_key: str) -> list[dict[str, Any]]:
+    """The rows of all parts in step order, each key once per step (the later part wins)."""
+    # Keys the later parts logged at each step; W&B's own (_step, _runtime, ...) and the step
+    # itself are in every row and say nothing about which values were logged again.
+    logged_later: dict[Any, set[str]] = {}
+    kept: list[list[dict[str, Any]]] = []
+    for rows in reversed(histories):
+        own: dict[Any, set[str]] = {}
+        part = []
+        for row in rows:
+            step = row.get(step_key)
+            if _is_step(step):
+                again = logged_later.get(step, set())
+                mine = {k for k in row if not k.startswith("_") and k != step_key}
+                if again & mine:
+                    row = {k: v for k, v in row.items() if k not in again}
+                    if not mine - again:
+                        continue  # everything in it was logged again by a later part
+                own.setdefault(step, set()).update(mine)
+            part.append(row)
+        for step, keys in own.items():
+            logged_later.setdefault(step, set()).update(keys)
+        kept.append(part)
+    kept.reverse()
+
+    ordered = []
+    floor = -math.inf
+    for index, rows in enumerate(kept):
+        steps = [row[step_key] for row in rows if _is_step(row.get(step_key))]
+        # A row without the step sits at the step of the row before it in its part.
+        current = steps[0] if steps else floor
+        for position, row in enumerate(rows):
+            if _is_step(row.get(step_key)):
+                current = row[step_key]
+            ordered.append(((current, index, position), row))
+        floor = max([floor, *steps])
+    ordered.sort(key=lambda item: item[0])
+    return [row for _, row in ordered]
+
+
 def _decode(value_json: str) -> Any:
     # W&B writes NaN and ±Infinity as bare words, which json.loads accepts.
     return json.loads(value_json)
@@ -440,9 +678,10 @@ class _Assembler:
             run.errors.append(f"{run.path}: read failed ({exc})")
         self._fill_summary_from_history()
         if not run.complete:
+            # A script that raises still gets an exit record (non-zero code) from wandb's hook.
             run.errors.append(
-                f"{run.path.name}: no exit record: the run did not finish (still running, "
-                "crashed or killed) or the file is truncated"
+                f"{run.path.name}: {_NO_EXIT}: the run did not finish (still running or killed) "
+                "or the file is truncated"
             )
 
     def _on_run(self, rec: Any) -> None:
