@@ -110,7 +110,7 @@ def _check_table(text: str, run_file: Path) -> None:
     assert f"project {PROJECT}" in header and "name cli-run" in header
     assert str(run_file.name) in header
     assert "12 history rows" in header and "last step 120" in header
-    assert "complete (exit code 0)" in header
+    assert "finished (exit code 0)" in header and "resumed" not in header
 
     expected = {
         "train/cross_entropy": ["4.5 @ 10", "1.75 @ 120", "1.75 @ 120 (min?)", "12"],
@@ -141,8 +141,10 @@ def _check_json(data: dict, run_file: Path) -> None:
         "history_rows": 12,
         "step_key": "trainer/global_step",
         "last_step": 120,
+        "state": "finished",
         "complete": True,
         "exit_code": 0,
+        "parts": [],
     }
     assert data["errors"] == []
     metrics = {m["key"]: m for m in data["metrics"]}
@@ -161,6 +163,7 @@ def _check_json(data: dict, run_file: Path) -> None:
         "best": {"step": 80, "value": min(VAL_PPL)},
         "direction": "min",
         "direction_from": "define_metric",
+        "summary": None,
         "points": 3,
     }
     assert metrics["kpi/pass_rate"]["group"] == "business"
@@ -277,7 +280,7 @@ def test_truncated_run(truncated: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert line.startswith(f"lossplug report: warning: {truncated}: incomplete run: file ends")
     assert "truncated" in line and f"showing the {rows} history rows that could be read" in line
     # The partial table: what was read before the cut, with its real steps.
-    assert "INCOMPLETE" in out and f"{rows} history rows" in out
+    assert "UNFINISHED (no exit record" in out and f"{rows} history rows" in out
     last = expected.series("train/perplexity")[-1]
     assert _cells(_row(out, "train/perplexity"))[:3] == [
         "train/perplexity",
@@ -290,6 +293,7 @@ def test_truncated_run(truncated: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["report", str(truncated), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["run"]["complete"] is False and data["run"]["history_rows"] == rows
+    assert data["run"]["state"] == "unfinished"
     assert data["errors"] == expected.errors
     assert {m["key"]: m for m in data["metrics"]}["train/perplexity"]["points"] == rows
 

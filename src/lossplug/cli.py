@@ -6,13 +6,19 @@ Usage::
     python -m lossplug.cli report RUN ...
 
 ``RUN`` is a ``.wandb`` file, a run folder (``wandb/offline-run-*``), a ``wandb/`` folder or the
-save dir holding one (the latest run there is read). The table, JSON and plot come from
-:mod:`lossplug.report`; this module only parses arguments, prints and picks the exit code:
+save dir holding one (the latest run there is read). A folder gives the whole run: the parts of
+a resumed run (one run folder per process, same run id) are merged; a ``.wandb`` file is read
+alone. The table, JSON and plot come from :mod:`lossplug.report`; this module only parses
+arguments, prints and picks the exit code:
 
-- 0: the run was read whole (it finished and the file is intact);
-- 1: the run was read but is incomplete or partly corrupt (what could be read is shown);
+- 0: the run finished (exit code 0) and was read whole;
+- 1: the run has no exit record (still running or killed), or its file is cut short or partly
+  corrupt: what could be read is shown;
 - 2: nothing could be read (missing path, not a W&B file, no run found), bad arguments, or the
-  plot asked for could not be drawn (e.g. matplotlib is missing: the table is still printed).
+  plot asked for could not be drawn (e.g. matplotlib is missing: the table is still printed);
+- 3: the run crashed: its exit record has a non-zero exit code (what it logged is shown).
+
+When several apply, 2 wins over 3, and 3 over 1.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from lossplug.loggers.run_reader import read_run
+from lossplug.loggers.run_reader import CRASHED, read_run
 from lossplug.report import (
     PlotDependencyError,
     format_table,
@@ -37,11 +43,19 @@ from lossplug.report import (
     summarize,
 )
 
-__all__ = ["EXIT_INCOMPLETE", "EXIT_OK", "EXIT_UNREADABLE", "build_parser", "main"]
+__all__ = [
+    "EXIT_CRASHED",
+    "EXIT_INCOMPLETE",
+    "EXIT_OK",
+    "EXIT_UNREADABLE",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
 EXIT_UNREADABLE = 2
+EXIT_CRASHED = 3
 
 _PROG = "lossplug"
 _REPORT_DESCRIPTION = """\
@@ -49,14 +63,24 @@ Read a W&B run from its local files (offline runs included, no network) and
 print the first, last and best value of every model metric (train/, val/,
 test/) and business KPI (kpi/), each with its step. "best" is the lowest or
 highest value as the run's define_metric summary says, shown as (min)/(max),
-else as guessed from the key's name, shown as (min?)/(max?).
+else as guessed from the key's name, shown as (min?)/(max?); a total or counter
+the run defined with summary="last" has no best, shown as - (last).
+
+The header says how the run ended: finished, CRASHED (non-zero exit code) or
+UNFINISHED (no exit record: still running or killed). A resumed run (one run
+folder per process, same run id) is shown whole when RUN is a folder: its parts
+are merged, each step once, the later part winning.
 """
 _EXIT_CODES = """\
 exit codes:
-  0  the run was read whole (it finished and its file is intact)
-  1  the run is incomplete or partly corrupt: what could be read is shown
+  0  the run finished (exit code 0) and was read whole
+  1  the run has no exit record (still running or killed), or its file is cut
+     short or partly corrupt: what could be read is shown
   2  nothing could be read (missing path, not a W&B run file, no run found), bad
      arguments, or the --plot image could not be drawn (the table is still printed)
+  3  the run crashed (its exit record has a non-zero exit code): what it logged is
+     shown
+  when several apply, 2 wins over 3, and 3 over 1
 """
 
 
@@ -80,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         type=Path,
         help="a .wandb file, a run folder, a wandb/ folder or the save dir holding one "
-        "(the latest run there is read)",
+        "(the latest run there is read); a folder gives the whole run, the parts of a resumed "
+        "run merged, a .wandb file only its own part",
     )
     report.add_argument(
         "--plot",
@@ -122,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        The exit code (see the module docs); never raises for bad input.
+        The exit code: 0 finished and read whole, 1 unfinished (no exit record) or damaged,
+        2 nothing read, bad arguments or no plot, 3 crashed (see the module docs); never
+        raises for bad input.
 
     Example:
         >>> main(["report", "no/such/run"])
@@ -166,7 +193,7 @@ def _report(args: argparse.Namespace) -> int:
     problem = problem_line(run)
     if problem:
         _warn(problem)
-        code = EXIT_INCOMPLETE
+        code = EXIT_CRASHED if run.state == CRASHED else EXIT_INCOMPLETE
 
     plot_path = None
     if args.plot is not None:

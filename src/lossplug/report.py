@@ -29,12 +29,19 @@ Each row gives the first and last value with the step they were logged at, the b
 its step, and the number of points. The step is ``trainer/global_step`` when the run has it
 (Lightning's x-axis), else W&B's ``_step``.
 
+The header says how the run ended (:attr:`RunData.state <lossplug.loggers.RunData.state>`):
+``finished (exit code 0)``, ``CRASHED (exit code N)`` (its exit record has a non-zero code), or
+``UNFINISHED`` (no exit record: still running or killed). A resumed run read from a folder is
+shown whole, its parts merged (see :func:`lossplug.loggers.read_run`), with one line per part.
+
 Which way is best
 -----------------
 
-1. The run's own ``define_metric``: a ``summary`` of ``"min"`` or ``"max"`` (exactly one of the
-   two), else a ``goal`` of ``"minimize"``/``"maximize"``, for the key or a glob that matches
-   it. Shown as ``(min)``/``(max)``.
+1. The run's own ``define_metric``, for the key or a glob that matches it: a ``summary`` of
+   ``"min"`` or ``"max"`` (exactly one of the two), shown as ``(min)``/``(max)``; a ``summary``
+   of ``"last"`` (a total or a counter such as ``kpi/cost/total`` or ``train/tokens``): no best
+   value, shown as ``- (last)``; else a ``goal`` of ``"minimize"``/``"maximize"``, shown as
+   ``(min)``/``(max)``.
 2. Otherwise a guess from the words of the key (split at ``/``, ``_``, ``-``, ``.``); a
    lower-is-better word wins over a higher-is-better one (``kpi/error_rate`` is ``min``):
 
@@ -60,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lossplug.loggers.run_reader import RunData
+from lossplug.loggers.run_reader import CRASHED, FINISHED, RunData
 
 __all__ = [
     "PlotDependencyError",
@@ -129,6 +136,8 @@ class Row:
         direction_from: ``"define_metric"`` (the run said so) or ``"name"`` (guessed), or
             ``None``.
         points: How many numeric values were logged for the key.
+        summary: ``"last"`` when the run's ``define_metric`` keeps only the last value (a total
+            or a counter: no best, whatever its name suggests), else ``None``.
     """
 
     key: str
@@ -139,6 +148,7 @@ class Row:
     direction: str | None
     direction_from: str | None
     points: int
+    summary: str | None = None
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -191,19 +201,30 @@ def metric_direction(run: RunData, key: str) -> tuple[str | None, str | None]:
 
     Returns:
         ``(direction, source)``: direction ``"min"``, ``"max"`` or ``None``; source
-        ``"define_metric"``, ``"name"`` or ``None``.
+        ``"define_metric"``, ``"name"`` or ``None``. A key the run defined with
+        ``summary="last"`` gives ``(None, "define_metric")``: it has no best.
     """
+    direction, source, _ = _declared(run, key)
+    return direction, source
+
+
+def _declared(run: RunData, key: str) -> tuple[str | None, str | None, str | None]:
+    """``(direction, source, summary)``; summary is ``"last"`` for a total or counter."""
     definitions = [run.metrics[key]] if key in run.metrics else []
     # An exact definition comes first; globs ("kpi/*") after, in the order they were defined.
     definitions += [d for d in run.metrics.values() if d.glob and fnmatch.fnmatchcase(key, d.name)]
     for definition in definitions:
         kinds = {"min", "max"} & set(definition.summary)
         if len(kinds) == 1:  # "min,max" asks for both and says nothing about which is better
-            return kinds.pop(), "define_metric"
+            return kinds.pop(), "define_metric", None
+        if "last" in definition.summary and not kinds:
+            # A total or counter (cost so far, tokens seen): its lowest or highest value is
+            # just its first or last, whatever its name suggests.
+            return None, "define_metric", "last"
         if definition.goal in ("minimize", "maximize"):
-            return definition.goal[:3], "define_metric"
+            return definition.goal[:3], "define_metric", None
     guess = guess_direction(key)
-    return guess, ("name" if guess else None)
+    return guess, ("name" if guess else None), None
 
 
 def numeric_keys(run: RunData) -> list[str]:
@@ -277,7 +298,7 @@ def summarize(run: RunData, keys: Iterable[str] | None = None) -> list[Row]:
             for row in run.history
             if key in row and _is_number(row[key])
         ]
-        direction, source = metric_direction(run, key)
+        direction, source, summary = _declared(run, key)
         finite = [p for p in points if math.isfinite(p.value)]
         best = None
         if direction and finite:
@@ -293,6 +314,7 @@ def summarize(run: RunData, keys: Iterable[str] | None = None) -> list[Row]:
                 direction=direction,
                 direction_from=source,
                 points=len(points),
+                summary=summary,
             )
         )
     return rows
@@ -310,6 +332,9 @@ def last_step(run: RunData) -> int | float | None:
 def problem_line(run: RunData) -> str | None:
     """One line saying what is wrong with a run read back, or ``None`` for a clean, whole run.
 
+    Wrong is: the run crashed (its exit record has a non-zero exit code), has no exit record
+    (still running or killed), or its file could not all be read.
+
     Example:
         >>> from pathlib import Path
         >>> run = RunData(path=Path("run-x.wandb"), history=[{"_step": 0}], errors=[
@@ -317,18 +342,25 @@ def problem_line(run: RunData) -> str | None:
         ...     "run-x.wandb: no exit record: the run did not finish"])
         >>> print(problem_line(run))
         run-x.wandb: incomplete run: file ends inside a chunk at byte 900 (truncated); showing the 1 history row that could be read
+        >>> print(problem_line(RunData(path=Path("run-x.wandb"), complete=True, exit_code=1)))
+        run-x.wandb: the run crashed (exit code 1); showing the 0 history rows it logged
     """  # noqa: E501
-    if run.complete and not run.errors:
+    if run.state == FINISHED and not run.errors:
         return None
     shown = _plural(len(run.history), "history row")
+    crashed = f"crashed (exit code {run.exit_code})"
     problems = [_strip_name(run, e) for e in run.errors if _NOT_READ not in e]
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         state = "incomplete run" if not run.complete else "damaged run"
+        if run.state == CRASHED:
+            state += f", {crashed}"
         return f"{run.path}: {state}: {problems[0]}{more}; showing the {shown} that could be read"
+    if run.state == CRASHED:
+        return f"{run.path}: the run {crashed}; showing the {shown} it logged"
     return (
-        f"{run.path}: the run has not finished (no exit record: still running, crashed or "
-        f"killed); showing the {shown} written so far"
+        f"{run.path}: the run has not finished (no exit record: still running or killed); "
+        f"showing the {shown} written so far"
     )
 
 
@@ -337,12 +369,12 @@ def format_table(rows: Sequence[Row], run: RunData | None = None) -> str:
 
     Values have 4 significant digits; ``best`` ends with the direction used: ``(min)`` and
     ``(max)`` come from the run's ``define_metric``, ``(min?)`` and ``(max?)`` are guessed from
-    the key's name.
+    the key's name; ``- (last)`` is a total or counter the run defined with ``summary="last"``.
 
     Args:
         rows: From :func:`summarize`.
         run: The run the rows came from, for the header (id, project, name, path, history rows,
-            last step, complete or not) and the errors.
+            last step, how the run ended, and the parts of a resumed run) and the errors.
 
     Returns:
         The text, without a trailing newline.
@@ -361,8 +393,12 @@ def format_table(rows: Sequence[Row], run: RunData | None = None) -> str:
     lines = [*_header(run), ""] if run is not None else []
     if rows:
         lines += _table(rows)
+        notes = []
         if any(row.direction_from == "name" for row in rows):
-            lines += ["", "(min?)/(max?): direction guessed from the key's name"]
+            notes.append("(min?)/(max?): direction guessed from the key's name")
+        if any(row.summary == "last" for row in rows):
+            notes.append('(last): a total or counter (define_metric summary="last"): no best')
+        lines += ["", *notes] if notes else []
     else:
         lines.append("(no numeric metrics to show)")
     if run is not None and run.errors:
@@ -374,9 +410,13 @@ def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
     """The report as plain JSON-ready data (non-finite numbers become ``None``).
 
     Returns:
-        ``{"run": {...}, "metrics": [...], "errors": [...]}``; each metric has ``key``,
+        ``{"run": {...}, "metrics": [...], "errors": [...]}``. ``run`` has ``state``
+        (``"finished"``, ``"crashed"`` or ``"unfinished"``), ``complete`` and ``exit_code``,
+        and ``parts``: one ``{"path", "state", "exit_code", "history_rows"}`` per part of a
+        resumed run, oldest first (empty for a run in one part). Each metric has ``key``,
         ``group``, ``first``/``last``/``best`` as ``{"step", "value"}`` (``best`` may be
-        ``None``), ``direction``, ``direction_from`` and ``points``.
+        ``None``), ``direction``, ``direction_from``, ``summary`` (``"last"`` or ``None``) and
+        ``points``.
     """
 
     def point(p: Point | None) -> dict[str, Any] | None:
@@ -391,8 +431,18 @@ def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
             "history_rows": len(run.history),
             "step_key": run.step_key(),
             "last_step": _json_number(last_step(run)),
+            "state": run.state,
             "complete": run.complete,
             "exit_code": run.exit_code,
+            "parts": [
+                {
+                    "path": str(part.path),
+                    "state": part.state,
+                    "exit_code": part.exit_code,
+                    "history_rows": len(part.history),
+                }
+                for part in run.parts
+            ],
         },
         "metrics": [
             {
@@ -403,6 +453,7 @@ def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
                 "best": point(row.best),
                 "direction": row.direction,
                 "direction_from": row.direction_from,
+                "summary": row.summary,
                 "points": row.points,
             }
             for row in rows
@@ -569,18 +620,31 @@ def _header(run: RunData) -> list[str]:
         names.append(f"project {run.project}")
     if run.name:
         names.append(f"name {run.name}")
-    if run.complete:
-        state = "complete" + ("" if run.exit_code is None else f" (exit code {run.exit_code})")
-    else:
-        state = "INCOMPLETE"
     step = last_step(run)
-    return [
+    lines = [
         "  ".join([f"run {run.run_id or '? (run record not read)'}", *names]),
         f"path {run.path}",
         f"{_plural(len(run.history), 'history row')}  last step {fmt_number(step)} "
         f"({run.step_key()})  "
-        f"{state}",
+        f"{_state(run)}",
     ]
+    if run.parts:
+        lines.append(f"resumed: {len(run.parts)} parts merged, each step once (the later wins)")
+        lines += [
+            f"  part {i}: {part.path}  {_plural(len(part.history), 'history row')}  {_state(part)}"
+            for i, part in enumerate(run.parts, 1)
+        ]
+    return lines
+
+
+def _state(run: RunData) -> str:
+    # Upper case where something went wrong, so that it stands out in the header.
+    code = "" if run.exit_code is None else f" (exit code {run.exit_code})"
+    if run.state == FINISHED:
+        return f"finished{code}"
+    if run.state == CRASHED:
+        return f"CRASHED{code}"
+    return "UNFINISHED (no exit record: still running or killed)"
 
 
 def _table(rows: Sequence[Row]) -> list[str]:
@@ -592,13 +656,17 @@ def _table(rows: Sequence[Row]) -> list[str]:
 
     def cell(point: Point | None, i: int, suffix: str = "") -> str:
         if point is None:
-            return "-".rjust(value_w[i])
+            return "-".rjust(value_w[i]) + suffix
         return f"{fmt_number(point.value).rjust(value_w[i])} @ {fmt_number(point.step)}{suffix}"
 
     cells = []
     for row in rows:
         mark = f" ({row.direction}{'?' if row.direction_from == 'name' else ''})"
-        best = cell(row.best, 2, mark if row.best is not None else "")
+        if row.summary == "last":
+            mark = " (last)"
+        elif row.best is None:
+            mark = ""
+        best = cell(row.best, 2, mark)
         cells.append(["  " + row.key, cell(row.first, 0), cell(row.last, 1), best, str(row.points)])
     head = ["key", "first", "last", "best", "points"]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
