@@ -361,22 +361,34 @@ def test_an_earlier_part_killed_before_its_end(
     assert re.search(r"part 1: .*UNFINISHED \(no exit record: still running or killed\)", out)
 
 
-def test_an_unreadable_earlier_part_is_named(
-    resumed: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("which", [0, 1])
+def test_an_unreadable_part_is_named(
+    resumed: dict, tmp_path: Path, which: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
+    """An empty part: a process killed before wandb wrote anything, or one that just started."""
     for file in resumed["parts"]:
         shutil.copytree(file.parent, tmp_path / "wandb" / file.parent.name)
-    first = tmp_path / "wandb" / resumed["parts"][0].parent.name / resumed["parts"][0].name
-    first.write_bytes(b"")  # killed before wandb wrote anything
+    files = [tmp_path / "wandb" / file.parent.name / file.name for file in resumed["parts"]]
+    files[which].write_bytes(b"")
+    other = read_run(files[1 - which])
 
     run = read_run(tmp_path)
-    assert run.parts == [] and run.series("train/loss") == sorted(PART2.items())
+
+    assert [part.path for part in run.parts] == files
+    assert run.parts[which].history == [] and run.parts[which].state == "unfinished"
+    assert run.series("train/loss") == other.series("train/loss")
     (error,) = run.errors
-    assert error.startswith(f"{first.parent.name}/{first.name}: part not read") and "empty" in error
+    assert error.startswith(f"{files[which].parent.name}/{files[which].name}: part not read")
+    assert "empty" in error
+    # A last part not yet written: the run is running again, whatever the first part's end.
+    assert run.state == ("unfinished" if which == 1 else "finished")
     assert main(["report", str(tmp_path)]) == EXIT_INCOMPLETE
-    assert "part not read" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "part not read" in err and f"part {which + 1}: {files[which]}  0 history rows" in out
+
+    files[1 - which].write_bytes(b"")  # no part readable: the same error as for one file
+    with pytest.raises(ValueError, match="the file is empty"):
+        read_run(tmp_path)
 
 
 def test_lightning_run_resumed_from_a_checkpoint(

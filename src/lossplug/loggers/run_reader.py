@@ -221,7 +221,9 @@ def read_run(path: str | os.PathLike[str], *, sep: str = ".", wait: float = 0.0)
       definitions and config: merged, the later part winning; run id, project, name, exit
       record and ``path``: the last part's.
     - errors: every part's, each naming its run folder, but for an earlier part's missing exit
-      record (a process killed, then resumed: see its ``state`` in ``parts``).
+      record (a process killed, then resumed: see its ``state`` in ``parts``). A part whose
+      file cannot be read (empty: killed at once, or just started) is an error and a part with
+      no history and no end; only when no part can be read does ``read_run`` raise.
 
     A truncated, partly written or corrupt file does not raise: whatever could be read is
     returned, with ``complete=False`` and a message per problem in ``errors``. A run still being
@@ -261,16 +263,18 @@ def read_run(path: str | os.PathLike[str], *, sep: str = ".", wait: float = 0.0)
     if len(files) == 1:
         return _read_file(file, sep, wait)
     parts = []
-    errors = []
-    for part in files[:-1]:
+    failures = []
+    for i, part in enumerate(files, 1):
         try:
-            parts.append(_read_file(part, sep, 0.0))
-        except (OSError, ValueError) as exc:  # e.g. an empty file: a process killed at once
-            errors.append(f"{_part_name(part)}: part not read ({exc})")
-    parts.append(_read_file(files[-1], sep, wait))
-    run = _merge(parts) if len(parts) > 1 else parts[0]
-    run.errors[:0] = errors
-    return run
+            parts.append(_read_file(part, sep, wait if i == len(files) else 0.0))
+        except (OSError, ValueError) as exc:
+            # E.g. an empty file: a process killed at once, or a resumed one that just started.
+            # It stays in the list, without history or end, so that the run reads unfinished.
+            failures.append(exc)
+            parts.append(RunData(path=part, errors=[f"{part.name}: part not read ({exc})"]))
+    if len(failures) == len(parts):
+        raise failures[-1]
+    return _merge(parts)
 
 
 def _read_file(file: Path, sep: str, wait: float) -> RunData:
