@@ -185,11 +185,42 @@ def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
         (dict(stages=("test",)), ValueError, r"stages.*'test'"),
         (dict(extract=3), TypeError, r"extract must be callable"),
         (dict(backend="cuda"), ValueError, r"backend.*'cuda'"),
+        # every other argument, at construction rather than at the first step
+        (dict(log_every_n_steps="10"), TypeError, r"log_every_n_steps.*'10'"),
+        (dict(log_every_n_steps=True), TypeError, r"log_every_n_steps.*True"),
+        (dict(metrics=None), TypeError, r"metrics.*None"),
+        (dict(metrics=()), ValueError, r"metrics.*non-empty"),
+        (dict(metrics=("perplexity", "perplexity")), ValueError, r"metrics.*repeats"),
+        (dict(train_prefix=1), TypeError, r"train_prefix.*1"),
+        (dict(val_prefix=None), TypeError, r"val_prefix.*None"),
+        (dict(prog_bar="yes"), TypeError, r"prog_bar.*'yes'"),
+        (dict(log_epoch=1), TypeError, r"log_epoch.*1"),
+        (dict(stages="train"), TypeError, r"stages.*'train'"),
+        (dict(stages=()), ValueError, r"stages.*at least one"),
+        (dict(ignore_index="a"), TypeError, r"ignore_index.*'a'"),
+        (dict(ignore_index=-100.0), TypeError, r"ignore_index.*-100\.0"),
+        (dict(shift="yes"), TypeError, r"shift.*'yes'"),
+        (dict(softcap=-1), ValueError, r"softcap.*-1"),
+        (dict(softcap=0.0), ValueError, r"softcap.*0\.0"),
+        (dict(softcap=float("inf")), ValueError, r"softcap.*inf"),
+        (dict(softcap=float("nan")), ValueError, r"softcap.*nan"),
+        (dict(softcap="30"), TypeError, r"softcap.*'30'"),
+        (dict(softcap=True), TypeError, r"softcap.*True"),
+        (dict(backend=None), TypeError, r"backend.*None"),
+        (dict(check_loss="no"), TypeError, r"check_loss.*'no'"),
     ],
 )
 def test_bad_configuration(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         lossplug.LossMonitor(**kwargs)
+
+
+def test_good_configuration_is_kept():
+    monitor = lossplug.LossMonitor(
+        metrics=["perplexity"], stages=["val"], ignore_index=0, softcap=30, shift=True
+    )
+    assert monitor.keys("val") == ["val/perplexity", "val/tokens"]
+    assert monitor.op_kwargs == {"ignore_index": 0, "shift": True, "softcap": 30.0}
 
 
 def test_resume_continues_aggregates_and_the_step_axis(tmp_path):
@@ -279,3 +310,59 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         for name in (*NAMES, "tokens"):
             key = f"train/{name}"
             assert math.isclose(logged[step][key], row[key], rel_tol=1e-6), (step, key)
+
+
+def test_token_totals_summarise_as_their_last_value_in_a_real_wandb_run(tmp_path):
+    from lossplug.loggers import read_run, wandb_logger
+
+    lightning, Module, _ = NAMESPACES["lightning.pytorch"]
+    torch.manual_seed(0)
+    logger = wandb_logger("lossplug-summary", offline=True, save_dir=tmp_path, verbose=False)
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        logger,
+        [lossplug.LossMonitor(log_every_n_steps=2)],
+        max_steps=4,
+        val_check_interval=2,
+        limit_val_batches=1,
+    )
+    trainer.fit(Module(), make_loader(4), make_loader(1, seed=5))
+    logger.experiment.finish()
+    data = read_run(tmp_path, wait=20.0)
+    assert data.complete, data.errors
+    for key in ("train/tokens", "val/tokens"):
+        assert data.metrics[key].summary == ("last",), (key, data.metrics[key])
+        assert data.summary[key] == {"last": data.series(key)[-1][1]}, (key, data.summary[key])
+    assert data.metrics["train/perplexity"].summary == ("min",)
+
+
+def test_checkpoint_named_after_val_perplexity_is_one_file_in_dirpath(tmp_path):
+    """Lightning turns "{val/perplexity}" into "val/perplexity=…" in the file name, and the "/"
+    then makes a folder; with auto_insert_metric_name=False the key's slash stays out."""
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    torch.manual_seed(0)
+    recorder = Recorder()
+    checkpoint = lightning.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        filename="step{step}-ppl{val/perplexity:.2f}",
+        auto_insert_metric_name=False,
+        monitor="val/perplexity",
+        mode="min",
+    )
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(log_every_n_steps=1), checkpoint],
+        max_steps=6,
+        val_check_interval=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(Module(), make_loader(6), make_loader(2, seed=5))
+    logged = recorder.series("val/perplexity")
+    assert [step for step, _ in logged] == [2, 4, 6]
+    best_step, best = min(logged, key=lambda row: row[1])
+    written = sorted(p.relative_to(tmp_path / "ckpt") for p in (tmp_path / "ckpt").rglob("*"))
+    assert [str(p) for p in written] == [f"step{best_step}-ppl{best:.2f}.ckpt"]
+    assert float(checkpoint.best_model_score) == pytest.approx(best)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
+from lossplug.callbacks._accumulator import (
+    METRIC_NAMES,
+    LossCheck,
+    LossComparison,
+    StatsAccumulator,
+    other_shift_nll,
+)
 from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
 from lossplug.integrations.transformers import patched_models, pop_token_stats
 from lossplug.ops._dispatch import BACKENDS
@@ -20,7 +28,16 @@ __all__ = ["LossMonitor"]
 
 Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] | None"]
 _STAGES = ("train", "val")
-_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max"}
+# totals and counters summarise as their last value: their max is the same number and "best"
+# would mean nothing for them
+_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max", "tokens": "last"}
+# A "mean" loss and the monitor's NLL of the same logits agree to float32 rounding; a bf16 loss
+# is rounded to 8 bits (0.4 %), so 2 % never trips on correct bf16 runs while a wrong `shift` on
+# a model that predicts anything is off by far more (tens of percent).
+_LOSS_RTOL, _LOSS_ATOL = 0.02, 1e-3
+# The check is on the first windows only: a wrong setup shows from the start, and later a loss
+# with label smoothing drifts away from the cross-entropy as the model sharpens.
+_CHECKED_WINDOWS = {"train": 3, "val": 1}
 
 
 class LossMonitor(*CALLBACK_BASES):
@@ -54,6 +71,12 @@ class LossMonitor(*CALLBACK_BASES):
         shift: for the ``logits``/``labels`` form (labels not yet shifted: causal LM).
         softcap: for the ``logits``/``labels`` form.
         backend: for the ``logits``/``labels`` form.
+        check_loss: for the ``logits``/``labels`` and ``extract`` forms, compare the ``loss`` the
+            step returned with the monitor's own cross-entropy over the first logged windows (on
+            the device; read when the window is logged) and warn once, with the likely cause,
+            when they disagree beyond rounding: e.g. Hugging Face-style labels (equal to
+            ``input_ids``) without ``shift=True``. Turn it off for a loss that is meant to differ
+            (label smoothing, z-loss, a loss that is not this cross-entropy).
 
     Example:
         >>> import lossplug
@@ -77,41 +100,59 @@ class LossMonitor(*CALLBACK_BASES):
         shift: bool = False,
         softcap: float | None = None,
         backend: str = "auto",
+        check_loss: bool = True,
     ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
-        if isinstance(metrics, str):
-            raise TypeError(f"metrics must be a sequence of names, got the string {metrics!r}")
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown or not metrics:
+        # every argument is checked here, not at the first step of a long job
+        if log_every_n_steps is not None:
+            _check_int("log_every_n_steps", log_every_n_steps)
+            if log_every_n_steps < 1:
+                raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps!r}")
+        metrics = _names("metrics", metrics, METRIC_NAMES)
+        if not metrics or len(set(metrics)) != len(metrics):
             raise ValueError(
-                f"metrics must be a non-empty subset of {METRIC_NAMES}, got {tuple(metrics)!r}"
+                f"metrics must be a non-empty subset of {METRIC_NAMES} without repeats, "
+                f"got {metrics!r}"
             )
         for name, prefix in (("train_prefix", train_prefix), ("val_prefix", val_prefix)):
             if not isinstance(prefix, str):
                 raise TypeError(f"{name} must be a str, got {prefix!r}")
         if train_prefix == val_prefix:
             raise ValueError(f"train_prefix and val_prefix must differ, both are {train_prefix!r}")
-        if isinstance(stages, str) or any(s not in _STAGES for s in stages):
-            raise ValueError(f"stages must be a sequence of {_STAGES}, got {stages!r}")
+        stages = _names("stages", stages, _STAGES)
+        if not stages:
+            raise ValueError(f"stages must name at least one of {_STAGES}, got {stages!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract must be callable(outputs, batch), got {extract!r}")
+        _check_int("ignore_index", ignore_index)
+        for name, flag in (
+            ("prog_bar", prog_bar),
+            ("log_epoch", log_epoch),
+            ("shift", shift),
+            ("check_loss", check_loss),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if softcap is not None:
+            if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+                raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}")
+            if not (softcap > 0 and math.isfinite(softcap)):
+                raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+            softcap = float(softcap)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.log_every_n_steps = log_every_n_steps
-        self.metrics = tuple(metrics)
+        self.metrics = metrics
         self.train_prefix = train_prefix
         self.val_prefix = val_prefix
         self.prog_bar = prog_bar
         self.log_epoch = log_epoch
-        self.stages = tuple(stages)
+        self.stages = stages
         self.extract = extract
-        self.op_kwargs = dict(ignore_index=ignore_index, shift=shift, softcap=softcap)
+        self.op_kwargs = dict(ignore_index=int(ignore_index), shift=shift, softcap=softcap)
         self.backend = backend
+        self.check_loss = check_loss
 
         self._window = StatsAccumulator()
         self._epoch = StatsAccumulator()
@@ -122,6 +163,8 @@ class LossMonitor(*CALLBACK_BASES):
         self._window_started = time.perf_counter()
         self._trainer: Any = None
         self._patched: list[Any] | None = None  # models patched by patch_causal_lm, found lazily
+        self._checks = {stage: LossCheck() for stage in _STAGES}
+        self._windows_to_check = dict(_CHECKED_WINDOWS)
 
     # ----------------------------------------------------------------------------------- keys
     def keys(self, stage: str) -> list[str]:
@@ -154,7 +197,9 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         if "train" not in self.stages:
             return
-        stats = self._stats_from(outputs, batch, pl_module, "training_step")
+        # Lightning hands back the loss divided by the accumulation count (automatic optimisation)
+        scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        stats = self._stats_from(outputs, batch, pl_module, "training_step", loss_scale=scale)
         if stats is not None:
             self._window.add(stats)
             if self.log_epoch:
@@ -169,6 +214,8 @@ class LossMonitor(*CALLBACK_BASES):
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "train" in self.stages:
+            self._finish_check(trainer, "train")  # for epochs shorter than a logging window
         if "train" not in self.stages or not self.log_epoch:
             return
         values = self._epoch.read(self._reduce(trainer))
@@ -204,6 +251,7 @@ class LossMonitor(*CALLBACK_BASES):
             return
         values = self._val.read(self._reduce(trainer))
         self._val.reset()
+        self._finish_check(trainer, "val")
         metrics = {f"{self.val_prefix}{n}": values[n] for n in self.metrics if n in values}
         metrics[f"{self.val_prefix}tokens"] = values["tokens"]
         self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=self.prog_bar)
@@ -233,6 +281,7 @@ class LossMonitor(*CALLBACK_BASES):
     def _log_train_window(self, trainer: Any, pl_module: Any, step: int) -> None:
         values = self._window.read(self._reduce(trainer))
         self._window.reset()
+        self._finish_check(trainer, "train")
         now = time.perf_counter()
         seconds, self._window_started = now - self._window_started, now
         self._tokens_total += int(values["tokens"])
@@ -269,19 +318,22 @@ class LossMonitor(*CALLBACK_BASES):
         summaries = {}
         for stage in self.stages:
             for key in self.keys(stage):
-                name = key.rsplit("/", 1)[-1]
-                summaries[key] = _SUMMARY.get(name, "max" if name == "tokens" else None)
+                summaries[key] = _SUMMARY.get(key.rsplit("/", 1)[-1])
         define_wandb_metrics(trainer, summaries)
 
-    def _stats_from(self, outputs: Any, batch: Any, pl_module: Any, hook: str) -> TokenStats | None:
+    def _stats_from(
+        self, outputs: Any, batch: Any, pl_module: Any, hook: str, loss_scale: float = 1.0
+    ) -> TokenStats | None:
         # taken at every batch, used or not, so a stale value can never be logged later
         from_patched = self._pop_patched_stats(pl_module)
+        # the loss the step trained on, to check against the monitor's own numbers
+        check = self._check_for("train" if hook == "training_step" else "val", outputs)
         if isinstance(outputs, Mapping):
             stats = outputs.get("stats")
             if isinstance(stats, TokenStats):
                 return stats
             if "logits" in outputs and "labels" in outputs:
-                return self._run_op(outputs["logits"], outputs["labels"])
+                return self._run_op(outputs["logits"], outputs["labels"], check, loss_scale)
         if from_patched is not None:
             return from_patched
         if self.extract is not None:
@@ -289,7 +341,7 @@ class LossMonitor(*CALLBACK_BASES):
             if got is None or isinstance(got, TokenStats):
                 return got
             if isinstance(got, tuple) and len(got) == 2:
-                return self._run_op(*got)
+                return self._run_op(*got, check, loss_scale)
             raise TypeError(
                 f"LossMonitor's extract must return a TokenStats, (logits, labels) or None; "
                 f"got {type(got).__name__}"
@@ -315,17 +367,91 @@ class LossMonitor(*CALLBACK_BASES):
             self._patched = patched_models(pl_module) if hasattr(pl_module, "modules") else []
         return pop_token_stats(self._patched)
 
-    def _run_op(self, logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
+    def _run_op(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        check: tuple[LossCheck, torch.Tensor] | None = None,
+        loss_scale: float = 1.0,
+    ) -> TokenStats:
         with torch.no_grad():
-            _, stats = cross_entropy(
+            # per-token NLL only while checking: it gives the other shift convention for free
+            per_token, stats = cross_entropy(
                 logits.detach(),
                 labels,
-                reduction="sum",
+                reduction="sum" if check is None else "none",
                 return_stats=True,
                 backend=self.backend,
                 **self.op_kwargs,
             )
+            if check is not None:
+                accumulated, loss = check
+                other = other_shift_nll(logits, labels, per_token, **self.op_kwargs)
+                accumulated.add(loss.detach() * loss_scale, stats, other)
         return stats
+
+    def _check_for(self, stage: str, outputs: Any) -> tuple[LossCheck, torch.Tensor] | None:
+        """The check of ``stage`` and the step's loss, while that stage is still checked."""
+        if not self.check_loss or self._windows_to_check[stage] <= 0:
+            return None
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            return None
+        return self._checks[stage], loss
+
+    def _finish_check(self, trainer: Any, stage: str) -> None:
+        """Compare the window's losses (called where the window is read, a sync anyway)."""
+        check = self._checks[stage]
+        if check.sums is None:
+            return
+        self._windows_to_check[stage] -= 1
+        if not trainer.is_global_zero:  # one warning per job; the other ranks skip the read
+            check.sums = None
+            return
+        result = check.compare(rtol=_LOSS_RTOL, atol=_LOSS_ATOL)
+        if result is None or result.agrees:
+            return
+        self._windows_to_check = dict.fromkeys(_STAGES, 0)  # warned once: stop checking
+        for other in self._checks.values():
+            other.sums = None
+        warnings.warn(self._mismatch_message(result, stage), UserWarning, stacklevel=2)
+
+    def _mismatch_message(self, result: LossComparison, stage: str) -> str:
+        hook = "training_step" if stage == "train" else "validation_step"
+        prefix = self.train_prefix if stage == "train" else self.val_prefix
+        shift, ignore_index = self.op_kwargs["shift"], self.op_kwargs["ignore_index"]
+        gap = abs(result.loss - result.cross_entropy) / max(abs(result.loss), _LOSS_ATOL)
+        message = (
+            f"LossMonitor: the loss {hook} returned ({result.loss:.4f}, mean over "
+            f"{result.batches} micro-batches) is not the cross-entropy LossMonitor computes from "
+            f"the logits and labels it got ({result.cross_entropy:.4f}, {gap:.1%} apart): "
+            f"{prefix}cross_entropy, {prefix}perplexity and {prefix}token_accuracy do not "
+            "describe the loss being trained. "
+        )
+        if result.other_shift_agrees:
+            if shift:
+                return message + (
+                    f"With shift=False it would be {result.other_shift:.4f}, which matches: the "
+                    "labels look already shifted (labels[t] is the token after position t); "
+                    "pass LossMonitor(shift=False)."
+                )
+            return message + (
+                f"With shift=True it would be {result.other_shift:.4f}, which matches: the labels "
+                "look unshifted (Hugging Face style, labels == input_ids and the model's loss "
+                "shifts them); pass LossMonitor(shift=True)."
+            )
+        other = (
+            ""
+            if result.other_shift is None
+            else f"; with shift={not shift} it would be {result.other_shift:.4f}, no closer"
+        )
+        return message + (
+            f"Likely causes: `shift` (now {shift}{other}), `ignore_index` (now {ignore_index}; "
+            "positions the loss skips must carry it), `softcap`, a loss that is not the mean "
+            "over the scored tokens of the micro-batch (a mean per sequence, a sum divided by "
+            "something else), or loss options such as label_smoothing or z_loss. If the "
+            "difference is intended, LossMonitor(check_loss=False) turns this check off."
+        )
 
     @staticmethod
     def _reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -342,3 +468,20 @@ class LossMonitor(*CALLBACK_BASES):
             return acc.state()
         sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
         return reduce(sums.clone()).detach().cpu()
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
+def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` as a tuple of names from ``allowed``; a lone string is refused (it would be
+    read letter by letter)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of names from {allowed}, got {value!r}")
+    names = tuple(value)
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"{name} must be names from {allowed}, got {unknown[0]!r} in {names!r}")
+    return names
