@@ -375,3 +375,46 @@ def test_loss_without_stats_is_the_same(backend):
     plain.backward()
     torch.testing.assert_close(plain, with_stats)
     torch.testing.assert_close(x_plain.grad, x_stats.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("positions", [1, 0])
+def test_shift_with_no_position_left_to_score_is_torchs_empty_composition(backend, positions):
+    """``[B, 1, V]`` (and ``[B, 0, V]``) with ``shift=True``: what the Hugging Face shift gives."""
+    vocab = 13
+    logits = make_logits((3, positions, vocab), torch.float32, seed=15)
+    target = make_target((3, positions), vocab, ignore_share=0.0, seed=16)
+    hf_logits = logits[:, :-1].reshape(-1, vocab).double()
+    hf_target = target[:, 1:].reshape(-1)
+    x = logits.clone().requires_grad_()
+    per_token, stats = lossplug.cross_entropy(
+        x, target, shift=True, reduction="none", backend=backend, return_stats=True
+    )
+    # documented shape: target[..., :-1]
+    assert per_token.shape == target[:, :-1].shape == (3, 0)
+    torch.testing.assert_close(
+        per_token.double().reshape(-1), F.cross_entropy(hf_logits, hf_target, reduction="none")
+    )
+    assert int(stats.tokens) == 0 and int(stats.correct) == 0 and float(stats.nll_sum) == 0
+    per_token.sum().backward()
+    assert x.grad.shape == x.shape and torch.all(x.grad == 0)
+    # "sum" is torch's 0; "mean" is torch's 0/0 = nan with all_ignored="nan", 0 by default
+    for reduction, all_ignored, want in [
+        ("sum", "zero", F.cross_entropy(hf_logits, hf_target, reduction="sum")),
+        ("mean", "nan", F.cross_entropy(hf_logits, hf_target, reduction="mean")),
+        ("mean", "zero", torch.tensor(0.0, dtype=torch.float64)),
+    ]:
+        x = logits.clone().requires_grad_()
+        loss, stats = lossplug.cross_entropy(
+            x,
+            target,
+            shift=True,
+            reduction=reduction,
+            all_ignored=all_ignored,
+            backend=backend,
+            return_stats=True,
+        )
+        torch.testing.assert_close(loss.double(), want, equal_nan=True)
+        assert int(stats.tokens) == 0
+        loss.backward()
+        assert x.grad.shape == x.shape and torch.all(x.grad == 0)

@@ -314,7 +314,7 @@ def test_module_keeps_last_stats():
 @given(
     tokens=st.integers(1, 40),
     vocab=st.integers(2, 90),
-    dim=st.integers(1, 20),
+    dim=st.integers(0, 20),
     ignore_share=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
     shift=st.booleans(),
@@ -332,3 +332,54 @@ def test_property_random_shapes_match_reference(tokens, vocab, dim, ignore_share
     assert int(stats.tokens) == int(ref_stats["tokens"])
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_hidden_dimension_gives_the_bias_as_logits(backend, with_bias, reduction):
+    """``D = 0``: the logits are the bias (or zeros), as ``F.linear`` makes them."""
+    hidden, weight, bias, target = make_inputs(
+        torch.float32, shape=(2, 5), dim=0, bias=with_bias, seed=4
+    )
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    ref_leaves = [
+        t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)
+    ]
+    loss = lossplug.linear_cross_entropy(
+        leaves[0], leaves[1], target, bias=leaves[2], backend=backend, reduction=reduction
+    )
+    logits = F.linear(*ref_leaves)
+    want = F.cross_entropy(logits.view(-1, VOCAB), target.view(-1), reduction=reduction)
+    want = want.view(loss.shape)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    grad_out = torch.rand(loss.shape, dtype=torch.float64)
+    loss.backward(grad_out.float())
+    want.backward(grad_out)
+    for leaf, ref in zip(leaves, ref_leaves, strict=True):
+        if leaf is None:
+            continue
+        assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == leaf.dtype
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shift_on_sequences_of_one_and_none(backend):
+    """With nothing left to score the per-token loss is empty and every gradient is zero."""
+    for positions in (1, 0):
+        hidden, weight, bias, target = make_inputs(torch.float32, shape=(3, positions), seed=5)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss, stats = lossplug.linear_cross_entropy(
+            *leaves[:2],
+            target,
+            bias=leaves[2],
+            shift=True,
+            reduction="none",
+            backend=backend,
+            return_stats=True,
+        )
+        assert loss.shape == target[:, :-1].shape == (3, 0)
+        assert int(stats.tokens) == 0
+        loss.sum().backward()
+        for leaf in leaves:
+            assert torch.equal(leaf.grad, torch.zeros_like(leaf))

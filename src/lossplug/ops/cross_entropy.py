@@ -58,7 +58,8 @@ def cross_entropy(
             softmax (gradient included), as in Gemma 2.
         shift: score position ``t`` against ``target[..., t + 1]`` along the sequence (last target)
             axis, as causal language models do, without copying the logits; the last position is
-            not scored. With ``reduction="none"`` the result has shape ``target[..., :-1]``.
+            not scored. With ``reduction="none"`` the result has shape ``target[..., :-1]``
+            (empty for sequences of one position, where nothing is scored).
         return_stats: also return the :class:`~lossplug.TokenStats` of the same pass.
         backend: ``"triton"`` forces the Triton kernels (CUDA, or the CPU interpreter with
             ``TRITON_INTERPRET=1``), ``"torch"`` the chunked PyTorch path, ``"auto"`` Triton for
@@ -137,7 +138,7 @@ def _cross_entropy(
     # no statistics wanted, none computed: the argmax and entropy cost as much as the rest on
     # the CPU (on a GPU they are free)
     spec = dataclasses.replace(spec, full_stats=full_stats and return_stats)
-    loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
+    loss_shape = _loss_shape(target, shift)
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
     if shift:
@@ -177,6 +178,14 @@ def _reduce(
         return total.to(torch.float32)
     denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
     return (total / denominator).to(torch.float32)
+
+
+def _loss_shape(target: torch.Tensor, shift: bool) -> tuple[int, ...]:
+    """Shape of the ``reduction="none"`` loss: the target's, one position shorter if shifted
+    (and empty, not negative, for a sequence of no positions)."""
+    if not shift:
+        return tuple(target.shape)
+    return (*target.shape[:-1], max(target.shape[-1] - 1, 0))
 
 
 def _unshift(
@@ -240,6 +249,9 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _shift_left(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``target[..., t + 1]`` at ``t``, ``ignore_index`` at the last position (same shape)."""
+    if target.shape[-1] == 0:  # no positions: nothing to shift, and no last one to pad
+        return target
     pad = target.new_full((*target.shape[:-1], 1), ignore_index)
     return torch.cat([target[..., 1:], pad], dim=-1)
 

@@ -16,6 +16,7 @@ from lossplug.ops.cross_entropy import (
     AllIgnored,
     Reduction,
     _check_target_values,
+    _loss_shape,
     _reduce,
     _row_stats,
     _shift_left,
@@ -57,7 +58,8 @@ def linear_cross_entropy(
     and everything after the matmul in float32.
 
     Args:
-        hidden: ``[..., D]`` float32, float16 or bfloat16 (the last hidden states).
+        hidden: ``[..., D]`` float32, float16 or bfloat16 (the last hidden states); ``D`` may
+            be 0 (the logits are then the bias, or zeros).
         weight: ``[V, D]``, the output layer's weight (``lm_head.weight``), same dtype as
             ``hidden``.
         target: integer ``[...]`` (``hidden.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
@@ -107,7 +109,7 @@ def linear_cross_entropy(
     )
     # as in cross_entropy: no statistics wanted, no argmax or entropy computed
     spec = dataclasses.replace(spec, full_stats=return_stats)
-    loss_shape = (*target.shape[:-1], target.shape[-1] - 1) if shift else target.shape
+    loss_shape = _loss_shape(target, shift)
     if shift:
         target = _shift_left(target, ignore_index)
     vocab, dim = weight.shape
@@ -117,7 +119,8 @@ def linear_cross_entropy(
         )
 
     impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden)
-    hidden2 = hidden.reshape(-1, dim)
+    # the row count is given, not inferred (-1): with D = 0 there would be nothing to infer from
+    hidden2 = hidden.reshape(target.numel(), dim)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
     tokens = (target_rows != ignore_index).sum()
     # the backends choose their own precisions; autocast would reroute their matmuls

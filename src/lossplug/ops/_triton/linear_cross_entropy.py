@@ -355,8 +355,9 @@ def forward(
     hidden, weight = hidden.contiguous(), weight.contiguous()
     device = hidden.device
     if n_rows == 0:
-        zeros = torch.zeros(0, dtype=torch.float32, device=device)
-        return RowOutputs(zeros, zeros, zeros, zeros, zeros.to(torch.int32)), None
+        # one tensor each: autograd marks the statistics non-differentiable, not the loss
+        empty = [torch.zeros(0, dtype=torch.float32, device=device) for _ in range(4)]
+        return RowOutputs(*empty, torch.zeros(0, dtype=torch.int32, device=device)), None
     order, n_active = _order(target, spec.ignore_index)
     splits = _splits(n_rows, vocab)
     split_cols = triton.cdiv(triton.cdiv(vocab, splits), BLOCK_V) * BLOCK_V
