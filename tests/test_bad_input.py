@@ -32,7 +32,8 @@ def call(logits=LOGITS, target=TARGET, **kw):
         (dict(target=torch.zeros(2, 5)), TypeError, r"target must be an integer.*float32"),
         (dict(target=torch.zeros(2, 5, dtype=torch.bool)), TypeError, r"target.*torch.bool"),
         (dict(logits=torch.randn(2, 5, 0)), ValueError, r"logits.shape\[-1\].*must not be 0"),
-        (dict(logits=LOGITS.double()), TypeError, r"logits must be.*torch.float64"),
+        (dict(logits=LOGITS.to(torch.complex64)), TypeError, r"logits must be.*torch.complex64"),
+        (dict(logits=LOGITS.double(), backend="triton"), TypeError, r"float64 logits"),
         (dict(logits=LOGITS.long()), TypeError, r"logits must be.*torch.int64"),
         (dict(logits=torch.tensor(1.0)), ValueError, r"at least one dimension"),
         (dict(logits=LOGITS.numpy()), TypeError, r"logits must be a torch.Tensor, got ndarray"),
@@ -98,3 +99,31 @@ def test_module_validates_at_construction():
         lossplug.FusedCrossEntropyLoss(label_smoothing=-0.1)
     with pytest.raises(ValueError, match=r"backend must be one of.*'gpu'"):
         lossplug.FusedCrossEntropyLoss(backend="gpu")
+
+
+def test_auto_sends_float64_on_cuda_to_the_torch_path():
+    """The Triton kernels compute in float32: ``"auto"`` must not give them float64 CUDA logits."""
+    from lossplug.ops import _dispatch
+
+    class ClaimsCuda(torch.Tensor):  # what resolve sees of a CUDA tensor, on a CPU-only machine
+        @property
+        def is_cuda(self):
+            return True
+
+    chosen = {
+        dtype: _dispatch.resolve("auto", "cross_entropy", LOGITS.to(dtype).as_subclass(ClaimsCuda))
+        for dtype in (torch.float32, torch.float64)
+    }
+    assert chosen[torch.float32].__name__ == "lossplug.ops._triton.cross_entropy"
+    assert chosen[torch.float64].__name__ == "lossplug.ops._torch.cross_entropy"
+
+
+def test_float64_is_refused_by_triton_and_mixed_dtypes_by_name():
+    hidden, weight = torch.randn(4, 8, dtype=torch.float64), torch.randn(11, 8)
+    target = torch.randint(0, 11, (4,))
+    with pytest.raises(TypeError, match=r"weight must have hidden's dtype torch.float64"):
+        lossplug.linear_cross_entropy(hidden, weight, target)
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64 hidden"):
+        lossplug.linear_cross_entropy(hidden, weight.double(), target, backend="triton")
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64 logits"):
+        lossplug.FusedCrossEntropyLoss(backend="triton")(LOGITS.double(), TARGET)

@@ -377,6 +377,77 @@ def test_loss_without_stats_is_the_same(backend):
     torch.testing.assert_close(x_plain.grad, x_stats.grad)
 
 
+# float64 logits are computed in float64: the loss must be float64 torch's to rounding
+FLOAT64_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_float64_logits_are_computed_in_float64(options):
+    shape = (2, 9, 211)
+    logits = make_logits(shape, torch.float64, seed=7)
+    target = make_target(shape[:-1], shape[-1], seed=8)
+    ref_shape = (2, shape[1] - 1) if options["shift"] else shape[:-1]
+    grad_out = None
+    if options["reduction"] == "none":
+        grad_out = torch.rand(ref_shape, dtype=torch.float64)
+    (loss, stats, grad), (ref_loss, ref_stats, ref_grad) = run_both(
+        logits, target, "auto", grad_out=grad_out, **options
+    )
+    assert loss.dtype == torch.float64 and grad.dtype == torch.float64
+    assert loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss, ref_loss.detach(), **FLOAT64_TOL)
+    assert stats.nll_sum.dtype == torch.float64 and stats.tokens.dtype == torch.int64
+    assert int(stats.tokens) == int(ref_stats["tokens"])
+    assert int(stats.correct) == int(ref_stats["correct"])
+    for name in ("nll_sum", "entropy_sum", "lse_sq_sum"):
+        torch.testing.assert_close(getattr(stats, name), ref_stats[name], **FLOAT64_TOL, msg=name)
+    torch.testing.assert_close(grad, ref_grad, **FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_equals_torch_cross_entropy(reduction):
+    """What ``F.cross_entropy`` gives for float64 logits, loss dtype and gradient included."""
+    logits = make_logits((4, 6, 129), torch.float64, kind="peaked", seed=11)
+    target = make_target((4, 6), 129, seed=12)
+    ours_x, theirs_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = lossplug.cross_entropy(ours_x, target, reduction=reduction, label_smoothing=0.1)
+    theirs = F.cross_entropy(
+        theirs_x.view(-1, 129), target.view(-1), reduction=reduction, label_smoothing=0.1
+    )
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs.view(ours.shape), **FLOAT64_TOL)
+    grad_out = torch.rand(ours.shape, dtype=torch.float64)
+    ours.backward(grad_out)
+    theirs.backward(grad_out.view(theirs.shape))
+    torch.testing.assert_close(ours_x.grad, theirs_x.grad, **FLOAT64_TOL)
+
+
+def test_float64_masked_vocabulary_keeps_exact_zeros():
+    """``-inf`` logits: a finite entropy and a zero gradient in float64 too (whose exp of the
+    float32 log-probability floor is not 0)."""
+    logits = make_logits((6, 80), torch.float64, seed=41)
+    logits[:, 60:] = float("-inf")
+    target = make_target((6,), 60, ignore_share=0.0)
+    x = logits.clone().requires_grad_()
+    loss, stats = lossplug.cross_entropy(x, target, return_stats=True)
+    ref, ref_stats = reference_cross_entropy(logits[:, :60], target)
+    torch.testing.assert_close(loss, ref, **FLOAT64_TOL)
+    for name in ("nll_sum", "entropy_sum", "lse_sq_sum"):
+        torch.testing.assert_close(getattr(stats, name), ref_stats[name], **FLOAT64_TOL, msg=name)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 60:] == 0)
+
+
+def test_triton_refuses_float64_by_name_and_auto_takes_the_torch_path():
+    logits = make_logits((2, 3, 17), torch.float64)
+    target = make_target((2, 3), 17)
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64 logits.*backend='torch'"):
+        lossplug.cross_entropy(logits, target, backend="triton")
+    auto = lossplug.cross_entropy(logits, target, backend="auto")
+    forced = lossplug.cross_entropy(logits, target, backend="torch")
+    assert auto.dtype == torch.float64 and torch.equal(auto, forced)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("positions", [1, 0])
 def test_shift_with_no_position_left_to_score_is_torchs_empty_composition(backend, positions):

@@ -268,7 +268,8 @@ def test_autocast_casts_like_linear():
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        (dict(hidden=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "hidden must be"),
+        (dict(hidden=torch.zeros(2, 4, dtype=torch.int32)), TypeError, "hidden must be.*int32"),
+        (dict(weight=torch.zeros(7, 4, dtype=torch.float64)), TypeError, "weight must have"),
         (dict(weight=torch.zeros(7, 4, dtype=torch.bfloat16)), TypeError, "weight must have"),
         (dict(weight=torch.zeros(7, 5)), ValueError, r"weight must be \[V, D\]"),
         (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, r"target.shape \(3,\)"),
@@ -334,6 +335,59 @@ def test_property_random_shapes_match_reference(tokens, vocab, dim, ignore_share
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+# float64 inputs are computed in float64: float64 torch's numbers to rounding
+FLOAT64_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_float64_inputs_are_computed_in_float64(option):
+    kw = OPTIONS[option]
+    hidden, weight, bias, target = make_inputs(torch.float64)
+    loss, stats, grads, ref_loss, ref_stats, ref_grads = run_both(
+        hidden, weight, bias, target, "auto", **kw
+    )
+    assert loss.dtype == torch.float64 and loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss, ref_loss.detach(), **FLOAT64_TOL)
+    assert int(stats.tokens) == int(ref_stats["tokens"])
+    assert int(stats.correct) == int(ref_stats["correct"])
+    for name in ("nll_sum", "entropy_sum", "lse_sq_sum"):
+        torch.testing.assert_close(getattr(stats, name), ref_stats[name], **FLOAT64_TOL, msg=name)
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, want, **FLOAT64_TOL, msg=name)
+
+
+def test_float64_equals_torch_on_materialised_logits():
+    hidden, weight, bias, target = make_inputs(torch.float64, shape=(2, 19))
+    ours_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    theirs_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ours = lossplug.linear_cross_entropy(*ours_leaves[:2], target, bias=ours_leaves[2])
+    theirs = F.cross_entropy(F.linear(*theirs_leaves).view(-1, VOCAB), target.view(-1))
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, **FLOAT64_TOL)
+    ours.backward()
+    theirs.backward()
+    for got, want in zip(ours_leaves, theirs_leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **FLOAT64_TOL)
+
+
+def test_float64_under_autocast_stays_float64_like_linear():
+    """Autocast does not touch float64 matmuls, so neither does the fused head."""
+    hidden, weight, _, target = make_inputs(torch.float64, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(hidden, weight).dtype == torch.float64
+        loss = lossplug.linear_cross_entropy(hidden, weight, target)
+    want, _ = reference_cross_entropy(F.linear(hidden, weight), target)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want, **FLOAT64_TOL)
+
+
+def test_triton_refuses_float64_hidden_by_name():
+    hidden, weight, bias, target = make_inputs(torch.float64, shape=(2, 3))
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64 hidden.*backend='torch'"):
+        lossplug.linear_cross_entropy(hidden, weight, target, bias=bias, backend="triton")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -383,3 +437,26 @@ def test_shift_on_sequences_of_one_and_none(backend):
         loss.sum().backward()
         for leaf in leaves:
             assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_masked_vocabulary_gets_exact_zero_gradients(dtype):
+    """A ``-inf`` bias masks a class: probability 0, so exactly 0 gradient in its weight row
+    (float64 keeps probabilities far below float32's underflow, and must still give 0 here)."""
+    hidden, weight, bias, target = make_inputs(dtype, ignore_share=0.0)
+    target = target.clamp(max=VOCAB - 11)
+    bias[-10:] = float("-inf")
+    w = weight.clone().requires_grad_()
+    loss, stats = lossplug.linear_cross_entropy(hidden, w, target, bias=bias, return_stats=True)
+    loss.backward()
+    assert torch.isfinite(w.grad).all() and torch.all(w.grad[-10:] == 0)
+    logits = F.linear(hidden.double(), weight.double(), bias.double())
+    ref, ref_stats = reference_cross_entropy(logits[..., :-10], target)
+    tol = FLOAT64_TOL if dtype == torch.float64 else LOSS_TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(
+        stats.entropy_sum,
+        ref_stats["entropy_sum"],
+        rtol=tol["rtol"],
+        atol=1e-4 if dtype == torch.float32 else 1e-12,
+    )

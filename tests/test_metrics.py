@@ -49,11 +49,15 @@ METRICS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str
+)
 @pytest.mark.parametrize(
     "options", [{}, {"shift": True}, {"softcap": 5.0, "ignore_index": 0}], ids=str
 )
 def test_every_metric_matches_float64(dtype, options):
+    # float64 logits are computed in float64: held to its rounding, not float32's
+    rel_tol = 1e-12 if dtype == torch.float64 else 1e-5
     batches = [(x.to(dtype), t) for x, t in make_batches(seed=3)]
     if options.get("ignore_index") == 0:
         batches = [(x, t.clamp(min=0)) for x, t in batches]
@@ -68,12 +72,12 @@ def test_every_metric_matches_float64(dtype, options):
     for name, metric in metrics.items():
         value = metric.compute()
         assert value.dtype == torch.float64
-        assert math.isclose(float(value), want[name], rel_tol=1e-5), name
+        assert math.isclose(float(value), want[name], rel_tol=rel_tol), name
         assert float(together[name]) == float(value), name
         functional_form = getattr(functional, "predictive_entropy" if name == "entropy" else name)
         one_batch = functional_form(*batches[0], **options)
         assert math.isclose(
-            float(one_batch), reference_values(batches[:1], **options)[name], rel_tol=1e-5
+            float(one_batch), reference_values(batches[:1], **options)[name], rel_tol=rel_tol
         )
 
 
@@ -98,6 +102,27 @@ def test_agrees_with_torchmetrics_perplexity_on_float32():
         ours.update(logits, target)
         theirs.update(logits, target)
     assert math.isclose(float(ours.compute()), float(theirs.compute()), rel_tol=1e-5)
+
+
+def test_agrees_with_torchmetrics_perplexity_on_float64():
+    """torchmetrics takes float64 logits; so must its drop-in (and keep its states' dtypes)."""
+    batches = [(x.double(), t) for x, t in make_batches(seed=6)]
+    ours, theirs = Perplexity(), torchmetrics.text.Perplexity(ignore_index=-100)
+    for logits, target in batches:
+        ours.update(logits, target)
+        theirs.update(logits, target)
+    assert math.isclose(float(ours.compute()), float(theirs.compute()), rel_tol=1e-6)
+    assert math.isclose(
+        float(ours.compute()), reference_values(batches)["perplexity"], rel_tol=1e-12
+    )
+    assert ours.stats.nll_sum.dtype == torch.float64 and ours.stats.tokens.dtype == torch.int64
+
+
+def test_triton_metric_refuses_float64_logits_by_name():
+    metric = Perplexity(backend="triton")
+    logits, target = make_batches(seed=6)[0]
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64 logits"):
+        metric.update(logits.double(), target)
 
 
 def test_an_underflowing_token_does_not_make_the_perplexity_infinite():

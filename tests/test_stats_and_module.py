@@ -78,3 +78,29 @@ def test_module_on_sequences_with_shift_keeps_the_last_stats():
         assert int(criterion.last_stats.tokens) == int(ref["tokens"])
     plain = F.cross_entropy(logits[:, :-1].reshape(-1, 77), target[:, 1:].reshape(-1))
     assert abs(float(criterion.last_stats.mean_nll) - float(plain)) < 1e-5
+
+
+def test_modules_take_float64_like_torch_losses():
+    """float64 in, float64 loss and gradients out, equal to nn.CrossEntropyLoss in float64."""
+    logits, target = next(batches(shape=(12, 50)))
+    logits = logits.double()
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = lossplug.FusedCrossEntropyLoss(label_smoothing=0.1)
+    a, b = ours(x1, target), torch.nn.CrossEntropyLoss(label_smoothing=0.1)(x2, target)
+    assert a.dtype == b.dtype == torch.float64
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    assert ours.last_stats.nll_sum.dtype == torch.float64
+    assert ours.last_stats.tokens.dtype == torch.int64
+
+    hidden = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, dtype=torch.float64)
+    fused = lossplug.FusedLinearCrossEntropyLoss()(hidden, head.weight, target, head.bias)
+    plain = F.cross_entropy(head(hidden), target)
+    assert fused.dtype == torch.float64
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    (g_fused,) = torch.autograd.grad(fused, hidden)
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-12, atol=1e-12)

@@ -86,7 +86,8 @@ class FusedCrossEntropyLoss(_FusedLoss):
     Unlike ``nn.CrossEntropyLoss`` the class dimension is always the last one (the layout language
     models produce), there is no ``weight`` argument, and every call keeps the statistics of its
     pass on :attr:`last_stats` (device tensors, no host synchronisation). The keywords are those of
-    :func:`lossplug.cross_entropy`.
+    :func:`lossplug.cross_entropy`. The loss is float32, or float64 for float64 logits (computed
+    in float64 on the PyTorch path), as ``nn.CrossEntropyLoss`` gives.
 
     Example:
         >>> import torch, lossplug
@@ -142,6 +143,7 @@ class FusedLinearCrossEntropyLoss(_FusedLoss):
     ``criterion(hidden, weight, target, bias=None)`` equals ``FusedCrossEntropyLoss`` applied to
     ``F.linear(hidden, weight, bias)``, computed by :func:`lossplug.linear_cross_entropy`: the
     ``[N, V]`` logits never exist, and every call keeps its statistics on :attr:`last_stats`.
+    float64 inputs give a float64 loss and gradients, computed in float64.
 
     Example:
         >>> import torch, lossplug

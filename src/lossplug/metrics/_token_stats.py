@@ -172,7 +172,12 @@ class _TokenStatsMetric(Metric):
         *,
         mask: torch.Tensor | None = None,
     ) -> None:
-        """Add one batch: ``(logits, target)``, ``(stats)`` or ``(losses, mask)``."""
+        """Add one batch: ``(logits, target)``, ``(stats)`` or ``(losses, mask)``.
+
+        ``logits`` may be float32, float16, bfloat16 or float64 (scored in float64 on the PyTorch
+        path; ``backend="auto"`` picks it, ``"triton"`` refuses float64). The states stay the
+        float64/int64 sums of :class:`~lossplug.TokenStats` whatever the dtype.
+        """
         stats = _token_stats_update(
             preds,
             target,

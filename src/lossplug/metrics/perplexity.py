@@ -34,7 +34,7 @@ def perplexity(
     """Perplexity of the scored tokens, float64 (nan when none is scored).
 
     Exact for bf16/fp16 logits: the softmax is computed in float32 a block at a time and the sums
-    in float64, with no full-size probability tensor.
+    in float64, with no full-size probability tensor. float64 logits are scored in float64.
 
     Example:
         >>> import torch

@@ -26,20 +26,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, op: str, tensor: torch.Tensor) -> ModuleType:
+def resolve(backend: str, op: str, tensor: torch.Tensor, name: str = "logits") -> ModuleType:
     """The module with ``forward``/``backward`` of ``op`` for ``backend`` and ``tensor``'s device.
 
     Args:
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         op: the op's module name, e.g. ``"cross_entropy"``.
-        tensor: the main input; its device decides ``"auto"``.
+        tensor: the main input; its device and dtype decide ``"auto"``.
+        name: the argument ``tensor`` was passed as, for the error messages.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if tensor.is_cuda and triton_available() else "torch"
+        # the kernels compute in float32: float64 asks for more, which only PyTorch gives
+        triton_fits = tensor.is_cuda and tensor.dtype != torch.float64
+        backend = "triton" if triton_fits and triton_available() else "torch"
     if backend == "torch":
         return importlib.import_module(f"lossplug.ops._torch.{op}")
+    if tensor.dtype == torch.float64:
+        raise TypeError(
+            f"backend='triton' computes in float32 and does not take float64 {name} "
+            f"(got dtype {tensor.dtype}): use backend='torch' or 'auto' for float64, "
+            "or cast to float32"
+        )
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package: pip install triton")
     if not tensor.is_cuda and not _interpreting():

@@ -49,7 +49,8 @@ class RowOutputs:
     ``loss`` is the training loss of the row (smoothing and z-loss included), ``nll`` the pure
     negative log-likelihood of the true token, ``lse`` the log-sum-exp of the (soft-capped) logits,
     ``entropy`` the entropy of the predictive distribution and ``correct`` 1 where the argmax is the
-    true token. All float32 except ``correct`` (int32).
+    true token. All float32 (float64 for float64 inputs, on the PyTorch path) except ``correct``
+    (int32).
     """
 
     loss: torch.Tensor
@@ -73,8 +74,8 @@ class RowOutputs:
 
 
 class LinearGrads(NamedTuple):
-    """Gradients of the fused linear loss (``None`` where not wanted), in float32 or the inputs'
-    dtype: the op casts each to its input's dtype."""
+    """Gradients of the fused linear loss (``None`` where not wanted), in float32 (float64 for
+    float64 inputs) or the inputs' dtype: the op casts each to its input's dtype."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None

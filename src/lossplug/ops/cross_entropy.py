@@ -20,7 +20,7 @@ Reduction = Literal["mean", "sum", "none"]
 AllIgnored = Literal["zero", "nan"]
 _REDUCTIONS = ("mean", "sum", "none")
 _ALL_IGNORED = ("zero", "nan")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def cross_entropy(
@@ -42,15 +42,17 @@ def cross_entropy(
     """Cross-entropy of ``logits`` against ``target``, and optionally its token statistics.
 
     The semantics are those of :func:`torch.nn.functional.cross_entropy` with the class dimension
-    last, computed in one pass over the logits with float32 arithmetic whatever their dtype (a
-    bf16/fp16 input is upcast block by block, never as a whole).
+    last, computed in one pass over the logits with float32 arithmetic (a bf16/fp16 input is
+    upcast block by block, never as a whole), or float64 arithmetic for float64 logits.
 
     Args:
-        logits: ``[..., V]`` float32, float16 or bfloat16; any leading shape, any strides.
+        logits: ``[..., V]`` float32, float16, bfloat16 or float64; any leading shape, any
+            strides. float64 runs on the PyTorch path (``backend="auto"`` picks it; the Triton
+            kernels compute in float32 and refuse it).
         target: integer ``[...]`` (``logits.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
         ignore_index: target value that is not scored (no loss, no gradient, not counted).
         reduction: ``"mean"`` over the scored tokens, ``"sum"``, or ``"none"`` for the per-token
-            float32 loss (0 at ignored positions).
+            loss (0 at ignored positions).
         label_smoothing: in ``[0, 1]``; mixes the one-hot target with the uniform distribution as
             ``torch.nn.functional.cross_entropy`` does.
         z_loss: coefficient of the ``lse**2`` term added to each scored token's loss.
@@ -75,7 +77,8 @@ def cross_entropy(
             number.
 
     Returns:
-        The float32 loss, or ``(loss, stats)`` when ``return_stats`` is true.
+        The loss, float32 (float64 for float64 logits, as ``torch.nn.functional.cross_entropy``
+        gives), or ``(loss, stats)`` when ``return_stats`` is true.
 
     Example:
         >>> import torch, lossplug
@@ -147,7 +150,7 @@ def _cross_entropy(
     if check_target or (check_target is None and target.device.type == "cpu"):
         _check_target_values(target, vocab, ignore_index, shifted=shift)
 
-    impl = _dispatch.resolve(backend, "cross_entropy", logits)
+    impl = _dispatch.resolve(backend, "cross_entropy", logits, "logits")
     logits3 = _as_rows(logits)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
     if torch.is_grad_enabled() and logits3.requires_grad:
@@ -170,14 +173,18 @@ def _cross_entropy(
 def _reduce(
     loss_rows: torch.Tensor, tokens: torch.Tensor, reduction: str, all_ignored: str
 ) -> torch.Tensor:
-    """The float32 loss of a reduction (sums in float64); ``"none"`` returns the rows."""
+    """The loss of a reduction in the rows' dtype (sums in float64); ``"none"`` returns the rows.
+
+    The rows are float32 for every input dtype except float64, so the loss is float32 or float64
+    as ``torch.nn.functional.cross_entropy`` would give.
+    """
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum(dtype=torch.float64)
     if reduction == "sum":
-        return total.to(torch.float32)
+        return total.to(loss_rows.dtype)
     denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
-    return (total / denominator).to(torch.float32)
+    return (total / denominator).to(loss_rows.dtype)
 
 
 def _loss_shape(target: torch.Tensor, shift: bool) -> tuple[int, ...]:
@@ -274,8 +281,7 @@ def _validate(
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"logits must be float32, float16 or bfloat16, got dtype {logits.dtype}"
-            + (" (cast to float32)" if logits.dtype == torch.float64 else "")
+            f"logits must be float32, float16, bfloat16 or float64, got dtype {logits.dtype}"
         )
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(

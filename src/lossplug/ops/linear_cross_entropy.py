@@ -55,11 +55,12 @@ def linear_cross_entropy(
     on the Triton path).
 
     The logits are computed in the inputs' dtype, as the model's own output layer computes them,
-    and everything after the matmul in float32.
+    and everything after the matmul in float32 (in float64 for float64 inputs, which run on the
+    PyTorch path).
 
     Args:
-        hidden: ``[..., D]`` float32, float16 or bfloat16 (the last hidden states); ``D`` may
-            be 0 (the logits are then the bias, or zeros).
+        hidden: ``[..., D]`` float32, float16, bfloat16 or float64 (the last hidden states);
+            ``D`` may be 0 (the logits are then the bias, or zeros).
         weight: ``[V, D]``, the output layer's weight (``lm_head.weight``), same dtype as
             ``hidden``.
         target: integer ``[...]`` (``hidden.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
@@ -78,7 +79,8 @@ def linear_cross_entropy(
         check_target: validate target values: ``None`` when free (CPU), ``True``, ``False``.
 
     Returns:
-        The float32 loss, or ``(loss, stats)`` when ``return_stats`` is true.
+        The loss, float32 (float64 for float64 inputs), or ``(loss, stats)`` when
+        ``return_stats`` is true.
 
     Example:
         >>> import torch, lossplug
@@ -118,7 +120,7 @@ def linear_cross_entropy(
             target, vocab, ignore_index, shifted=shift, vocab_from="weight.shape[0]"
         )
 
-    impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden)
+    impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden, "hidden")
     # the row count is given, not inferred (-1): with D = 0 there would be nothing to infer from
     hidden2 = hidden.reshape(target.numel(), dim)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
@@ -162,12 +164,17 @@ def _loss_and_rows(
 def _autocast_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Cast to the autocast dtype where ``torch.nn.functional.linear`` would (differentiably)."""
+    """Cast to the autocast dtype where ``torch.nn.functional.linear`` would (differentiably).
+
+    Autocast leaves float64 alone ("ops that run in float64 are not eligible"), so do we.
+    """
     if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
     return tuple(  # type: ignore[return-value]
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        else t
         for t in (hidden, weight, bias)
     )
 
@@ -209,7 +216,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @once_differentiable  # the gradients are not themselves differentiable: say so, loudly
     def backward(ctx, grad_loss, *_unused):
         hidden2, weight, bias, target_rows, lse, tokens = ctx.saved_tensors
-        grad_loss = grad_loss.to(torch.float32)
+        # float32 arithmetic, float64 for float64 inputs (their rows and gradients are float64)
+        grad_loss = grad_loss.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         if ctx.reduction == "mean":
             # the gradient is 0 when nothing is scored, whatever all_ignored made of the loss
             grad_loss = grad_loss / tokens.clamp(min=1)
@@ -250,7 +258,9 @@ def _check_tensors(
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, float16 or bfloat16, got dtype {hidden.dtype}")
+        raise TypeError(
+            f"hidden must be float32, float16, bfloat16 or float64, got dtype {hidden.dtype}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got dtype {weight.dtype}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -279,7 +289,9 @@ def _check_tensors(
                 f"got shape {tuple(bias.shape)}"
             )
         if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"bias must be float32, float16 or bfloat16, got dtype {bias.dtype}")
+            raise TypeError(
+                f"bias must be float32, float16, bfloat16 or float64, got dtype {bias.dtype}"
+            )
     for name, value in (("weight", weight), ("target", target), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(

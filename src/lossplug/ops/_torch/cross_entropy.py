@@ -2,7 +2,8 @@
 
 Rows are processed a chunk at a time through two reusable float32 workspaces, so a bf16/fp16 input
 is upcast one chunk at a time (exact, never a full fp32 copy) and the extra memory does not grow
-with the number of tokens.
+with the number of tokens. float64 logits are computed in float64 throughout (workspaces and row
+outputs included): whoever passes float64 asks for its precision.
 """
 
 from __future__ import annotations
@@ -11,19 +12,25 @@ import torch
 
 from lossplug.ops._spec import LossSpec, RowOutputs
 
-#: Bytes of one float32 workspace (two are used, three for a soft-capped backward). Chunks of
-#: this size stay in the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
+#: Bytes of one workspace (two are used, three for a soft-capped backward). Chunks of this size
+#: stay in the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
 WORKSPACE_BYTES = 8 * 2**20
 
-# exp(-150) is 0 in float32: clamping the log-probabilities here changes no probability but keeps
-# 0 * (-inf) out of the entropy when a logit is -inf (masked vocabulary entries).
-_LOG_FLOOR = -150.0
+# exp(-150) is 0 in float32 and exp(-800) in float64: clamping the log-probabilities there changes
+# no probability but keeps 0 * (-inf) out of the entropy when a logit is -inf (masked vocabulary
+# entries).
+_LOG_FLOOR = {torch.float32: -150.0, torch.float64: -800.0}
 # width of the blocks of the two-level argmax (torch's CPU argmax is several times slower than amax)
 _ARGMAX_BLOCK = 64
 
 
-def _chunk_rows(vocab: int, n_rows: int) -> int:
-    return max(1, min(n_rows, WORKSPACE_BYTES // (4 * vocab)))
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype this path computes in for ``dtype`` inputs: float64 stays, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(vocab: int, n_rows: int, itemsize: int = 4) -> int:
+    return max(1, min(n_rows, WORKSPACE_BYTES // (itemsize * vocab)))
 
 
 def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int):
@@ -73,10 +80,11 @@ def score_chunk(
     *,
     want_probs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-row ``(loss, nll, lse, entropy, correct)`` of the float32 (soft-capped) logits ``z``.
+    """Per-row ``(loss, nll, lse, entropy, correct)`` of the (soft-capped) logits ``z``.
 
-    ``target`` must be a valid class for every row (callers mask ignored rows afterwards).
-    ``log_probs_buf`` and ``probs_buf`` are ``z``-shaped float32 workspaces; ``probs_buf`` may be
+    ``z`` is float32, or float64 for float64 inputs; the results have its dtype. ``target`` must
+    be a valid class for every row (callers mask ignored rows afterwards). ``log_probs_buf`` and
+    ``probs_buf`` are ``z``-shaped workspaces of ``z``'s dtype; ``probs_buf`` may be
     ``z`` itself. With ``spec.full_stats`` or ``want_probs`` it holds the softmax of ``z`` on
     return, which the fused linear path turns into the gradient without another exponential.
     """
@@ -94,7 +102,7 @@ def score_chunk(
         log_p.gather(1, argmax[:, None])[:, 0] if spec.full_stats else log_p.amax(dim=1)
     )
     if spec.full_stats:
-        log_p.clamp_(min=_LOG_FLOOR)
+        log_p.clamp_(min=_LOG_FLOOR[z.dtype])
         p = torch.exp(log_p, out=probs_buf)  # z is not needed any more
         row_entropy = log_p.mul_(p).sum(dim=1).neg_()
         row_correct = argmax == y[:, 0]
@@ -111,19 +119,20 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
     n_outer, n_inner, vocab = logits3.shape
     n_rows = n_outer * n_inner
     device = logits3.device
-    f32 = dict(dtype=torch.float32, device=device)
-    loss = torch.empty(n_rows, **f32)
-    nll = torch.empty(n_rows, **f32)
-    lse = torch.empty(n_rows, **f32)
-    entropy = torch.empty(n_rows, **f32)
+    compute = compute_dtype(logits3.dtype)
+    fp = dict(dtype=compute, device=device)
+    loss = torch.empty(n_rows, **fp)
+    nll = torch.empty(n_rows, **fp)
+    lse = torch.empty(n_rows, **fp)
+    entropy = torch.empty(n_rows, **fp)
     correct = torch.empty(n_rows, dtype=torch.int32, device=device)
     if n_rows == 0:
         return RowOutputs(loss, nll, lse, entropy, correct)
 
-    rows_per_chunk = _chunk_rows(vocab, n_inner)
-    log_probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
-    probs_buf = torch.empty(rows_per_chunk, vocab, **f32)
-    direct = logits3.dtype == torch.float32 and spec.softcap is None
+    rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
+    log_probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
+    probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
+    direct = logits3.dtype == compute and spec.softcap is None
     ignored, invalid, target_safe = spec.target_masks(target, vocab)
 
     for row0, chunk in _row_chunks(logits3, rows_per_chunk):
@@ -166,7 +175,8 @@ def probs_to_grad_(
     uniform_delta: torch.Tensor | None,
     dtanh: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Turn the float32 softmax ``probs`` ``[n, V]`` into the logits' gradient, in place.
+    """Turn the softmax ``probs`` ``[n, V]`` (float32 or float64) into the logits' gradient, in
+    place.
 
     ``target`` is ``[n, 1]`` (valid classes), the factors come from :func:`grad_coefficients`
     and ``dtanh`` is the softcap's derivative (``None`` without a softcap).
@@ -193,16 +203,17 @@ def backward(
     if n_outer * n_inner == 0:
         return
     device = logits3.device
-    f32 = dict(dtype=torch.float32, device=device)
-    rows_per_chunk = _chunk_rows(vocab, n_inner)
+    compute = compute_dtype(logits3.dtype)
+    fp = dict(dtype=compute, device=device)
+    rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
     softcap = spec.softcap
-    # a float32 gradient is computed where it is stored; otherwise through a workspace
-    staged = grad3.dtype != torch.float32
-    work_buf = torch.empty(rows_per_chunk, vocab, **f32) if staged or softcap else None
-    dtanh_buf = torch.empty(rows_per_chunk, vocab, **f32) if softcap is not None else None
+    # a gradient in the compute dtype is computed where it is stored; otherwise via a workspace
+    staged = grad3.dtype != compute
+    work_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged or softcap else None
+    dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
 
     ignored, _, target_safe = spec.target_masks(target, vocab)
-    g = grad_rows.to(torch.float32).masked_fill(ignored, 0.0)
+    g = grad_rows.to(compute).masked_fill(ignored, 0.0)
     prob_scale, true_delta, uniform_delta = grad_coefficients(g, lse, spec, vocab)
     # e^(z - inf) = 0: ignored rows come out as exact zeros with no extra pass
     shift = lse.masked_fill(ignored, float("inf"))[:, None]

@@ -5,7 +5,8 @@ the chunk's logits are computed into a float32 workspace by one matmul, scored a
 of rows at a time by the cross-entropy path's code, turned into their gradient in place and
 multiplied back out into the gradients of the hidden states, the weight and the bias. The full
 ``[N, V]`` logits never exist; the extra memory is the chunk workspace, two block-sized ones and
-the float32 weight-gradient accumulator, none of which grows with the number of tokens.
+the float32 weight-gradient accumulator, none of which grows with the number of tokens. float64
+inputs are computed in float64 throughout (workspaces and accumulators included).
 
 When the loss is reduced to a scalar its gradient is known up to one factor in the forward pass,
 so the gradients are computed there (three matmuls in all, the minimum) and only scaled in the
@@ -20,6 +21,7 @@ import torch
 
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
 from lossplug.ops._torch.cross_entropy import (
+    compute_dtype,
     grad_coefficients,
     probs_to_grad_,
     score_chunk,
@@ -43,16 +45,16 @@ BLOCK_BYTES = 2 * 2**20
 PRECOMPUTES_GRAD = True
 
 
-def _rows_per_chunk(vocab: int, n_rows: int) -> int:
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (4 * vocab))))
+def _rows_per_chunk(vocab: int, n_rows: int, itemsize: int = 4) -> int:
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (itemsize * vocab))))
 
 
 def _fields(outputs: RowOutputs) -> tuple[torch.Tensor, ...]:
     return outputs.loss, outputs.nll, outputs.lse, outputs.entropy, outputs.correct
 
 
-def _rows_per_block(vocab: int, rows_per_chunk: int) -> int:
-    return max(1, min(rows_per_chunk, BLOCK_BYTES // (4 * vocab)))
+def _rows_per_block(vocab: int, rows_per_chunk: int, itemsize: int = 4) -> int:
+    return max(1, min(rows_per_chunk, BLOCK_BYTES // (itemsize * vocab)))
 
 
 def _score_block(
@@ -60,13 +62,14 @@ def _score_block(
     target: torch.Tensor,
     g: torch.Tensor | None,
     spec: LossSpec,
-    bias32: torch.Tensor | None,
+    bias_z: torch.Tensor | None,
     log_probs_buf: torch.Tensor,
     dtanh_buf: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    """Row outputs of a block of float32 logits ``z``; with ``g``, ``z`` becomes its gradient."""
-    if bias32 is not None:
-        z.add_(bias32)
+    """Row outputs of a block of logits ``z`` (float32, or float64 for float64 inputs); with
+    ``g``, ``z`` becomes its gradient."""
+    if bias_z is not None:
+        z.add_(bias_z)
     dtanh = None
     if spec.softcap is not None:
         dtanh = softcap_(z, spec.softcap, dtanh_buf if g is not None else None)
@@ -124,19 +127,20 @@ def _run(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    f32 = dict(dtype=torch.float32, device=device)
+    compute = compute_dtype(weight.dtype)
+    fp = dict(dtype=compute, device=device)
     outputs = RowOutputs(
-        loss=torch.zeros(n_rows, **f32),
-        nll=torch.zeros(n_rows, **f32),
-        lse=torch.zeros(n_rows, **f32),
-        entropy=torch.zeros(n_rows, **f32),
+        loss=torch.zeros(n_rows, **fp),
+        nll=torch.zeros(n_rows, **fp),
+        lse=torch.zeros(n_rows, **fp),
+        entropy=torch.zeros(n_rows, **fp),
         correct=torch.zeros(n_rows, dtype=torch.int32, device=device),
     )
     want_h, want_w, want_b = needs if needs is not None else (False, False, False)
     want_b = want_b and bias is not None
     grad_h = torch.zeros_like(hidden) if want_h else None
-    grad_w = torch.zeros(vocab, dim, **f32) if want_w else None
-    grad_b = torch.zeros(vocab, **f32) if want_b else None
+    grad_w = torch.zeros(vocab, dim, **fp) if want_w else None
+    grad_b = torch.zeros(vocab, **fp) if want_b else None
     with_grads = want_h or want_w or want_b
 
     ignored, invalid, target_safe = spec.target_masks(target, vocab)
@@ -153,24 +157,24 @@ def _run(
     if n_active == 0 or n_rows == 0:
         return outputs, grads
 
-    rows_per_chunk = _rows_per_chunk(vocab, n_active)
-    rows_per_block = _rows_per_block(vocab, rows_per_chunk)
-    logits_buf = torch.empty(rows_per_chunk, vocab, **f32)
-    log_probs_buf = torch.empty(rows_per_block, vocab, **f32)
+    rows_per_chunk = _rows_per_chunk(vocab, n_active, compute.itemsize)
+    rows_per_block = _rows_per_block(vocab, rows_per_chunk, compute.itemsize)
+    logits_buf = torch.empty(rows_per_chunk, vocab, **fp)
+    log_probs_buf = torch.empty(rows_per_block, vocab, **fp)
     dtanh_buf = (
-        torch.empty(rows_per_block, vocab, **f32)
+        torch.empty(rows_per_block, vocab, **fp)
         if with_grads and spec.softcap is not None
         else None
     )
-    bias32 = None if bias is None else bias.to(torch.float32)
-    direct = weight.dtype == torch.float32
+    bias_z = None if bias is None else bias.to(compute)
+    direct = weight.dtype == compute
     if not direct:
         lowp_buf = torch.empty(rows_per_chunk, vocab, dtype=weight.dtype, device=device)
         slice_rows = max(1, min(vocab, SLICE_BYTES // (weight.element_size() * dim)))
         slice_buf = torch.empty(slice_rows, dim, dtype=weight.dtype, device=device)
     if with_grads:
         g_rows = (
-            torch.ones(n_rows, **f32) if grad_rows is None else grad_rows.to(torch.float32)
+            torch.ones(n_rows, **fp) if grad_rows is None else grad_rows.to(compute)
         ).masked_fill(ignored, 0.0)
 
     for start in range(0, n_active, rows_per_chunk):
@@ -188,7 +192,7 @@ def _run(
             torch.mm(h, weight.t(), out=z)
         else:  # the matmul in the input dtype (as the model's own head), scored in float32
             z.copy_(torch.mm(h, weight.t(), out=lowp_buf[:rows]))
-        chunk_rows = [torch.empty(rows, **f32) for _ in range(4)]
+        chunk_rows = [torch.empty(rows, **fp) for _ in range(4)]
         chunk_rows.append(torch.empty(rows, dtype=torch.int32, device=device))
         # The element-wise work runs a few rows at a time, so its many passes hit the cache
         # while the matmuls get the whole chunk; it leaves the logits' gradient in place.
@@ -199,7 +203,7 @@ def _run(
                 y[b0:b1],
                 None if g is None else g[b0:b1],
                 spec,
-                bias32,
+                bias_z,
                 log_probs_buf[: b1 - b0],
                 None if dtanh_buf is None else dtanh_buf[: b1 - b0],
             )
