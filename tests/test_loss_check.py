@@ -59,11 +59,13 @@ class _StepReturnsLogits:
     ``"shifted"`` returns them already shifted (``labels[t]`` is the token after ``t``).
     ``loss``: ``"mean"`` (the Hugging Face loss), ``"sum"``, ``"smooth"`` (label smoothing 0.1).
     ``offset_from``: from this optimizer step on, the loss returned is 1 nat too high.
+    ``prefix``: put before the keys ``logits`` and ``labels`` (for ``LossMonitor(extract=…)``).
     """
 
-    def __init__(self, labels="hf", loss="mean", offset_from=None):
+    def __init__(self, labels="hf", loss="mean", offset_from=None, prefix=""):
         super().__init__()
         self.labels_kind, self.loss_kind, self.offset_from = labels, loss, offset_from
+        self.prefix = prefix
         self.load_state_dict(pretrained_weights())
         self.batches: list[tuple] = []  # (logits, labels, loss) of each training micro-batch
 
@@ -79,7 +81,7 @@ class _StepReturnsLogits:
             self.batches.append((logits.detach().double(), labels, loss.detach().double()))
         if self.labels_kind == "shifted":
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        return {"loss": loss, "logits": logits, "labels": labels}
+        return {"loss": loss, f"{self.prefix}logits": logits, f"{self.prefix}labels": labels}
 
 
 class LogitsLM(_StepReturnsLogits, NAMESPACES["lightning.pytorch"][1]):
@@ -152,15 +154,28 @@ def test_unshifted_labels_without_shift_warn_once_and_say_shift_true(namespace, 
     loss, ce = numbers(message)
     logits, labels, trained = module.batches[0]
     assert loss == pytest.approx(trained.item(), abs=1e-4)
+    # the step's loss is what a Hugging Face causal LM computes from these labels
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    hf = ForCausalLMLoss(logits, labels, vocab_size=VOCAB)
+    assert trained.item() == pytest.approx(hf.item(), rel=1e-6)
     want, _ = reference_cross_entropy(logits, labels)  # what shift=False scores
     assert ce == pytest.approx(want.item(), abs=1e-4)
     assert ce > 2 * loss  # a real disagreement, not rounding
 
 
-def test_already_shifted_labels_with_shift_true_say_shift_false(tmp_path):
+@pytest.mark.parametrize("form", ["logits", "extract"])
+def test_already_shifted_labels_with_shift_true_say_shift_false(form, tmp_path):
     lightning = NAMESPACES["lightning.pytorch"][0]
-    module = MODULES[lightning.__name__](labels="shifted")
-    found = fit(lightning, module, lossplug.LossMonitor(log_every_n_steps=2, shift=True), tmp_path)
+    if form == "extract":
+        module = MODULES[lightning.__name__](labels="shifted", prefix="my_")
+
+        def extract(outputs, batch):
+            return outputs["my_logits"], outputs["my_labels"]
+    else:
+        module, extract = MODULES[lightning.__name__](labels="shifted"), None
+    monitor = lossplug.LossMonitor(log_every_n_steps=2, shift=True, extract=extract)
+    found = fit(lightning, module, monitor, tmp_path)
     assert len(found) == 1 and "pass LossMonitor(shift=False)" in found[0], found
 
 

@@ -216,11 +216,19 @@ def test_bad_configuration(kwargs, error, pattern):
 
 
 def test_good_configuration_is_kept():
+    import numpy as np
+
     monitor = lossplug.LossMonitor(
-        metrics=["perplexity"], stages=["val"], ignore_index=0, softcap=30, shift=True
+        log_every_n_steps=np.int64(5),  # e.g. read from a config
+        metrics=["perplexity"],
+        stages=["val"],
+        ignore_index=np.int32(0),
+        softcap=30,
+        shift=True,
     )
     assert monitor.keys("val") == ["val/perplexity", "val/tokens"]
     assert monitor.op_kwargs == {"ignore_index": 0, "shift": True, "softcap": 30.0}
+    assert type(monitor.log_every_n_steps) is int and type(monitor.op_kwargs["ignore_index"]) is int
 
 
 def test_resume_continues_aggregates_and_the_step_axis(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -104,7 +105,7 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         # every argument is checked here, not at the first step of a long job
         if log_every_n_steps is not None:
-            _check_int("log_every_n_steps", log_every_n_steps)
+            log_every_n_steps = _as_int("log_every_n_steps", log_every_n_steps)
             if log_every_n_steps < 1:
                 raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps!r}")
         metrics = _names("metrics", metrics, METRIC_NAMES)
@@ -123,7 +124,7 @@ class LossMonitor(*CALLBACK_BASES):
             raise ValueError(f"stages must name at least one of {_STAGES}, got {stages!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract must be callable(outputs, batch), got {extract!r}")
-        _check_int("ignore_index", ignore_index)
+        ignore_index = _as_int("ignore_index", ignore_index)
         for name, flag in (
             ("prog_bar", prog_bar),
             ("log_epoch", log_epoch),
@@ -133,7 +134,7 @@ class LossMonitor(*CALLBACK_BASES):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if softcap is not None:
-            if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
                 raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}")
             if not (softcap > 0 and math.isfinite(softcap)):
                 raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
@@ -150,7 +151,7 @@ class LossMonitor(*CALLBACK_BASES):
         self.log_epoch = log_epoch
         self.stages = stages
         self.extract = extract
-        self.op_kwargs = dict(ignore_index=int(ignore_index), shift=shift, softcap=softcap)
+        self.op_kwargs = dict(ignore_index=ignore_index, shift=shift, softcap=softcap)
         self.backend = backend
         self.check_loss = check_loss
 
@@ -470,9 +471,11 @@ class LossMonitor(*CALLBACK_BASES):
         return reduce(sums.clone()).detach().cpu()
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _as_int(name: str, value: Any) -> int:
+    # any integer (a NumPy one from a config too), never a bool or a float that happens to be whole
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
