@@ -82,9 +82,6 @@ except ImportError:  # Windows: no rlimits, no process groups
 
 __all__ = ["SandboxUnavailableError", "SpeedupResult", "measure_speedup"]
 
-# The compiler's address-space limit is at least this (a template program can make it use GiBs;
-# an ordinary program needs a few hundred MiB), whatever the program's own memory_mb.
-_COMPILE_MEMORY_MB = 2048
 # Processes (threads included) a program or the compiler may have at once: a fork storm stops here.
 _MAX_PROCESSES = 64
 # Captured output is held in memory; a program printing in a tight loop until the time limit
@@ -150,6 +147,7 @@ def measure_speedup(
     stdin: str = "",
     timeout_s: float = 10.0,
     memory_mb: int = 1024,
+    compile_memory_mb: int = 2048,
     repeats: int = 1,
     compiler: str | None = None,
     sandbox: str | None = None,
@@ -160,9 +158,9 @@ def measure_speedup(
     compiler and both programs each run in a new sandbox (see the module docstring), without a
     shell, with ``stdin`` on the programs' standard input, a minimal environment (``PATH`` and
     ``LANG=C``), a wall-clock limit of ``timeout_s`` (the sandbox and everything in it are killed
-    when it is reached), an address-space limit of ``memory_mb`` MiB (for the compiler, at least
-    2 GiB), a CPU-time limit just above ``timeout_s``, a file-size limit, at most 64 processes
-    and no core dumps. The programs can write only a private 64 MiB scratch directory, the
+    when it is reached), an address-space limit of ``memory_mb`` MiB (``compile_memory_mb`` for
+    the compiler), a CPU-time limit just above ``timeout_s``, a file-size limit, at most 64
+    processes and no core dumps. The programs can write only a private 64 MiB scratch directory, the
     compiler only the directory of the source. Python runs with the caller's interpreter in
     isolated mode (``-I``). Compile time is not measured, but is limited like a run.
 
@@ -178,6 +176,8 @@ def measure_speedup(
         stdin: Text fed to both programs' standard input.
         timeout_s: Wall-clock limit of each run, in seconds; finite and > 0.
         memory_mb: Address-space limit of each run, in MiB; at least 16.
+        compile_memory_mb: Address-space limit of the compiler, in MiB; at least 64. An ordinary
+            program needs a few hundred MiB; a macro or template bomb can ask for many GiB.
         repeats: How many times to run each program; at least 1.
         compiler: The C++ compiler command, possibly with extra words (``"clang++ -march=native"``).
             Defaults to ``$CXX``, else ``g++``, else ``clang++``. In the sandbox it sees only the
@@ -208,7 +208,9 @@ def measure_speedup(
         >>> result.compiled, result.correct, result.speedup, result.error
         (True, False, None, "wrong answer: expected '42', got '63'")
     """
-    timeout_s = _validate(python_source, cpp_source, stdin, timeout_s, memory_mb, repeats, compiler)
+    timeout_s = _validate(
+        python_source, cpp_source, stdin, timeout_s, memory_mb, compile_memory_mb, repeats, compiler
+    )
     isolation = resolve_sandbox(sandbox)
     if resource is None:
         raise OSError("measure_speedup needs POSIX resource limits, which this platform lacks")
@@ -228,7 +230,15 @@ def measure_speedup(
     # The private directory is a 0755 folder inside a 0700 one: other users of the host cannot
     # reach it, the sandbox's unprivileged user (which sees only the inner one) can.
     with tempfile.TemporaryDirectory(prefix="lossplug-speedup-") as tmp:
-        box = _Box(Path(tmp) / "box", jail, compiler_command, python, timeout_s, memory_mb)
+        box = _Box(
+            Path(tmp) / "box",
+            jail,
+            compiler_command,
+            python,
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            compile_memory_mb=compile_memory_mb,
+        )
         box.write(python_source, cpp_source)
 
         compile_error = box.compile()
@@ -302,8 +312,10 @@ class _Box:
         jail: Jail | None,
         compiler_command: list[str],
         python: str,
+        *,
         timeout_s: float,
         memory_mb: int,
+        compile_memory_mb: int,
     ) -> None:
         directory.mkdir(mode=0o755)
         self.directory = directory
@@ -311,6 +323,7 @@ class _Box:
         self.compiler_command = compiler_command
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        self.compile_memory_mb = compile_memory_mb
         # Where the programs see the directory: the sandbox shows it at SOURCE_DIR.
         self.seen = Path(SOURCE_DIR) if jail is not None else directory
         self.python_argv = [python, "-I", str(self.seen / "main.py")]
@@ -335,7 +348,7 @@ class _Box:
         binary = self.seen / "main"
         argv = [*self.compiler_command, "-O2", "-std=c++17", "-o", str(binary)]
         argv.append(str(self.seen / "main.cpp"))
-        memory_mb = max(self.memory_mb, _COMPILE_MEMORY_MB)
+        memory_mb = self.compile_memory_mb
         run = self._run(argv, b"", memory_mb, writable=True)
         if run.start_error is not None:
             return _shorten(
@@ -444,6 +457,7 @@ def _validate(
     stdin: object,
     timeout_s: object,
     memory_mb: object,
+    compile_memory_mb: object,
     repeats: object,
     compiler: object,
 ) -> float:
@@ -460,7 +474,11 @@ def _validate(
         raise TypeError(f"timeout_s must be a number, got {type(timeout_s).__name__}")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
-    for name, value, minimum in (("memory_mb", memory_mb, 16), ("repeats", repeats, 1)):
+    for name, value, minimum in (
+        ("memory_mb", memory_mb, 16),
+        ("compile_memory_mb", compile_memory_mb, 64),
+        ("repeats", repeats, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < minimum:

@@ -1,0 +1,405 @@
+"""measure_speedup against hostile programs: each attack a model-generated program could make.
+
+Every test runs a real program through the public API and checks that the attack is contained:
+the caller survives and is not stopped, its environment and files stay private, nothing outside
+the sandbox is written or reached, nothing is left running, limits hold for the compiler too, and
+the CPU time counts the program's whole process tree. Attacks that would kill or freeze the
+caller run in a child Python process that plays the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lossplug.kpi._speedup import SandboxUnavailableError, measure_speedup
+
+SECRET = "lossplug-secret-7f3a"
+
+
+KILL_CPP = r"""
+#include <csignal>
+#include <cstdio>
+#include <unistd.h>
+int main() {
+    long trainer;
+    if (std::scanf("%ld", &trainer) != 1) return 1;
+    int failures = 0;
+    failures += kill((pid_t)trainer, SIGSTOP) != 0;
+    failures += kill(getppid(), SIGKILL) != 0 || getppid() == 0;
+    failures += kill((pid_t)trainer, SIGKILL) != 0;
+    std::printf("%d\n", failures >= 2 ? 1 : 0);
+}
+"""
+
+READ_SECRETS_CPP = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+static std::string slurp(const std::string &path) {
+    std::FILE *file = std::fopen(path.c_str(), "rb");
+    if (!file) return "";
+    std::string text;
+    int c;
+    while ((c = std::fgetc(file)) != EOF) text += (char)(c ? c : ' ');
+    std::fclose(file);
+    return text;
+}
+int main() {
+    char trainer[32], secret_path[4096];
+    if (std::scanf("%31s %4095s", trainer, secret_path) != 2) return 1;
+    std::string seen = slurp(std::string("/proc/") + trainer + "/environ");
+    seen += slurp("/proc/1/environ") + slurp(secret_path) + slurp("/etc/passwd");
+    seen += slurp("/root/.bashrc");
+    const char *env = std::getenv("LOSSPLUG_TEST_SECRET");
+    if (env) seen += env;
+    std::printf("%s\n", seen.empty() ? "nothing" : seen.c_str());
+}
+"""
+
+TRAINER_SCRIPT = """
+import dataclasses, json, os, sys
+from lossplug.kpi._speedup import measure_speedup
+for arguments in json.loads(sys.stdin.read()):
+    arguments["stdin"] = arguments["stdin"].replace("TRAINER_PID", str(os.getpid()))
+    result = measure_speedup(**arguments)
+    print("RESULT " + json.dumps(dataclasses.asdict(result)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def attacks_on_the_trainer(tmp_path_factory):
+    """Programs that attack the process calling measure_speedup, run from a child "trainer".
+
+    One child runs them all (importing lossplug is most of its cost); it must survive each one,
+    unstopped, and print every result.
+    """
+    secret_file = tmp_path_factory.mktemp("trainer") / "credentials"
+    secret_file.write_text(SECRET)
+    cases = [
+        dict(python_source="print(1)", cpp_source=KILL_CPP, stdin="TRAINER_PID\n"),
+        dict(
+            python_source="print('nothing')",
+            cpp_source=READ_SECRETS_CPP,
+            stdin=f"TRAINER_PID {secret_file}\n",
+        ),
+    ]
+    child = subprocess.Popen(
+        [sys.executable, "-c", TRAINER_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LOSSPLUG_TEST_SECRET": SECRET},
+        text=True,
+    )
+    try:
+        stdout, stderr = child.communicate(json.dumps(cases), timeout=120)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        stdout, stderr = child.communicate()
+        pytest.fail(f"the trainer hung (stopped?): {stdout[-500:]} {stderr[-500:]}")
+    results = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert child.returncode == 0 and len(results) == len(cases), (
+        child.returncode,
+        stdout[-500:],
+        stderr[-2000:],
+    )
+    return results
+
+
+def test_program_cannot_kill_or_stop_the_trainer(attacks_on_the_trainer):
+    result = attacks_on_the_trainer[0]
+
+    assert result["isolation"] == "bwrap"
+    assert result["correct"], result["error"]
+
+
+def test_program_cannot_read_the_trainer_environment_or_files(attacks_on_the_trainer):
+    result = attacks_on_the_trainer[1]
+
+    assert result["correct"], result["error"]
+    assert SECRET not in json.dumps(result)
+
+
+def test_include_of_a_file_outside_does_not_quote_it(tmp_path):
+    secret_file = tmp_path / "secret.h"
+    secret_file.write_text(f"{SECRET} is not C++\n")
+    cpp_source = f'#include "{secret_file}"\nint main() {{}}\n'
+
+    result = measure_speedup("print(1)", cpp_source)
+
+    assert not result.compiled
+    assert SECRET not in (result.error or "")
+    assert "No such file or directory" in result.error
+
+
+def test_program_cannot_write_outside_its_scratch_directory(tmp_path):
+    target = tmp_path / "written-by-the-program"
+    cpp_source = r"""
+#include <cstdio>
+#include <string>
+static int writes(const std::string &path) {
+    std::FILE *file = std::fopen(path.c_str(), "w");
+    if (!file) return 0;
+    std::fputs("x", file);
+    return std::fclose(file) == 0;
+}
+int main() {
+    char path[4096];
+    if (std::scanf("%4095s", path) != 1) return 1;
+    // The private scratch directory is writable; the caller's files and the source are not.
+    std::printf("%d %d %d\n", writes("scratch.txt"), writes(path), writes("/src/main.cpp"));
+}
+"""
+    result = measure_speedup("print(1, 0, 0)", cpp_source, stdin=f"{target}\n")
+
+    assert result.correct, result.error
+    assert not target.exists()
+
+
+def test_program_cannot_reach_the_network():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    cpp_source = r"""
+#include <arpa/inet.h>
+#include <cstdio>
+#include <netinet/in.h>
+#include <sys/socket.h>
+int main() {
+    int port;
+    if (std::scanf("%d", &port) != 1) return 1;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = inet_addr("127.0.0.1");
+    std::printf("%s\n", connect(fd, (sockaddr *)&address, sizeof address) == 0 ? "reached" : "no");
+}
+"""
+    try:
+        result = measure_speedup("print('no')", cpp_source, stdin=f"{port}\n")
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+
+    assert result.correct, result.error
+
+
+def _processes_running(marker: str, *, kill: bool = False) -> list[str]:
+    """Command lines of the live processes whose command line holds ``marker``; kill them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in command and state != "Z":
+            found.append(command)
+            if kill:
+                os.kill(int(entry.name), signal.SIGKILL)
+    return found
+
+
+DAEMON_CPP = r"""
+#include <cstdio>
+#include <fcntl.h>
+#include <unistd.h>
+int main() {
+    // The pipe closes when the daemon's exec succeeds: the program ends only once it runs.
+    int started[2];
+    if (pipe2(started, O_CLOEXEC) != 0) return 1;
+    if (fork() == 0) {
+        setsid();
+        if (fork() == 0) execl("/bin/sleep", "sleep", "%MARKER%", (char *)nullptr);
+        _exit(0);
+    }
+    close(started[1]);
+    char byte;
+    read(started[0], &byte, 1);
+    std::puts("1");
+}
+"""
+
+
+def test_no_daemon_outlives_the_call():
+    marker = "4321.5"
+    result = measure_speedup("print(1)", DAEMON_CPP.replace("%MARKER%", marker))
+
+    assert result.correct, result.error
+    assert _processes_running(f"sleep {marker}", kill=True) == []
+
+
+def test_sandbox_dies_with_the_trainer():
+    marker = "4322.5"
+    cpp_source = DAEMON_CPP.replace("%MARKER%", marker).replace(
+        'std::puts("1");', "for (;;) pause();"
+    )
+    script = (
+        "from lossplug.kpi._speedup import measure_speedup\n"
+        f"measure_speedup('print(1)', {cpp_source!r}, timeout_s=60)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_running(f"sleep {marker}"):
+            assert trainer.poll() is None and time.monotonic() < deadline, "never started"
+            time.sleep(0.05)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while _processes_running(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_running(f"sleep {marker}", kill=True) == []
+
+
+def test_fork_storm_stops_at_the_process_limit():
+    cpp_source = r"""
+#include <cstdio>
+#include <unistd.h>
+int main() {
+    int started = 0;
+    while (started < 1000) {
+        pid_t child = fork();
+        if (child < 0) break;
+        if (child == 0) { pause(); _exit(0); }
+        ++started;
+    }
+    std::printf("%s\n", started < 100 ? "limited" : "unlimited");
+}
+"""
+    result = measure_speedup("print('limited')", cpp_source)
+
+    assert result.correct, result.error
+
+
+# Each macro level multiplies the string by ten: the preprocessor alone needs many GiB.
+MACRO_BOMB_CPP = (
+    '#define A "'
+    + "x" * 80
+    + '"\n'
+    + "".join(
+        f"#define {b} {a} {a} {a} {a} {a} {a} {a} {a} {a} {a}\n"
+        for a, b in zip("ABCDEFG", "BCDEFGH", strict=True)
+    )
+    + "const char *s = H;\nint main() { return s[0]; }\n"
+)
+
+# gcc evaluates 4e10 constexpr steps before it gives up: minutes of compiling.
+SLOW_TO_COMPILE_CPP = r"""
+constexpr long long spin() {
+    long long total = 0;
+    for (long long i = 0; i < 200000; ++i)
+        for (long long j = 0; j < 200000; ++j) total += i ^ j;
+    return total;
+}
+constexpr long long value = spin();
+int main() { return value == 0; }
+"""
+
+
+def test_compiler_memory_is_limited():
+    start = time.perf_counter()
+    result = measure_speedup("print(1)", MACRO_BOMB_CPP, compile_memory_mb=256, timeout_s=30)
+
+    assert time.perf_counter() - start < 20
+    assert not result.compiled
+    assert result.error.startswith("compile error: compiler memory limit exceeded (256 MiB)")
+
+
+def test_compiler_time_is_limited():
+    start = time.perf_counter()
+    result = measure_speedup("print(1)", SLOW_TO_COMPILE_CPP, timeout_s=2)
+
+    assert time.perf_counter() - start < 8
+    assert not result.compiled
+    assert result.error == "compile error: compiler timed out after 2.0 s"
+
+
+WORK_CPP = r"""
+#include <cstdio>
+#include <sys/wait.h>
+#include <unistd.h>
+static long long work(long long n) {
+    volatile long long total = 0;
+    for (long long i = 0; i < n; ++i) total = (total + i * i) % 1000000007;
+    return total;
+}
+int main() {
+    long long n;
+    if (std::scanf("%lld", &n) != 1) return 1;
+#ifdef IN_A_WORKER
+    int done[2];
+    if (pipe(done) != 0) return 1;
+    if (fork() == 0) {
+        std::printf("%lld\n", work(n));
+        std::fflush(stdout);
+        _exit(0);  // then lingers as a zombie: its parent never waits for it
+    }
+    char byte;
+    close(done[1]);
+    read(done[0], &byte, 1);  // blocks, using no CPU, until the worker has exited
+    return 0;
+#else
+    std::printf("%lld\n", work(n));
+#endif
+}
+"""
+
+
+def test_cpu_time_counts_a_worker_that_is_never_reaped():
+    n = 20_000_000
+    reference = f"print({(n - 1) * n * (2 * n - 1) // 6 % 1_000_000_007})"
+    stdin = f"{n}\n"
+    direct = measure_speedup(reference, WORK_CPP, stdin=stdin, timeout_s=30)
+    worker = measure_speedup(
+        reference, "#define IN_A_WORKER\n" + WORK_CPP, stdin=stdin, timeout_s=30
+    )
+
+    assert direct.correct and worker.correct, (direct.error, worker.error)
+    # Only the worker computes: its time is the program's.
+    assert worker.cpp_seconds > 0.7 * direct.cpp_seconds
+
+
+def test_no_silent_fallback_when_no_sandbox_can_be_built(monkeypatch):
+    import lossplug.kpi._sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_JAILS", {})
+    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+
+    with pytest.raises(SandboxUnavailableError, match=r"no bubblewrap.*sandbox='none'"):
+        measure_speedup("print(1)", "int main() {}")
+    # The explicit opt-out runs, and says so.
+    assert measure_speedup("print(1)", "int main() {}", sandbox="none").isolation == "none"
+    monkeypatch.setenv("LOSSPLUG_SANDBOX", "none")
+    assert measure_speedup("print(1)", "int main() {}").isolation == "none"
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "env", "error", "pattern"),
+    [
+        ("docker", None, ValueError, r"sandbox must be one of bwrap, none, got 'docker'"),
+        (True, None, TypeError, r"sandbox must be a str or None, got bool"),
+        (None, "off", ValueError, r"\$LOSSPLUG_SANDBOX must be one of bwrap, none, got 'off'"),
+    ],
+)
+def test_bad_sandbox_choice(monkeypatch, sandbox, env, error, pattern):
+    if env is not None:
+        monkeypatch.setenv("LOSSPLUG_SANDBOX", env)
+    with pytest.raises(error, match=pattern):
+        measure_speedup("print(1)", "int main() {}", sandbox=sandbox)
