@@ -156,6 +156,9 @@ class LossCheck:
         packed = torch.stack(row)
         self.sums = packed if self.sums is None else self.sums.to(packed.device) + packed
 
+    def reset(self) -> None:
+        self.sums = None
+
     def compare(self, rtol: float, atol: float) -> LossComparison | None:
         """The comparison since the last call (``None`` if no micro-batch could be compared);
         then starts again. Synchronises with the host."""

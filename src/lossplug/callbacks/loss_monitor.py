@@ -407,14 +407,14 @@ class LossMonitor(*CALLBACK_BASES):
             return
         self._windows_to_check[stage] -= 1
         if not trainer.is_global_zero:  # one warning per job; the other ranks skip the read
-            check.sums = None
+            check.reset()
             return
         result = check.compare(rtol=_LOSS_RTOL, atol=_LOSS_ATOL)
         if result is None or result.agrees:
             return
         self._windows_to_check = dict.fromkeys(_STAGES, 0)  # warned once: stop checking
         for other in self._checks.values():
-            other.sums = None
+            other.reset()
         warnings.warn(self._mismatch_message(result, stage), UserWarning, stacklevel=2)
 
     def _mismatch_message(self, result: LossComparison, stage: str) -> str:
@@ -432,14 +432,15 @@ class LossMonitor(*CALLBACK_BASES):
         if result.other_shift_agrees:
             if shift:
                 return message + (
-                    f"With shift=False it would be {result.other_shift:.4f}, which matches: the "
-                    "labels look already shifted (labels[t] is the token after position t); "
-                    "pass LossMonitor(shift=False)."
+                    f"With shift=False it would be about {result.other_shift:.4f} (on the tokens "
+                    "both conventions score), close to the loss: the labels look already shifted "
+                    "(labels[t] is the token after position t); pass LossMonitor(shift=False)."
                 )
             return message + (
-                f"With shift=True it would be {result.other_shift:.4f}, which matches: the labels "
-                "look unshifted (Hugging Face style, labels == input_ids and the model's loss "
-                "shifts them); pass LossMonitor(shift=True)."
+                f"With shift=True it would be about {result.other_shift:.4f} (on the tokens both "
+                "conventions score), close to the loss: the labels look unshifted (Hugging Face "
+                "style, labels == input_ids and the model's loss shifts them); pass "
+                "LossMonitor(shift=True)."
             )
         other = (
             ""
