@@ -173,3 +173,54 @@ def test_code_speedup_reports_exactly_what_each_translation_does():
 def test_bad_builtin_configuration(make, error, pattern):
     with pytest.raises(error, match=pattern):
         make()
+
+
+def test_code_speedup_default_timeout_covers_every_program():
+    four = CodeSpeedup(["print(1)"] * 4, lambda ctx, src: "", program_timeout_s=2.0)
+    # each program: translated, compiled, then run twice (Python and C++) to its limit
+    assert four.timeout_s == 4 * (2 * 2.0 + 60.0)
+    one = CodeSpeedup(["print(1)"], lambda ctx, src: "")
+    assert one.timeout_s == 2 * 10.0 + 60.0  # program_timeout_s defaults to 10 s
+    assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=None).timeout_s is None
+    assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=5).timeout_s == 5.0
+
+
+def test_builtins_get_the_kpi_default_timeout():
+    kpis = [
+        Throughput(),
+        TrainingCost(1.0),
+        TimeToTarget("val/perplexity", 2.0),
+        GenerationKPI(["a"], lambda p, o: 1.0, generate_fn=lambda ctx, p, n: p),
+    ]
+    assert {kpi.timeout_s for kpi in kpis} == {lossplug.kpi.DEFAULT_TIMEOUT_S}
+
+
+def test_training_cost_is_cumulative_with_no_best_and_no_target():
+    cost = TrainingCost(price_per_device_hour=3600.0, every_n_steps=1)
+    runner = lossplug.kpi.KPIRunner([cost])
+    for step, elapsed in ((1, 1.0), (2, 3.0)):
+        runner.run(cost, KPIContext(step=step, elapsed_s=elapsed, tokens=1000 * step))
+    assert cost.is_cumulative("kpi/cost/total")
+    assert cost.is_cumulative("kpi/cost/per_million_tokens")
+    assert runner.states["cost"].best is None  # lower is better, yet the first cost is no best
+    with pytest.raises(ValueError, match=r"target=100.0 is meaningless.*cumulative"):
+        TrainingCost(1.0, target=100.0)
+
+
+def test_time_to_target_default_name_holds_only_name_characters():
+    assert TimeToTarget("val/loss epoch", 1.0).name == "time_to_val_loss_epoch"
+    assert TimeToTarget("val/acc.", 1.0).name == "time_to_val_acc"
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "pattern"),
+    [
+        (lambda: CodeSpeedup(["x"], print, program_timeout_s=0), ValueError, r"program_timeout"),
+        (lambda: CodeSpeedup(["x"], print, program_timeout_s="9"), ValueError, r"program_time"),
+        (lambda: TimeToTarget("val/x", 1.0, higher_is_better="yes"), TypeError, r"higher_is_b"),
+        (lambda: Throughput("../up"), ValueError, r"name must be.*'\.\./up'"),
+    ],
+)
+def test_more_bad_builtin_configuration(make, error, pattern):
+    with pytest.raises(error, match=pattern):
+        make()

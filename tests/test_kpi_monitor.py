@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import sys
 import threading
 import time
 import warnings
@@ -266,3 +268,209 @@ def test_bad_kpi_configuration(kwargs, error, pattern):
 def test_duplicate_names_are_refused():
     with pytest.raises(ValueError, match=r"unique.*\['x'\]"):
         KPIRunner([KPI("x", lambda ctx: 1.0), KPI("x", lambda ctx: 2.0)])
+
+
+def test_kpis_get_a_finite_timeout_by_default_and_run_off_the_training_thread(tmp_path):
+    on_main_thread = {}
+
+    def where(ctx):
+        on_main_thread[ctx.step] = threading.current_thread() is threading.main_thread()
+        return 1.0
+
+    @lossplug.kpi(every_n_steps=2)
+    def decorated(ctx):
+        return 2.0
+
+    default = KPI("default", where, every_n_steps=2)
+    assert default.timeout_s == decorated.timeout_s == lossplug.kpi.DEFAULT_TIMEOUT_S == 300.0
+    # so that a hang can be abandoned, the call runs on a worker thread that training outlives
+    fit(tmp_path, [default, decorated], max_steps=2)
+    assert on_main_thread == {2: False}
+    # None stays an explicit choice: inline, no limit
+    inline = KPI("inline", where, every_n_steps=2, timeout_s=None)
+    assert inline.timeout_s is None
+    fit(tmp_path, [inline], max_steps=4)
+    assert on_main_thread[4] is True
+
+
+@pytest.mark.parametrize("timeout_s", [None, 0.5], ids=["inline", "threaded"])
+def test_sys_exit_in_a_kpi_is_an_error_not_the_end_of_training(tmp_path, timeout_s):
+    def quits(ctx):
+        sys.exit("giving up")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, recorder = fit(
+            tmp_path, [KPI("quits", quits, every_n_steps=2, timeout_s=timeout_s)], max_steps=4
+        )
+    assert trainer.global_step == 4
+    assert recorder.series("kpi/quits/errors") == [(2, 1.0), (4, 2.0)]
+    assert sum("KPI 'quits' raised SystemExit: giving up" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("timeout_s", [None, 0.5], ids=["inline", "threaded"])
+def test_keyboard_interrupt_in_a_kpi_still_stops_training(tmp_path, timeout_s):
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    recorder = Recorder()
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT while it shuts down
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after an interrupt
+            fit(
+                tmp_path,
+                [KPI("interrupted", interrupted, every_n_steps=2, timeout_s=timeout_s)],
+                max_steps=6,
+                recorder=recorder,
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert recorder.series("kpi/interrupted/errors") == []  # not counted: obeyed
+    assert not any(step > 2 for step, _ in recorder.rows if step is not None)
+
+
+def _missing_metric_warnings(caught):
+    return [str(w.message) for w in caught if "which is not logged" in str(w.message)]
+
+
+def test_a_metric_that_is_never_logged_is_named_after_the_first_validation(tmp_path):
+    from lossplug.kpi.builtin import TimeToTarget
+
+    def early_reader(ctx):  # reads val/perplexity before any validation: not a mistake
+        return ctx.metrics.get("val/perplexity", 0.0)
+
+    kpis = [
+        TimeToTarget("val/perplexty", 8.0),  # the typo
+        TimeToTarget("val/perplexity", 1e6),
+        KPI("early", early_reader, every_n_steps=1),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, recorder = fit(
+            tmp_path,
+            kpis,
+            max_steps=6,
+            callbacks=[lossplug.LossMonitor(log_every_n_steps=2)],
+            limit_val_batches=1,
+            val_check_interval=2,
+        )
+    messages = _missing_metric_warnings(caught)
+    assert len(messages) == 1, messages  # once, for three validations
+    assert messages[0].startswith("KPI 'time_to_val_perplexty' reads metric 'val/perplexty'")
+    assert "after the first validation (step 2)" in messages[0]
+    assert "closest logged: 'val/perplexity'" in messages[0]
+    assert recorder.series("kpi/time_to_val_perplexity/step")  # the right key: reached
+    assert recorder.series("kpi/time_to_val_perplexty/step") == []
+
+
+def test_without_validation_a_missing_metric_is_named_at_the_end_of_training(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            tmp_path,
+            [KPI("reads", lambda ctx: ctx.metrics["train/perplexityy"], every_n_steps=2)],
+            max_steps=4,
+            callbacks=[lossplug.LossMonitor(log_every_n_steps=1)],
+        )
+    messages = _missing_metric_warnings(caught)
+    assert len(messages) == 1
+    assert "'train/perplexityy' (closest logged: 'train/perplexity'" in messages[0]
+    assert "by the end of training" in messages[0]
+
+
+def test_missing_metrics_without_lightning():
+    runner = KPIRunner([KPI("reads", lambda ctx: ctx.metrics.get("val/acc"), every_n_steps=1)])
+    outcome = runner.run(runner.kpis[0], KPIContext(step=1, metrics={"val/accuracy": 0.5}))
+    assert outcome.status == "nothing"
+    with pytest.warns(RuntimeWarning, match=r"'val/acc' \(closest logged: 'val/accuracy'\)"):
+        assert runner.warn_missing_metrics(["val/accuracy"]) == {"reads": ["val/acc"]}
+    assert runner.warn_missing_metrics(["val/accuracy"]) == {}  # once
+    assert runner.warn_missing_metrics(["val/accuracy", "val/acc"]) == {}
+
+
+def test_sample_rows_that_are_not_rows_lose_the_table_not_the_value():
+    runner = KPIRunner([KPI("rows", lambda ctx: KPIResult(2.0, samples=[1, 2]), every_n_steps=1)])
+    with pytest.warns(RuntimeWarning, match=r"KPI 'rows': its sample rows at step 1 could not"):
+        outcome = runner.run(runner.kpis[0], KPIContext(step=1))
+    assert outcome.status == "ok" and outcome.samples is None
+    assert outcome.metrics["kpi/rows"] == 2.0
+    assert outcome.metrics["kpi/rows/table_errors"] == 1.0
+    assert runner.states["rows"].errors == 0 and runner.states["rows"].best == 2.0
+
+
+def test_cumulative_values_have_no_best_and_no_target():
+    def spend(ctx):
+        return {"pass_rate": 0.1 * ctx.step, "dollars": 5.0 * ctx.step}
+
+    mixed = KPI("mixed", spend, cumulative=("dollars",), primary="pass_rate", target=0.2)
+    total = KPI("total", lambda ctx: 5.0 * ctx.step, cumulative=True, higher_is_better=False)
+    runner = KPIRunner([mixed, total])
+    for step in (1, 2, 3):
+        metrics = runner.run(mixed, KPIContext(step=step)).metrics
+        runner.run(total, KPIContext(step=step))
+    assert metrics["kpi/mixed/dollars"] == 15.0
+    assert runner.states["mixed"].best == pytest.approx(0.3)  # follows pass_rate
+    assert runner.states["mixed"].reached_at_step == 2
+    assert runner.states["total"].best is None  # lower is better, but the first total is not best
+    assert [mixed.is_cumulative(k) for k in ("kpi/mixed/dollars", "kpi/mixed/pass_rate")] == [
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kpis", "kwargs", "error", "pattern"),
+    [
+        (None, {}, TypeError, r"kpis must be a list of KPI objects.*got None"),
+        ("throughput", {}, TypeError, r"kpis must be a list of KPI objects.*got 'throughput'"),
+        ([print], {}, TypeError, r"kpis must hold only KPI.*print.*lossplug.KPI\(name, fn\)"),
+        ([KPIResult], {}, TypeError, r"kpis must hold only KPI.*KPIResult"),
+        ({"a": KPI("a", print)}, {}, TypeError, r"kpis must be a list.*\{'a'"),
+        ([KPI("a", print), 3], {}, TypeError, r"kpis must hold only KPI.*got 3"),
+        ([KPI("a", print), KPI("a", len)], {}, ValueError, r"unique.*\['a'\]"),
+        ([], {"log_samples": "no"}, TypeError, r"log_samples must be True or False.*'no'"),
+    ],
+)
+def test_bad_monitor_arguments(kpis, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        lossplug.KPIMonitor(kpis, **kwargs)
+
+
+def test_a_single_kpi_needs_no_list():
+    monitor = lossplug.KPIMonitor(KPI("one", lambda ctx: 1.0))
+    assert [k.name for k in monitor.kpis] == ["one"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(name="../x"), ValueError, r"name must be.*got '\.\./x'"),
+        (dict(name="a//b"), ValueError, r"name must be.*'a//b'"),
+        (dict(name="a/"), ValueError, r"name must be.*'a/'"),
+        (dict(name="x/./y"), ValueError, r"name must be.*'x/\./y'"),
+        (dict(name="v1."), ValueError, r"name must be.*'v1\.'"),
+        (dict(name="a\\b"), ValueError, r"name must be.*'a\\\\b'"),
+        (dict(name="tab\there"), ValueError, r"name must be.*'tab\\there'"),
+        (dict(name=3), TypeError, r"name must be a str, got int 3"),
+        (dict(at=5), TypeError, r"at must be an event name.*5"),
+        (dict(higher_is_better="no"), TypeError, r"higher_is_better must be True or False.*'no'"),
+        (dict(rank_zero_only=None), TypeError, r"rank_zero_only must be True or False.*None"),
+        (dict(uses_model=1), TypeError, r"uses_model must be True or False.*1"),
+        (dict(primary=""), ValueError, r"primary must name an entry"),
+        (dict(cumulative="total"), TypeError, r"cumulative must be True, False or.*'total'"),
+        (dict(cumulative=()), ValueError, r"cumulative must name at least one entry"),
+        (dict(cumulative=True, target=5.0), ValueError, r"target=5.0 is meaningless.*cumulative"),
+        (dict(cumulative=["a"], target=5.0), ValueError, r"give primary="),
+        (dict(cumulative=["a"], target=5.0, primary="a"), ValueError, r"primary entry 'a' is c"),
+    ],
+)
+def test_more_bad_kpi_configuration(kwargs, error, pattern):
+    options = dict(name="ok", fn=lambda ctx: 1.0)
+    options.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        KPI(options.pop("name"), options.pop("fn"), **options)
+
+
+def test_kpi_decorator_takes_options_by_keyword():
+    with pytest.raises(TypeError, match=r"kpi\(\) takes the KPI's name.*got 100.*every_n_steps"):
+        lossplug.kpi(100)

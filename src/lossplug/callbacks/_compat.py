@@ -30,15 +30,28 @@ CALLBACK_BASES: tuple[type, ...] = tuple(module.Callback for module in LIGHTNING
 
 
 def define_wandb_metrics(trainer: Any, summaries: Mapping[str, str | None]) -> None:
-    """Declare each key on every W&B logger: x-axis the trainer's step, and its summary kind."""
+    """Declare each key on every W&B logger: x-axis the trainer's step, and its summary kind.
+
+    Args:
+        trainer: the Lightning trainer; loggers other than W&B's are left alone.
+        summaries: W&B's summary kind of each logged key: ``"min"`` or ``"max"`` for values
+            with a best, ``"last"`` for running totals (a count of tokens, the cost so far),
+            ``None`` for W&B's default (also the last value). Keys holding ``*`` are not
+            declared, since W&B reads ``*`` as a glob.
+    """
     for logger in wandb_loggers(trainer):
         run = logger.experiment
         if not hasattr(run, "define_metric"):  # a disabled run
             continue
         run.define_metric("trainer/global_step")
         for key, summary in summaries.items():
+            if "*" in key:
+                continue
             kwargs = {"summary": summary} if summary else {}
-            run.define_metric(key, step_metric="trainer/global_step", **kwargs)
+            # W&B reads an unescaped "." as nesting: the summary of "kpi/pass.rate" would
+            # otherwise be asked for a "rate" inside "kpi/pass", and never computed
+            name = key.replace(".", "\\.")
+            run.define_metric(name, step_metric="trainer/global_step", **kwargs)
 
 
 def wandb_loggers(trainer: Any) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,15 +22,25 @@ class KPIMonitor(*CALLBACK_BASES):
 
     Values go to every logger at the trainer's global step (the x-axis of the model metrics),
     with ``kpi/<name>/seconds`` for the cost of the call; mapping KPIs log ``kpi/<name>/<sub>``;
-    sample rows become a W&B table ``kpi/<name>/samples`` when W&B logs. Values computed at
-    validation end are also logged to the module, so ``EarlyStopping``/``ModelCheckpoint`` can
-    monitor them. A failing, hanging or NaN-returning KPI never stops training (see
-    :class:`~lossplug.kpi.KPIRunner`); under DDP a rank-zero KPI runs once and every rank sees
-    its value. Schedules, best values and reached targets survive a resume.
+    sample rows become a W&B table ``kpi/<name>/samples`` when W&B logs (a column whose cells
+    mix types, which W&B refuses, is logged as text; a table that still cannot be written is
+    counted in ``kpi/<name>/table_errors`` and warned once, and the values are logged all the
+    same). W&B summaries are ``max`` or ``min`` by ``higher_is_better``, and ``last`` for the
+    values a KPI declares ``cumulative``. Values computed at validation end are also logged to
+    the module, so ``EarlyStopping``/``ModelCheckpoint`` can monitor them. A failing, hanging or
+    NaN-returning KPI never stops training (see :class:`~lossplug.kpi.KPIRunner`); under DDP a
+    rank-zero KPI runs once and every rank sees its value. After the first validation (or at
+    the end of training when there is none), a KPI that looked up a metric key that is not
+    logged is warned about once, with the closest logged names. Schedules, best values and
+    reached targets survive a resume.
 
     Args:
-        kpis: the KPIs to run.
+        kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
         log_samples: log sample rows as tables.
+
+    Raises:
+        TypeError: ``kpis`` is not a list of KPIs, or ``log_samples`` is not a bool.
+        ValueError: two KPIs share a name.
 
     Example:
         >>> import lossplug
@@ -40,11 +51,14 @@ class KPIMonitor(*CALLBACK_BASES):
 
     def __init__(self, kpis: Sequence[KPI] | KPI, *, log_samples: bool = True) -> None:
         self.runner = KPIRunner(kpis)
-        self.log_samples = bool(log_samples)
+        if not isinstance(log_samples, bool):
+            raise TypeError(f"log_samples must be True or False, got {log_samples!r}")
+        self.log_samples = log_samples
         self._started = time.perf_counter()
         self._seen_step = 0
         self._samples_seen = 0
         self._defined: set[str] = set()
+        self._names_known = False  # set after the first validation: see _check_lookups
 
     @property
     def kpis(self) -> list[KPI]:
@@ -73,6 +87,13 @@ class KPIMonitor(*CALLBACK_BASES):
             self._run("validation_end", trainer, pl_module, can_log_to_module=True)
 
     @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        # every callback has logged its validation values by now: the names are known
+        if not trainer.sanity_checking and not self._names_known:
+            self._names_known = True
+            self._check_lookups(trainer, f"after the first validation (step {trainer.global_step})")
+
+    @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._run("train_epoch_end", trainer, pl_module, can_log_to_module=True)
 
@@ -80,6 +101,9 @@ class KPIMonitor(*CALLBACK_BASES):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # Lightning refuses pl_module.log here: loggers only
         self._run("train_end", trainer, pl_module, can_log_to_module=False)
+        if not self._names_known:  # no validation ran
+            self._names_known = True
+            self._check_lookups(trainer, "by the end of training")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -106,12 +130,15 @@ class KPIMonitor(*CALLBACK_BASES):
                 item, ctx, is_rank_zero=trainer.is_global_zero, broadcast=broadcast
             )
             self._emit(item, outcome, trainer, pl_module, step, can_log_to_module)
+        if self._names_known:  # a key first looked up now is judged at once
+            self._check_lookups(trainer, f"at step {step}")
+
+    def _check_lookups(self, trainer: Any, when: str) -> None:
+        """Warn about keys KPIs looked up in ``ctx.metrics`` that no one logs."""
+        self.runner.warn_missing_metrics(_metrics(trainer), when=when)
 
     def _context(self, event: str, trainer: Any, pl_module: Any) -> KPIContext:
-        metrics = {}
-        for key, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                metrics[key] = float(value)
+        metrics = _metrics(trainer)
         tokens = metrics.get("train/tokens")
         return KPIContext(
             step=trainer.global_step,
@@ -139,11 +166,13 @@ class KPIMonitor(*CALLBACK_BASES):
         if not outcome.metrics:
             return
         if trainer.is_global_zero:
-            self._define_wandb_metrics(item, outcome.metrics, trainer)
-            for logger in trainer.loggers:
-                logger.log_metrics(outcome.metrics, step=step)
+            metrics = outcome.metrics
             if self.log_samples and outcome.samples:
-                self._log_table(item, outcome.samples, trainer, step)
+                # the table first, so that a lost one is counted in the same row as the values
+                metrics = {**metrics, **self._log_table(item, outcome.samples, trainer, step)}
+            self._define_wandb_metrics(item, metrics, trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
         if can_log_to_module:
             # only values worth monitoring (each pl_module.log costs ~0.3 ms); CPU tensors, so
             # that Lightning never synchronises with the device to read them
@@ -162,20 +191,33 @@ class KPIMonitor(*CALLBACK_BASES):
         if not new:
             return
         direction = "max" if item.higher_is_better else "min"
-        define_wandb_metrics(
-            trainer, {key: None if _is_bookkeeping(key) else direction for key in new}
-        )
+
+        def summary(key: str) -> str | None:
+            if _is_bookkeeping(key):
+                return None
+            # a running total's best is its first or last value: only the last one means much
+            return "last" if item.is_cumulative(key) else direction
+
+        define_wandb_metrics(trainer, {key: summary(key) for key in new})
         self._defined.update(new)
 
-    @staticmethod
-    def _log_table(item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int) -> None:
-        columns = list(dict.fromkeys(key for row in samples for key in row))
-        data = [[_cell(row.get(column)) for column in columns] for row in samples]
-        for logger in wandb_loggers(trainer):
-            logger.log_table(key=f"{item.key}/samples", columns=columns, data=data, step=step)
+    def _log_table(
+        self, item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int
+    ) -> dict[str, float]:
+        """Log the rows to every W&B logger; on failure, the table-error counter to log."""
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            return {}
+        try:
+            columns, data = _table(samples)
+            for logger in loggers:
+                logger.log_table(key=f"{item.key}/samples", columns=columns, data=data, step=step)
+        except Exception as exc:  # a full disk, a row W&B refuses: the table is lost, not the run
+            return self.runner.record_table_error(item, exc, step=step)
+        return {}
 
 
-_BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "reached_at_step")
+_BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step")
 
 
 def _is_bookkeeping(key: str) -> bool:
@@ -183,11 +225,44 @@ def _is_bookkeeping(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _BOOKKEEPING
 
 
+def _metrics(trainer: Any) -> dict[str, float]:
+    """What a KPI sees as ``ctx.metrics``: the trainer's one-number callback metrics."""
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            metrics[key] = float(value)
+    return metrics
+
+
+def _table(samples: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and cells W&B accepts: plain values, one type per column (``None`` aside)."""
+    keys = list(dict.fromkeys(key for row in samples for key in row))
+    data = [[_cell(row.get(key)) for key in keys] for row in samples]
+    for index in range(len(keys)):
+        kinds = {_kind(row[index]) for row in data if row[index] is not None}
+        if len(kinds) > 1:  # W&B refuses the whole table, so such a column is logged as text
+            for row in data:
+                if row[index] is not None:
+                    row[index] = str(row[index])
+    return [str(key) for key in keys], data
+
+
+def _kind(value: Any) -> str:
+    """W&B's type of a table cell: ints and floats are both numbers, bools are not."""
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else "str"
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool)):
         return value
+    if isinstance(value, numbers.Integral):  # also NumPy's integers
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
     return str(value)
 
 

@@ -7,10 +7,11 @@ is the Lightning adapter. Built-in KPIs live in :mod:`lossplug.kpi.builtin`.
 import sys
 import types
 
-from lossplug.kpi._core import EVENTS, KPI, KPIContext, KPIResult, kpi
+from lossplug.kpi._core import DEFAULT_TIMEOUT_S, EVENTS, KPI, KPIContext, KPIResult, kpi
 from lossplug.kpi._runner import KPIError, KPIOutcome, KPIRunner, KPIState
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "EVENTS",
     "KPI",
     "KPIContext",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,10 @@ import torch
 
 EVENTS = ("train_step", "validation_end", "train_epoch_end", "train_end")
 ON_ERROR = ("log", "raise")
+# A KPI's default time limit. Long enough for what KPIs usually do (generate from a few prompts
+# with a large model, score a small benchmark), short enough that a call that hangs costs a run
+# five minutes once: later calls of that KPI are skipped while the abandoned one still runs.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -21,8 +25,14 @@ class KPIContext:
         step: the optimizer step (the logging x-axis).
         epoch: the current epoch.
         event: what triggered the call (``"train_step"``, ``"validation_end"``…).
-        model: the unwrapped model, in eval mode and under ``torch.no_grad()`` during the call.
-        metrics: the latest logged metrics by key (``"val/perplexity"``…), as floats.
+        model: the model being trained, in eval mode and under ``torch.no_grad()`` during the
+            call. Under ``KPIMonitor`` it is your ``LightningModule`` itself (not the DDP or FSDP
+            wrapper Lightning trains through, and not a Hugging Face model your module holds:
+            reach that through your module's attribute, e.g. ``ctx.model.model``); in your own
+            loop, whatever you put in the context.
+        metrics: the latest logged metrics by key (``"val/perplexity"``…), as floats. A key the
+            KPI looks up that is still not logged once the logged names are known (after the
+            first validation) is warned about once, with the closest logged names.
         device: the model's device.
         elapsed_s: wall-clock seconds since training started.
         tokens: tokens scored so far (``train/tokens`` when LossMonitor logs it), else ``None``.
@@ -62,7 +72,9 @@ class KPI:
     """A business KPI: a user function run on a schedule, safely, logged as ``kpi/<name>``.
 
     Args:
-        name: the key under ``kpi/`` (letters, digits, ``_``, ``-``, ``.``, ``/``).
+        name: the key under ``kpi/``: parts joined by ``/``, each of letters, digits, ``_``,
+            ``-`` and ``.``, none empty, ``.``, ``..`` or ending in ``.`` (the name also names
+            folders and files of the W&B run, e.g. its sample tables).
         fn: ``fn(ctx: KPIContext)`` returning a number, a mapping of names to numbers (logged as
             ``kpi/<name>/<sub>``), a :class:`KPIResult` with sample rows, or ``None`` (nothing).
         every_n_steps: run after every this many optimizer steps.
@@ -71,8 +83,14 @@ class KPI:
             ``"train_end"``, ``"train_step"``. Default: ``("validation_end",)`` when no
             ``every_n_*`` is given, else none.
         higher_is_better: direction of the value (W&B summary ``max`` or ``min``, targets, best).
-        timeout_s: abandon a call that runs longer (it is recorded as timed out; training goes on
-            within about this time). ``None`` runs the function inline with no limit.
+        timeout_s: abandon a call that runs longer: it is counted in ``kpi/<name>/timeouts``,
+            training goes on within about this time, and the KPI is skipped while the abandoned
+            call still runs. The default, ``DEFAULT_TIMEOUT_S`` = 300 s, fits generating from a
+            few prompts with a large model and caps what a hang costs the run. The function then
+            runs on a worker thread, whose thread-local state is its own (``no_grad`` is set for
+            it; its CUDA current device is the default one, so place tensors on ``ctx.device``).
+            ``None`` runs it inline on the training thread with no limit: a hang then hangs
+            training.
         on_error: ``"log"`` (count, warn once with the traceback, go on) or ``"raise"``.
         target: when the value first reaches it, ``kpi/<name>/reached_at_step`` is logged once.
         rank_zero_only: under DDP, run on rank 0 only and broadcast the result to every rank.
@@ -80,6 +98,10 @@ class KPI:
             follow (default: the first entry).
         uses_model: put the model in eval mode for the call (``False`` for KPIs that do not
             touch it, which saves two passes over its modules).
+        cumulative: values that are running totals (the cost so far, tokens seen so far):
+            ``True`` for all of the KPI's values, or the sub-names of the mapping entries that
+            are (e.g. ``("total",)``). They are summarised by their last value (W&B summary
+            ``last``), never by a best one, and have no best value or ``target``.
 
     Example:
         >>> from lossplug import KPI
@@ -97,21 +119,15 @@ class KPI:
         every_n_epochs: int | None = None,
         at: Sequence[str] | None = None,
         higher_is_better: bool = True,
-        timeout_s: float | None = None,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         on_error: str = "log",
         target: float | None = None,
         rank_zero_only: bool = True,
         primary: str | None = None,
         uses_model: bool = True,
+        cumulative: bool | Collection[str] = False,
     ) -> None:
-        if (
-            not isinstance(name, str)
-            or not name
-            or not all(ch.isalnum() or ch in "_-./" for ch in name)
-        ):
-            raise ValueError(
-                f"name must be a non-empty str of letters, digits, '_', '-', '.', '/'; got {name!r}"
-            )
+        check_name(name)
         if not callable(fn):
             raise TypeError(f"fn must be callable(ctx), got {fn!r}")
         for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
@@ -123,6 +139,9 @@ class KPI:
             at = () if (every_n_steps or every_n_epochs) else ("validation_end",)
         if isinstance(at, str):
             at = (at,)
+        if not isinstance(at, Iterable):
+            raise TypeError(f"at must be an event name or a sequence of them, got {at!r}")
+        at = tuple(at)
         unknown = [event for event in at if event not in EVENTS]
         if unknown:
             raise ValueError(f"at must contain only {EVENTS}, got {tuple(at)!r}")
@@ -142,6 +161,34 @@ class KPI:
             isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target)
         ):
             raise ValueError(f"target must be None or a number, got {target!r}")
+        for arg, value in (
+            ("higher_is_better", higher_is_better),
+            ("rank_zero_only", rank_zero_only),
+            ("uses_model", uses_model),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be True or False, got {value!r}")
+        if primary is not None and not isinstance(primary, str):
+            raise TypeError(f"primary must be None or a str, got {primary!r}")
+        if primary == "":
+            raise ValueError("primary must name an entry of the KPI's mapping, got ''")
+        cumulative = _check_cumulative(cumulative)
+        if target is not None and cumulative is True:
+            raise ValueError(
+                f"target={target!r} is meaningless for KPI {name!r}: its values are cumulative "
+                "totals (cumulative=True), which have no best value or target"
+            )
+        if target is not None and cumulative:
+            if primary is None:
+                raise ValueError(
+                    f"KPI {name!r} has a target and cumulative entries {sorted(cumulative)}: "
+                    "give primary=<the entry the target is for>"
+                )
+            if primary in cumulative:
+                raise ValueError(
+                    f"target={target!r} is meaningless for KPI {name!r}: its primary entry "
+                    f"{primary!r} is cumulative, and totals have no best value or target"
+                )
         self.name = name
         self.fn = fn
         self.every_n_steps = every_n_steps
@@ -152,14 +199,21 @@ class KPI:
         self.on_error = on_error
         self.target = None if target is None else float(target)
         self.rank_zero_only = bool(rank_zero_only)
-        if primary is not None and not isinstance(primary, str):
-            raise TypeError(f"primary must be None or a str, got {primary!r}")
         self.primary = primary
         self.uses_model = bool(uses_model)
+        self.cumulative: bool | frozenset[str] = cumulative
 
     @property
     def key(self) -> str:
         return f"kpi/{self.name}"
+
+    def is_cumulative(self, key: str) -> bool:
+        """Whether the logged value ``key`` (``kpi/<name>`` or ``kpi/<name>/<sub>``) is a total."""
+        if self.cumulative is True:
+            return key == self.key or key.startswith(self.key + "/")
+        if not self.cumulative or not key.startswith(self.key + "/"):
+            return False
+        return key[len(self.key) + 1 :] in self.cumulative
 
     def is_due(self, event: str, *, step: int, epoch: int) -> bool:
         """Whether the schedule asks for a call at ``event`` (``epoch`` counts from 0)."""
@@ -200,6 +254,42 @@ class KPI:
         return f"KPI({self.name!r}, {', '.join(schedule)})"
 
 
+def check_name(name: object) -> None:
+    """Raise unless ``name`` can be a KPI name (see :class:`KPI`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+    parts = name.split("/")
+    if not name or not all(_good_part(part) for part in parts):
+        raise ValueError(
+            "name must be parts joined by '/', each of letters, digits, '_', '-', '.' and none "
+            f"empty, '.', '..' or ending in '.' (it also names files of the W&B run); got {name!r}"
+        )
+
+
+def _good_part(part: str) -> bool:
+    # "." and ".." would climb out of the run's media folder; a trailing "." is dropped by
+    # Windows file systems, so two names could share one folder
+    if not part or part in (".", "..") or part.endswith("."):
+        return False
+    return all(ch.isalnum() or ch in "_-." for ch in part)
+
+
+def _check_cumulative(cumulative: object) -> bool | frozenset[str]:
+    if isinstance(cumulative, bool):
+        return cumulative
+    if isinstance(cumulative, str) or not isinstance(cumulative, Collection):
+        raise TypeError(
+            "cumulative must be True, False or a collection of entry names such as "
+            f"('total',), got {cumulative!r}"
+        )
+    names = frozenset(cumulative)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"cumulative must name at least one entry, each a non-empty str, got {cumulative!r}"
+        )
+    return names
+
+
 def kpi(name: str | None = None, **options: Any) -> Callable[[KPIFunction], KPI]:
     """Decorator: turn ``fn(ctx)`` into a :class:`KPI` named after the function.
 
@@ -213,6 +303,11 @@ def kpi(name: str | None = None, **options: Any) -> Callable[[KPIFunction], KPI]
     """
     if callable(name):  # used bare: @kpi
         return KPI(name.__name__, name)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(
+            f"kpi() takes the KPI's name as its only positional argument, got {name!r}: "
+            "pass the options by keyword, e.g. @lossplug.kpi(every_n_steps=100)"
+        )
 
     def wrap(fn: KPIFunction) -> KPI:
         return KPI(name or fn.__name__, fn, **options)

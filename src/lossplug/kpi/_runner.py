@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ class KPIState:
     errors: int = 0
     timeouts: int = 0
     nonfinite: int = 0
+    table_errors: int = 0
     best: float | None = None
     reached_at_step: int | None = None
     last_step: int = -1
@@ -49,11 +52,15 @@ class KPIOutcome:
 class KPIRunner:
     """Runs :class:`~lossplug.KPI` objects for any training loop (plain PyTorch, Fabric, Lightning).
 
-    A KPI never stops training unless it asks to (``on_error="raise"``): an exception is caught,
-    counted and warned once with its traceback; a call past ``timeout_s`` is abandoned (its
+    A KPI never stops training unless it asks to (``on_error="raise"``): an exception, even
+    ``SystemExit``, is caught, counted and warned once with its traceback (``KeyboardInterrupt``
+    alone goes through: the user asked to stop); a call past ``timeout_s`` is abandoned (its
     thread is left to finish in the background and the KPI is skipped while it does); NaN and
-    infinite values are counted and not logged. Under DDP, KPIs with ``rank_zero_only`` run on
-    rank 0 and their outcome is broadcast, so every rank logs and branches the same way.
+    infinite values are counted and not logged; sample rows that cannot be logged are counted
+    in ``kpi/<name>/table_errors`` while the values still are. Under DDP, KPIs with
+    ``rank_zero_only`` run on rank 0 and their outcome is broadcast, so every rank logs and
+    branches the same way. Keys a KPI looks up in ``ctx.metrics`` and does not find are kept,
+    so that :meth:`warn_missing_metrics` can name them once the logged names are known.
 
     Example:
         >>> from lossplug.kpi import KPI, KPIContext, KPIRunner
@@ -67,11 +74,17 @@ class KPIRunner:
     def __init__(self, kpis: Sequence[KPI] | KPI) -> None:
         if isinstance(kpis, KPI):
             kpis = [kpis]
+        if isinstance(kpis, (str, bytes, Mapping)) or not isinstance(kpis, Iterable):
+            raise TypeError(
+                f"kpis must be a list of KPI objects (lossplug.KPI or @lossplug.kpi), got "
+                f"{kpis!r}{_hint(kpis)}"
+            )
         kpis = list(kpis)
         for item in kpis:
             if not isinstance(item, KPI):
                 raise TypeError(
-                    f"kpis must be KPI objects (use lossplug.KPI or @lossplug.kpi), got {item!r}"
+                    f"kpis must hold only KPI objects (lossplug.KPI or @lossplug.kpi), got "
+                    f"{item!r}{_hint(item)}"
                 )
         names = [item.name for item in kpis]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -81,6 +94,11 @@ class KPIRunner:
         self.states = {item.name: KPIState() for item in kpis}
         self._running: dict[str, threading.Thread] = {}
         self._warned: set[str] = set()
+        # metric keys each KPI looked up and did not find; abandoned threads may still add some
+        # (set.add and set.copy are single steps under the GIL, and a lock would not pickle for
+        # ddp_spawn)
+        self._lookups_missed: dict[str, set[str]] = {item.name: set() for item in kpis}
+        self._warned_missing: set[tuple[str, str]] = set()
 
     def due(self, event: str, *, step: int, epoch: int) -> list[KPI]:
         """The KPIs to run now; a KPI never runs twice at the same step of the same event kind."""
@@ -112,12 +130,63 @@ class KPIRunner:
             raise KPIError(f"KPI {kpi.name!r} failed at step {ctx.step}: {outcome.error}")
         return outcome
 
+    def record_table_error(self, kpi: KPI, exc: BaseException, *, step: int) -> dict[str, float]:
+        """Count a failure to log ``kpi``'s sample rows; return the counter to log.
+
+        The KPI's values are not affected: only its table is lost. Warned once per KPI, with the
+        traceback; never raises, whatever ``on_error`` says, since the KPI itself succeeded.
+        """
+        return self._table_failure(kpi, step, f"{type(exc).__name__}: {exc}", exc)
+
+    def warn_missing_metrics(self, known: Iterable[str], *, when: str = "") -> dict[str, list[str]]:
+        """Warn about metric keys KPIs looked up in ``ctx.metrics`` that are not in ``known``.
+
+        Call it once the names of the logged metrics are known (after the first validation, for
+        a Lightning run), and again later if you like: each KPI is warned once per missing key,
+        with the closest known names, since a typo (``"val/perplexty"``) otherwise makes a KPI
+        such as ``TimeToTarget`` silently never fire.
+
+        Args:
+            known: every metric key logged so far.
+            when: words saying when, for the message (e.g. ``"after the first validation"``).
+
+        Returns:
+            The newly warned keys, by KPI name.
+        """
+        known = sorted({key for key in known if isinstance(key, str)})
+        warned: dict[str, list[str]] = {}
+        for item in self.kpis:
+            missed = self._lookups_missed[item.name].copy()
+            new = sorted(
+                key for key in missed - set(known) if (item.name, key) not in self._warned_missing
+            )
+            if not new:
+                continue
+            self._warned_missing.update((item.name, key) for key in new)
+            warned[item.name] = new
+            lines = []
+            for key in new:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"closest logged: {', '.join(map(repr, close))}" if close else "none close"
+                lines.append(f"{key!r} ({hint})")
+            when_text = f" {when}" if when else ""
+            warnings.warn(
+                f"KPI {item.name!r} reads metric {'; '.join(lines)}, which is not logged"
+                f"{when_text}: it gets nothing until that key is logged; check its spelling",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return warned
+
     # ------------------------------------------------------------------------------ internals
     def _call(self, kpi: KPI, ctx: KPIContext) -> dict[str, Any]:
         """Run the user function; return a picklable payload (it may cross processes)."""
         previous = self._running.get(kpi.name)
         if previous is not None and previous.is_alive():
             return {"status": "busy", "error": "the previous call is still running", "seconds": 0.0}
+        if isinstance(ctx.metrics, Mapping):
+            watched = _WatchedMetrics(ctx.metrics, self._lookups_missed[kpi.name])
+            ctx = dataclasses.replace(ctx, metrics=watched)
         model = ctx.model if kpi.uses_model else None
         was_training = bool(model is not None and model.training)
         if model is not None:
@@ -128,7 +197,7 @@ class KPIRunner:
                 try:
                     with torch.no_grad():
                         returned = kpi.fn(ctx)
-                except Exception as exc:  # a KPI must never stop training
+                except (Exception, SystemExit) as exc:  # a KPI must never stop training
                     return self._failure(kpi, exc, time.perf_counter() - started)
             else:
                 box: dict[str, Any] = {}
@@ -151,6 +220,8 @@ class KPIRunner:
                         "seconds": time.perf_counter() - started,
                     }
                 if "exc" in box:
+                    if isinstance(box["exc"], KeyboardInterrupt):
+                        raise box["exc"]  # the user asked to stop, here as on the main thread
                     return self._failure(kpi, box["exc"], time.perf_counter() - started)
                 returned = box.get("returned")
         finally:
@@ -158,10 +229,16 @@ class KPIRunner:
                 model.train()
         seconds = time.perf_counter() - started
         try:
-            values, samples = _normalise(kpi, returned)
-        except (TypeError, ValueError) as exc:
+            values = _values(kpi, returned)
+        except Exception as exc:  # e.g. a tensor whose .item() fails
             return self._failure(kpi, exc, seconds)
-        return {"status": "ok", "values": values, "samples": samples, "seconds": seconds}
+        payload = {"status": "ok", "values": values, "samples": None, "seconds": seconds}
+        if isinstance(returned, KPIResult):
+            try:
+                payload["samples"] = _rows(returned.samples)
+            except Exception as exc:  # bad rows lose the table, never the values
+                payload["samples_error"] = f"{type(exc).__name__}: {exc}"
+        return payload
 
     def _failure(self, kpi: KPI, exc: BaseException, seconds: float) -> dict[str, Any]:
         if kpi.name not in self._warned:
@@ -178,6 +255,27 @@ class KPIRunner:
                 stacklevel=4,
             )
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "seconds": seconds}
+
+    def _table_failure(
+        self, kpi: KPI, step: int, error: str, exc: BaseException | None = None
+    ) -> dict[str, float]:
+        state = self.states[kpi.name]
+        state.table_errors += 1
+        if f"{kpi.name}/table" not in self._warned:
+            self._warned.add(f"{kpi.name}/table")
+            trace = ""
+            if exc is not None:
+                trace = "\n" + "".join(
+                    traceback.format_exception(type(exc), exc, exc.__traceback__)
+                )
+            warnings.warn(
+                f"KPI {kpi.name!r}: its sample rows at step {step} could not be logged ({error}); "
+                f"its values are logged, and lost tables are counted in {kpi.key}/table_errors"
+                f"{trace}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return {f"{kpi.key}/table_errors": float(state.table_errors)}
 
     def _record(self, kpi: KPI, step: int, payload: dict[str, Any] | None) -> KPIOutcome:
         state = self.states[kpi.name]
@@ -212,11 +310,12 @@ class KPIRunner:
                 )
         metrics.update(finite)
         outcome.samples = payload.get("samples")
-        if kpi.primary is not None:
-            primary = values.get(f"{kpi.key}/{kpi.primary}")
-        else:
-            primary = next(iter(values.values()), None)
-        if primary is not None and math.isfinite(primary):
+        if payload.get("samples_error"):
+            metrics.update(self._table_failure(kpi, step, payload["samples_error"]))
+        primary_key = f"{kpi.key}/{kpi.primary}" if kpi.primary else next(iter(values), None)
+        primary = values.get(primary_key) if primary_key is not None else None
+        # a running total has no best value and no target: its last value is the one that counts
+        if primary is not None and math.isfinite(primary) and not kpi.is_cumulative(primary_key):
             if kpi.better(primary, state.best):
                 state.best = primary
             if state.reached_at_step is None and kpi.reached(primary):
@@ -253,14 +352,66 @@ def _to_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _normalise(kpi: KPI, returned: Any) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
-    samples = None
+def _values(kpi: KPI, returned: Any) -> dict[str, float]:
     if isinstance(returned, KPIResult):
-        samples = [dict(row) for row in returned.samples] if returned.samples else None
         returned = returned.value
     if returned is None:
-        return {}, samples
+        return {}
     if isinstance(returned, Mapping):
-        values = {f"{kpi.key}/{sub}": _to_float(kpi.name, v) for sub, v in returned.items()}
-        return values, samples
-    return {kpi.key: _to_float(kpi.name, returned)}, samples
+        return {f"{kpi.key}/{sub}": _to_float(kpi.name, v) for sub, v in returned.items()}
+    return {kpi.key: _to_float(kpi.name, returned)}
+
+
+def _rows(samples: Any) -> list[dict[str, Any]] | None:
+    """``KPIResult.samples`` as a list of dicts, or ``None`` when there are none."""
+    if samples is None:
+        return None
+    if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Iterable):
+        raise TypeError(f"samples must be a sequence of dict rows, got {type(samples).__name__}")
+    rows = []
+    for row in samples:
+        if not isinstance(row, Mapping):
+            raise TypeError(f"each sample row must be a dict, got {type(row).__name__} {row!r:.80}")
+        rows.append(dict(row))
+    return rows or None
+
+
+def _hint(value: Any) -> str:
+    """How to turn a likely mistake into a KPI, for the error message."""
+    if isinstance(value, type) and issubclass(value, KPI):
+        return f": create one, e.g. {value.__name__}(...)"
+    if callable(value):
+        return ": wrap a function with lossplug.KPI(name, fn) or decorate it with @lossplug.kpi"
+    return ""
+
+
+class _WatchedMetrics(dict):
+    """``ctx.metrics`` as a KPI sees it: a dict that remembers the keys looked up and not found.
+
+    A KPI reading a misspelt key (``ctx.metrics.get("val/perplexty")``) would otherwise get
+    ``None`` at every call and never say so; the runner names such keys once the logged names
+    are known. A dict subclass, so that ``json.dumps``, ``|`` and the like keep working.
+    """
+
+    def __init__(self, metrics: Mapping[str, float], missed: set[str]) -> None:
+        super().__init__(metrics)
+        self._missed = missed
+
+    def _miss(self, key: Any) -> None:
+        if isinstance(key, str):
+            self._missed.add(key)
+
+    def __missing__(self, key: Any) -> Any:
+        self._miss(key)
+        raise KeyError(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        return default
+
+    def __contains__(self, key: object) -> bool:
+        found = super().__contains__(key)
+        if not found:
+            self._miss(key)
+        return found

@@ -61,6 +61,9 @@ class Throughput(KPI):
 class TrainingCost(KPI):
     """The cost of the run so far: device-hours times a price, and the cost per million tokens.
 
+    Both values are running totals (``cumulative=True``): W&B summarises them by their last
+    value, and they have no best value or target (the lowest cost is always the first one).
+
     Args:
         price_per_device_hour: what one device (GPU, or CPU process) costs per hour.
         devices: how many devices are billed (default: the number of training processes).
@@ -97,6 +100,7 @@ class TrainingCost(KPI):
             raise ValueError(f"devices must be None or an int >= 1, got {devices!r}")
         options.setdefault("higher_is_better", False)
         options.setdefault("uses_model", False)
+        options.setdefault("cumulative", True)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self.price_per_device_hour = float(price_per_device_hour)
         self.devices = devices
@@ -132,10 +136,14 @@ class TimeToTarget(KPI):
     Nothing is logged until the target is met; then ``kpi/<name>/step`` and
     ``kpi/<name>/seconds_to_target`` (the same values at every later call).
 
+    A ``metric`` that is still not logged after the first validation (a typo such as
+    ``"val/perplexty"``) is warned about once by ``KPIMonitor``, with the closest logged names.
+
     Args:
         metric: a logged key, e.g. ``"val/perplexity"``.
         target: the value to reach.
         higher_is_better: ``False`` for losses and perplexities (reach = at or below).
+        name: default ``time_to_<metric>``, characters a KPI name cannot hold made ``_``.
 
     Example:
         >>> from lossplug.kpi import KPIContext
@@ -162,7 +170,11 @@ class TimeToTarget(KPI):
             )
         if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target):
             raise ValueError(f"target must be a number, got {target!r}")
-        default_name = "time_to_" + metric.replace("/", "_")
+        if not isinstance(higher_is_better, bool):
+            raise TypeError(f"higher_is_better must be True or False, got {higher_is_better!r}")
+        default_name = "time_to_" + "".join(
+            ch if ch.isalnum() or ch in "_-." else "_" for ch in metric
+        ).rstrip(".")
         options.setdefault("higher_is_better", False)  # fewer steps is better
         options.setdefault("at", ("validation_end", "train_epoch_end"))
         options.setdefault("uses_model", False)
@@ -298,6 +310,9 @@ class GenerationKPI(KPI):
 
 
 Translate = Callable[[KPIContext, str], str]
+# CodeSpeedup's default time per program besides its two runs: the model's translation and a
+# compile at -O2 (a second or two for the short programs a translation KPI measures).
+_PROGRAM_OVERHEAD_S = 60.0
 
 
 class CodeSpeedup(KPI):
@@ -315,6 +330,12 @@ class CodeSpeedup(KPI):
         translate: ``translate(ctx, python_source) -> cpp_source``.
         program_timeout_s: time limit of each program run.
         memory_mb: memory limit of each program run.
+        timeout_s: time limit of the whole call. Default: enough for every program to be
+            translated, compiled and run to its limit twice (Python, then C++), that is
+            ``len(programs) * (2 * program_timeout_s + 60)`` seconds, the 60 s covering the
+            model's translation and a compile (usually a second or two; the compiler's own
+            limit of two minutes is for pathological programs). ``None`` for no limit; see
+            :class:`~lossplug.KPI` for the other options.
 
     Example:
         >>> from lossplug.kpi.builtin import CodeSpeedup
@@ -337,11 +358,22 @@ class CodeSpeedup(KPI):
             raise ValueError(f"programs must be a non-empty sequence, got {programs!r}")
         if not callable(translate):
             raise TypeError(f"translate must be callable(ctx, python_source), got {translate!r}")
+        if (
+            isinstance(program_timeout_s, bool)
+            or not isinstance(program_timeout_s, (int, float))
+            or not 0 < program_timeout_s < math.inf
+        ):
+            raise ValueError(
+                f"program_timeout_s must be a finite number > 0, got {program_timeout_s!r}"
+            )
         self.programs = [_program(item) for item in programs]
         self.translate = translate
         self.program_timeout_s = program_timeout_s
         self.memory_mb = memory_mb
         options.setdefault("primary", "speedup")
+        options.setdefault(
+            "timeout_s", len(self.programs) * (2 * program_timeout_s + _PROGRAM_OVERHEAD_S)
+        )
         super().__init__(name, self._evaluate, **options)
 
     def _evaluate(self, ctx: KPIContext) -> KPIResult:
