@@ -214,6 +214,17 @@ class KPIRunner:
                 thread.join(kpi.timeout_s)
                 if thread.is_alive():
                     self._running[kpi.name] = thread
+                    if f"{kpi.name}/timeout" not in self._warned:
+                        # say it once: a slow but sound KPI needs a longer timeout_s
+                        self._warned.add(f"{kpi.name}/timeout")
+                        warnings.warn(
+                            f"KPI {kpi.name!r} ran past timeout_s={kpi.timeout_s:g} at step "
+                            f"{ctx.step} and was abandoned: training goes on, timeouts are "
+                            f"counted in {kpi.key}/timeouts and the KPI is skipped while the "
+                            "call still runs; give it a larger timeout_s if it needs longer",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
                     return {
                         "status": "timeout",
                         "error": f"abandoned after timeout_s={kpi.timeout_s:g}",
