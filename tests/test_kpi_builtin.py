@@ -168,6 +168,13 @@ def test_code_speedup_reports_exactly_what_each_translation_does():
         (lambda: GenerationKPI(["a"], lambda p, o: 1.0), ValueError, r"generate_fn, or a tok"),
         (lambda: CodeSpeedup([3], lambda c, s: ""), ValueError, r"each program must be.*3"),
         (lambda: CodeSpeedup(["x"], "g++"), TypeError, r"translate must be callable"),
+        (lambda: CodeSpeedup(["x"], print, memory_mb=8), ValueError, r"memory_mb must be >= 16"),
+        (
+            lambda: CodeSpeedup(["x"], print, compile_memory_mb=1.5),
+            TypeError,
+            r"compile_memory_mb must be an int, got float",
+        ),
+        (lambda: CodeSpeedup(["x"], print, sandbox="off"), ValueError, r"sandbox must be one of"),
     ],
 )
 def test_bad_builtin_configuration(make, error, pattern):
@@ -177,10 +184,10 @@ def test_bad_builtin_configuration(make, error, pattern):
 
 def test_code_speedup_default_timeout_covers_every_program():
     four = CodeSpeedup(["print(1)"] * 4, lambda ctx, src: "", program_timeout_s=2.0)
-    # each program: translated, compiled, then run twice (Python and C++) to its limit
-    assert four.timeout_s == 4 * (2 * 2.0 + 60.0)
+    # each program: translated, then compiled and run twice (Python and C++), each to its limit
+    assert four.timeout_s == 4 * (3 * 2.0 + 60.0)
     one = CodeSpeedup(["print(1)"], lambda ctx, src: "")
-    assert one.timeout_s == 2 * 10.0 + 60.0  # program_timeout_s defaults to 10 s
+    assert one.timeout_s == 3 * 10.0 + 60.0  # program_timeout_s defaults to 10 s
     assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=None).timeout_s is None
     assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=5).timeout_s == 5.0
 
@@ -216,7 +223,11 @@ def test_time_to_target_default_name_holds_only_name_characters():
     ("make", "error", "pattern"),
     [
         (lambda: CodeSpeedup(["x"], print, program_timeout_s=0), ValueError, r"program_timeout"),
-        (lambda: CodeSpeedup(["x"], print, program_timeout_s="9"), ValueError, r"program_time"),
+        (
+            lambda: CodeSpeedup(["x"], print, program_timeout_s="9"),
+            TypeError,
+            r"program_timeout_s must be a number, got str",
+        ),
         (lambda: TimeToTarget("val/x", 1.0, higher_is_better="yes"), TypeError, r"higher_is_b"),
         (lambda: Throughput("../up"), ValueError, r"name must be.*'\.\./up'"),
     ],

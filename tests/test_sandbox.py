@@ -403,3 +403,26 @@ def test_bad_sandbox_choice(monkeypatch, sandbox, env, error, pattern):
         monkeypatch.setenv("LOSSPLUG_SANDBOX", env)
     with pytest.raises(error, match=pattern):
         measure_speedup("print(1)", "int main() {}", sandbox=sandbox)
+
+
+def test_code_speedup_runs_its_samples_in_the_sandbox():
+    from lossplug.kpi import KPIContext
+    from lossplug.kpi.builtin import CodeSpeedup
+
+    kpi = CodeSpeedup(["print(input())"], lambda ctx, source: READ_SECRETS_CPP, program_timeout_s=5)
+    result = kpi.fn(KPIContext(step=1))
+
+    assert kpi.sandbox == "bwrap"
+    assert [row["isolation"] for row in result.samples] == ["bwrap"]
+
+
+def test_code_speedup_refuses_at_construction_when_no_sandbox_can_be_built(monkeypatch):
+    import lossplug.kpi._sandbox as sandbox
+    from lossplug.kpi.builtin import CodeSpeedup
+
+    monkeypatch.setattr(sandbox, "_JAILS", {})
+    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+
+    with pytest.raises(SandboxUnavailableError, match=r"LOSSPLUG_SANDBOX=none"):
+        CodeSpeedup(["print(1)"], lambda ctx, source: "int main() {}")
+    assert CodeSpeedup(["print(1)"], lambda ctx, source: "", sandbox="none").sandbox == "none"

@@ -80,7 +80,7 @@ try:
 except ImportError:  # Windows: no rlimits, no process groups
     resource = None  # type: ignore[assignment]
 
-__all__ = ["SandboxUnavailableError", "SpeedupResult", "measure_speedup"]
+__all__ = ["SandboxUnavailableError", "SpeedupResult", "check_sandbox", "measure_speedup"]
 
 # Processes (threads included) a program or the compiler may have at once: a fork storm stops here.
 _MAX_PROCESSES = 64
@@ -437,6 +437,27 @@ class _Box:
         )
 
 
+def check_sandbox(sandbox: str | None = None, compiler: str | None = None) -> str:
+    """The isolation :func:`measure_speedup` will use with these arguments, checked now.
+
+    Builds the sandbox once (as the first call would), so that a machine where none can be
+    built is found out before training, not at the first evaluation.
+
+    Returns:
+        ``"bwrap"`` or ``"none"``.
+
+    Raises:
+        TypeError, ValueError: ``sandbox`` (or ``$LOSSPLUG_SANDBOX``) names no isolation.
+        SandboxUnavailableError: the sandbox is asked for and cannot be built here.
+    """
+    isolation = resolve_sandbox(sandbox)
+    compiler_command = _find_compiler(compiler)
+    # Without a compiler each call reports that itself; there is nothing to build the sandbox with.
+    if isolation == "bwrap" and compiler_command is not None:
+        Jail.get(compiler_command)
+    return isolation
+
+
 def _python_interpreter() -> str | None:
     """The real interpreter behind ``sys.executable`` (a venv's python is a link to it)."""
     executable = getattr(sys, "_base_executable", None) or sys.executable
@@ -469,11 +490,25 @@ def _validate(
     ):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    check_limits(timeout_s, memory_mb, compile_memory_mb, repeats, compiler)
+    return float(timeout_s)  # type: ignore[arg-type]
+
+
+def check_limits(
+    timeout_s: object,
+    memory_mb: object,
+    compile_memory_mb: object,
+    repeats: object = 1,
+    compiler: object = None,
+    *,
+    timeout_name: str = "timeout_s",
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first limit that is out of range."""
     # bool is an int subclass, but timeout_s=True is a bug, not one second.
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise TypeError(f"timeout_s must be a number, got {type(timeout_s).__name__}")
+        raise TypeError(f"{timeout_name} must be a number, got {type(timeout_s).__name__}")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+        raise ValueError(f"{timeout_name} must be a finite number > 0, got {timeout_s!r}")
     for name, value, minimum in (
         ("memory_mb", memory_mb, 16),
         ("compile_memory_mb", compile_memory_mb, 64),
@@ -488,7 +523,6 @@ def _validate(
             raise TypeError(f"compiler must be a str or None, got {type(compiler).__name__}")
         if not compiler.strip():
             raise ValueError(f"compiler must name a command, got {compiler!r}")
-    return float(timeout_s)
 
 
 def _find_compiler(compiler: str | None) -> list[str] | None:

@@ -9,11 +9,18 @@ from typing import Any
 import torch
 
 from lossplug.kpi._core import KPI, KPIContext, KPIResult
-from lossplug.kpi._speedup import SpeedupResult, measure_speedup
+from lossplug.kpi._speedup import (
+    SandboxUnavailableError,
+    SpeedupResult,
+    check_limits,
+    check_sandbox,
+    measure_speedup,
+)
 
 __all__ = [
     "CodeSpeedup",
     "GenerationKPI",
+    "SandboxUnavailableError",
     "SpeedupResult",
     "Throughput",
     "TimeToTarget",
@@ -310,8 +317,8 @@ class GenerationKPI(KPI):
 
 
 Translate = Callable[[KPIContext, str], str]
-# CodeSpeedup's default time per program besides its two runs: the model's translation and a
-# compile at -O2 (a second or two for the short programs a translation KPI measures).
+# CodeSpeedup's default time per program besides its compile and two runs: the model's
+# translation of it.
 _PROGRAM_OVERHEAD_S = 60.0
 
 
@@ -319,23 +326,28 @@ class CodeSpeedup(KPI):
     """The business KPI of a Python→C++ translation fine-tune.
 
     For each Python program, ``translate(ctx, python_source)`` (the model) returns a C++
-    translation; :func:`measure_speedup` compiles and runs both. Logged: ``kpi/<name>/speedup``
-    (geometric mean of Python seconds over C++ seconds, over the translations that give the same
-    output; absent when none does), ``kpi/<name>/compile_rate`` and ``kpi/<name>/correct_rate``,
-    and a samples table. ``target`` and the best value follow the speed-up.
+    translation; :func:`measure_speedup` compiles and runs both, in a namespace sandbox (the
+    translation is untrusted code). Logged: ``kpi/<name>/speedup`` (geometric mean of Python
+    seconds over C++ seconds, over the translations that give the same output; absent when none
+    does), ``kpi/<name>/compile_rate`` and ``kpi/<name>/correct_rate``, and a samples table (with
+    the isolation each sample ran under). ``target`` and the best value follow the speed-up.
 
     Args:
         programs: Python sources, or ``(source, stdin)`` pairs, or dicts with ``"python"`` and
             optionally ``"stdin"``.
         translate: ``translate(ctx, python_source) -> cpp_source``.
-        program_timeout_s: time limit of each program run.
-        memory_mb: memory limit of each program run.
+        program_timeout_s: time limit of each step: the compile, the Python run, the C++ run.
+        memory_mb: memory limit of each program run, in MiB.
+        compile_memory_mb: memory limit of the compiler, in MiB.
+        sandbox: ``"bwrap"`` (the namespace sandbox), or ``"none"`` to run the translations
+            without isolation; default ``$LOSSPLUG_SANDBOX``, else ``"bwrap"``. Checked when the
+            KPI is built: where no sandbox can be built, :class:`SandboxUnavailableError` says
+            what is missing then, not at the first evaluation.
         timeout_s: time limit of the whole call. Default: enough for every program to be
             translated, compiled and run to its limit twice (Python, then C++), that is
-            ``len(programs) * (2 * program_timeout_s + 60)`` seconds, the 60 s covering the
-            model's translation and a compile (usually a second or two; the compiler's own
-            limit of two minutes is for pathological programs). ``None`` for no limit; see
-            :class:`~lossplug.KPI` for the other options.
+            ``len(programs) * (3 * program_timeout_s + 60)`` seconds, the 60 s covering the
+            model's translation. ``None`` for no limit; see :class:`~lossplug.KPI` for the
+            other options.
 
     Example:
         >>> from lossplug.kpi.builtin import CodeSpeedup
@@ -352,27 +364,26 @@ class CodeSpeedup(KPI):
         name: str = "code_speedup",
         program_timeout_s: float = 10.0,
         memory_mb: int = 1024,
+        compile_memory_mb: int = 2048,
+        sandbox: str | None = None,
         **options: Any,
     ) -> None:
         if isinstance(programs, str) or not programs:
             raise ValueError(f"programs must be a non-empty sequence, got {programs!r}")
         if not callable(translate):
             raise TypeError(f"translate must be callable(ctx, python_source), got {translate!r}")
-        if (
-            isinstance(program_timeout_s, bool)
-            or not isinstance(program_timeout_s, (int, float))
-            or not 0 < program_timeout_s < math.inf
-        ):
-            raise ValueError(
-                f"program_timeout_s must be a finite number > 0, got {program_timeout_s!r}"
-            )
+        check_limits(
+            program_timeout_s, memory_mb, compile_memory_mb, timeout_name="program_timeout_s"
+        )
         self.programs = [_program(item) for item in programs]
         self.translate = translate
-        self.program_timeout_s = program_timeout_s
+        self.program_timeout_s = float(program_timeout_s)
         self.memory_mb = memory_mb
+        self.compile_memory_mb = compile_memory_mb
+        self.sandbox = check_sandbox(sandbox)
         options.setdefault("primary", "speedup")
         options.setdefault(
-            "timeout_s", len(self.programs) * (2 * program_timeout_s + _PROGRAM_OVERHEAD_S)
+            "timeout_s", len(self.programs) * (3 * program_timeout_s + _PROGRAM_OVERHEAD_S)
         )
         super().__init__(name, self._evaluate, **options)
 
@@ -391,6 +402,8 @@ class CodeSpeedup(KPI):
                     stdin=stdin,
                     timeout_s=self.program_timeout_s,
                     memory_mb=self.memory_mb,
+                    compile_memory_mb=self.compile_memory_mb,
+                    sandbox=self.sandbox,
                 )
                 error = result.error
             ok_compile = bool(result and result.compiled)
@@ -407,6 +420,7 @@ class CodeSpeedup(KPI):
                     "correct": ok,
                     "speedup": result.speedup if result else None,
                     "error": error,
+                    "isolation": result.isolation if result else None,
                 }
             )
         values: dict[str, float] = {}
