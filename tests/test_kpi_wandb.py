@@ -107,3 +107,6 @@ def test_a_dotted_name_gets_its_summary(run):
     data, _, _ = run
     # W&B reads an unescaped "." in define_metric as nesting and would never compute this max
     assert data.summary["kpi/pass.rate"] == {"max": pytest.approx(0.4)}
+    # and the definition is read back under the key as logged, so the report finds it
+    assert data.metrics["kpi/pass.rate"].summary == ("max",)
+    assert "kpi/pass\\.rate" not in data.metrics

@@ -734,7 +734,9 @@ class _Assembler:
         if rec.expanded_from_glob:
             return  # a copy of a glob definition applied to one key: the glob is kept instead
         glob = bool(rec.glob_name)
-        name = rec.glob_name if glob else rec.name
+        # A "." in a key is escaped in define_metric (W&B reads a bare one as nesting); the
+        # definition belongs to the key as it is logged.
+        name = (rec.glob_name if glob else rec.name).replace("\\.", ".")
         old = self.run.metrics.get(name)
         if old is None or rec._control.overwrite:
             old = MetricDefinition(name=name, glob=glob)
