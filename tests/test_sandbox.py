@@ -380,7 +380,7 @@ def test_no_silent_fallback_when_no_sandbox_can_be_built(monkeypatch):
     import lossplug.kpi._sandbox as sandbox
 
     monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+    monkeypatch.setattr(sandbox, "_find_bwraps", list)
 
     with pytest.raises(SandboxUnavailableError, match=r"no bubblewrap.*sandbox='none'"):
         measure_speedup("print(1)", "int main() {}")
@@ -421,8 +421,30 @@ def test_code_speedup_refuses_at_construction_when_no_sandbox_can_be_built(monke
     from lossplug.kpi.builtin import CodeSpeedup
 
     monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+    monkeypatch.setattr(sandbox, "_find_bwraps", list)
 
     with pytest.raises(SandboxUnavailableError, match=r"LOSSPLUG_SANDBOX=none"):
         CodeSpeedup(["print(1)"], lambda ctx, source: "int main() {}")
     assert CodeSpeedup(["print(1)"], lambda ctx, source: "", sandbox="none").sandbox == "none"
+
+
+def test_a_bwrap_that_cannot_build_the_sandbox_gives_way_to_the_next(monkeypatch, tmp_path):
+    import lossplug.kpi._sandbox as sandbox
+
+    working = sandbox._find_bwraps()[-1]
+    # An old or crippled bwrap (a distribution's, found first on PATH) that cannot run anything.
+    broken = tmp_path / "bwrap"
+    broken.write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(sandbox, "_JAILS", {})
+    monkeypatch.setattr(sandbox, "_find_bwraps", lambda: [str(broken), working])
+
+    result = measure_speedup("print(1)", '#include <cstdio>\nint main() { puts("1"); }')
+
+    assert result.correct and result.isolation == "bwrap", result.error
+    assert sandbox.Jail.get(["g++"]).bwrap == working
+
+    monkeypatch.setattr(sandbox, "_JAILS", {})
+    monkeypatch.setattr(sandbox, "_find_bwraps", lambda: [str(broken)])
+    with pytest.raises(SandboxUnavailableError, match=r"Creating new namespace failed.*=none"):
+        measure_speedup("print(1)", "int main() {}")

