@@ -108,6 +108,11 @@ def main() -> None:
     print("logged at step 500:")
     for key, value in sorted(outcome.metrics.items()):
         print(f"  {key:32s} {value:.4g}")
+    isolation = {row["isolation"] for row in outcome.samples or []}
+    # The translations are model-generated, untrusted code: they ran in the namespace sandbox.
+    print(
+        f"programs ran in: {', '.join(sorted(map(str, isolation)))} (sandbox={speedup.sandbox!r})"
+    )
     print("samples table:")
     for row in outcome.samples or []:
         verdict = f"{row['speedup']:.1f}x faster" if row["correct"] else row["error"]

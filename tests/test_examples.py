@@ -128,6 +128,7 @@ def test_code_speedup_template_runs_as_is(tmp_path):
     done = run_example(str(ROOT / "examples" / "code_speedup.py"), "--timeout", "20", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "kpi/code_speedup/compile_rate    0.6667" in done.stdout
+    assert "programs ran in: bwrap (sandbox='bwrap')" in done.stdout
     assert "kpi/code_speedup/correct_rate    0.3333" in done.stdout
     assert "x faster" in done.stdout and "wrong answer" in done.stdout
     assert "compile error" in done.stdout
