@@ -29,6 +29,7 @@ from lossplug.ops.stats import TokenStats
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "LossplugCallback",  # noqa: F822 (resolved by __getattr__, on first use)
     "is_patched",
     "patch_causal_lm",
     "patched_models",
@@ -74,6 +75,16 @@ class _Patch:
         # computed them (a copy handing them out again would count those tokens twice), and the
         # hidden states of a call in flight belong to that call's graph.
         return {**vars(self), "deferring": False, "hidden": None, "last_stats": None}
+
+
+def __getattr__(name: str) -> Any:
+    # LossplugCallback subclasses transformers' TrainerCallback, which needs ``accelerate``:
+    # imported on first use, so that patching a model never needs either
+    if name == "LossplugCallback":
+        from lossplug.integrations._hf_callback import LossplugCallback
+
+        return LossplugCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch_causal_lm(

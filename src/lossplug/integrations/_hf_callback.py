@@ -1,0 +1,373 @@
+"""LossplugCallback: lossplug's exact metrics and KPIs for the Hugging Face ``Trainer``.
+
+Imported by :mod:`lossplug.integrations.transformers` on first use of the name, so that patching
+a model never needs ``transformers.trainer_callback`` (nor ``accelerate``, which it pulls in).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
+
+from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
+from lossplug.integrations.transformers import patched_models, pop_token_stats
+from lossplug.kpi._core import KPI, KPIContext
+from lossplug.kpi._runner import KPIRunner
+
+__all__ = ["LossplugCallback"]
+
+#: Where the callback's state lives in ``trainer_state.json`` (``TrainerState.stateful_callbacks``).
+#: Not the class name: the Trainer would rebuild a callback of that name from JSON arguments
+#: (``restore_callback_states_from_checkpoint``) and the KPI objects cannot be rebuilt that way.
+STATE_KEY = "lossplug.LossplugCallback"
+
+
+class LossplugCallback(TrainerCallback):
+    """Exact token-weighted metrics and KPIs in a ``transformers.Trainer``'s own logs.
+
+    At each Trainer logging step, the window since the last one is added to the Trainer's log
+    (so to ``trainer.state.log_history`` and to every ``report_to`` integration):
+    ``train/cross_entropy``, ``train/perplexity``, ``train/token_accuracy``, ``train/entropy``
+    (the ones ``metrics`` names) and ``train/tokens`` (cumulative), token-weighted over every
+    micro-batch of gradient accumulation and summed over processes. Each evaluation adds
+    ``val/…``, the same keys, exact over the whole eval set (``eval_loss`` is a mean of batch
+    means). The statistics come from a model patched by
+    :func:`~lossplug.integrations.transformers.patch_causal_lm`, which computes them with its
+    loss at no extra cost; with an unpatched model the callback says once how to patch it and
+    logs its KPIs only.
+
+    KPIs (:class:`~lossplug.KPI`, the built-ins included) run on their schedules as under
+    :class:`~lossplug.KPIMonitor`, through :class:`~lossplug.kpi.KPIRunner`: timeouts, error
+    isolation, targets, rank-0 execution with the outcome broadcast. ``ctx.model`` is the
+    Trainer's model and ``ctx.metrics`` every number logged so far. A step a KPI is due at is
+    made a logging step, so its ``kpi/<name>`` lands on that step; ``train_epoch_end`` values go
+    with the next log and ``train_end`` values with the Trainer's end-of-training log.
+
+    With ``report_to="wandb"`` the values are logged to the W&B run under these names, against
+    ``train/global_step`` (the Trainer's own W&B integration would file them under ``train/``,
+    as ``train/val/perplexity``); the callback's sums, token
+    count and KPI state are saved in ``trainer_state.json`` with each checkpoint and taken back
+    by ``trainer.train(resume_from_checkpoint=...)``.
+
+    Args:
+        kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
+        metrics: which of ``cross_entropy``, ``perplexity``, ``token_accuracy``, ``entropy``.
+
+    Raises:
+        TypeError: ``kpis`` is not a list of KPIs, or ``metrics`` is not a sequence of names.
+        ValueError: two KPIs share a name, or ``metrics`` is empty, repeats or names an unknown
+            metric.
+
+    Example:
+        >>> from lossplug.integrations.transformers import LossplugCallback
+        >>> callback = LossplugCallback(metrics=("perplexity",))
+        >>> callback.keys("val")
+        ['val/perplexity', 'val/tokens']
+    """
+
+    def __init__(self, kpis: Sequence[KPI] | KPI = (), *, metrics: Sequence[str] = METRIC_NAMES):
+        self.runner = KPIRunner(kpis)
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+            raise TypeError(
+                f"metrics must be a sequence of names from {METRIC_NAMES}, got {metrics!r}"
+            )
+        metrics = tuple(metrics)
+        unknown = [name for name in metrics if name not in METRIC_NAMES]
+        if unknown or not metrics or len(set(metrics)) != len(metrics):
+            raise ValueError(
+                f"metrics must be a non-empty subset of {METRIC_NAMES} without repeats, "
+                f"got {metrics!r}"
+            )
+        self.metrics = metrics
+        self._window = StatsAccumulator()
+        self._val = StatsAccumulator()
+        self._tokens_total = 0
+        self._in_eval = False
+        self._due: list[KPI] = []  # train_step KPIs to run at this step's log
+        self._pending: dict[str, float] = {}  # KPI values waiting for the next log
+        self._known: dict[str, float] = {}  # ctx.metrics: every number logged so far
+        self._names_known = False
+        self._warned_unpatched = False
+        self._placed = False
+        self._wandb = False  # a W&B integration reports: log to its run under our names
+        self._saved_window: list[float] | None = None
+        self._restored = False
+        self._started = time.perf_counter()
+
+    @property
+    def kpis(self) -> list[KPI]:
+        return self.runner.kpis
+
+    def keys(self, stage: str) -> list[str]:
+        """The keys logged for ``stage`` (``"train"`` or ``"val"``), KPIs aside."""
+        if stage not in ("train", "val"):
+            raise ValueError(f"stage must be 'train' or 'val', got {stage!r}")
+        return [f"{stage}/{name}" for name in self.metrics] + [f"{stage}/tokens"]
+
+    # ---------------------------------------------------------------------------------- hooks
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._place(sys._getframe(1))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._place(sys._getframe(1))  # added with trainer.add_callback, after __init__
+        self._started = time.perf_counter()
+        self._window.reset()
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if saved and not self._restored:
+            self._load(saved, is_rank_zero=state.is_world_process_zero)
+        self._restored = True
+        self._check_patched(kwargs.get("model"))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._restored = False  # a later trainer.train() starts from its own state
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._collect(self._window, kwargs.get("model"))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._collect(self._window, kwargs.get("model"))
+        self._due = self.runner.due("train_step", step=state.global_step, epoch=_epoch(state))
+        if self._due:
+            control.should_log = True  # the KPI's value lands on its own step
+        if control.should_save:
+            # the window as the checkpoint will hold it (all ranks reduce it together); a
+            # logging step empties it before the save
+            will_log = control.should_log and state.global_step > _last_logged(state)
+            self._saved_window = None if will_log else self._reduced(self._window)
+            self._stash(state)
+        return control
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._in_eval:
+            self._in_eval = True
+            self._val.reset()
+            self._check_patched(kwargs.get("model"))
+        self._collect(self._val, kwargs.get("model"))
+
+    def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._in_eval = False  # trainer.predict() logs nothing: its batches are no evaluation
+        self._val.reset()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._run("train_epoch_end", state, kwargs.get("model"))
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs
+    ) -> None:
+        if logs is None:
+            return
+        model = kwargs.get("model")
+        ours: dict[str, float] = {}
+        if self._in_eval:  # the log of Trainer.evaluate(): every rank is here
+            self._in_eval = False
+            values = self._val.read(_all_reduce)
+            self._val.reset()
+            ours.update(self._named("val", values))
+            if values["tokens"] > 0:
+                ours["val/tokens"] = values["tokens"]
+            self._learn(logs, ours)
+            self._run("validation_end", state, model)
+        elif "loss" in logs:  # a training log (every rank is here too)
+            values = self._window.read(_all_reduce)
+            self._window.reset()
+            self._tokens_total += int(values["tokens"])
+            ours.update(self._named("train", values))
+            if self._tokens_total:
+                ours["train/tokens"] = float(self._tokens_total)
+            self._learn(logs, ours)
+            due, self._due = self._due, []
+            self._run_kpis("train_step", due, state, model)
+        elif "train_runtime" in logs:  # the Trainer's end-of-training log
+            self._learn(logs, ours)
+            self._run("train_end", state, model)
+        ours.update(self._pending)
+        self._pending = {}
+        if not ours:
+            return
+        self._known.update(ours)
+        logs.update(ours)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(ours)  # appended before the callbacks ran
+        if self._wandb and state.is_world_process_zero:
+            _log_to_wandb(ours, state.global_step)
+        if not self._names_known and any(key.startswith("val/") for key in ours):
+            self._names_known = True
+            self.runner.warn_missing_metrics(self._known, when="after the first evaluation")
+        if control.should_save:
+            self._stash(state)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._in_eval = False
+        if control.should_save:
+            self._stash(state)
+
+    # -------------------------------------------------------------------------------- helpers
+    def _place(self, frame: Any) -> None:
+        """Move this callback right after the Trainer's flow callback (whose ``on_step_end``
+        decides the logging steps) and before the other ``report_to`` integrations, which the
+        Trainer puts before the user's callbacks: they then get the values this callback adds to
+        each log."""
+        if self._placed:
+            return
+        handler = frame.f_locals.get("self")  # the frame of CallbackHandler.call_event
+        if not isinstance(handler, CallbackHandler):
+            return
+        self._placed = True
+        callbacks = handler.callbacks
+        callbacks.remove(self)
+        # The Trainer's W&B integration files every key not starting with eval_ under train/
+        # (train/val/perplexity): this callback goes after it and logs to the W&B run itself
+        self._wandb = any(_is_wandb(cb) for cb in callbacks)
+        after = [
+            i
+            for i, cb in enumerate(callbacks)
+            if isinstance(cb, DefaultFlowCallback) or _is_wandb(cb)
+        ]
+        callbacks.insert(after[-1] + 1 if after else 0, self)
+
+    def _check_patched(self, model: Any) -> None:
+        if self._warned_unpatched or model is None or patched_models(model):
+            return
+        self._warned_unpatched = True
+        warnings.warn(
+            f"LossplugCallback: the Trainer's model ({type(model).__name__}) is not patched, so "
+            "no train/ or val/ metrics can be logged (only KPIs): call "
+            "lossplug.integrations.transformers.patch_causal_lm(model) before building the "
+            "Trainer; the patched model computes them with its loss, at no extra cost",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _collect(self, acc: StatsAccumulator, model: Any) -> None:
+        # taken after every forward with labels: the patch keeps only the last call's stats
+        stats = pop_token_stats(model) if model is not None else None
+        if stats is not None:
+            acc.add(stats)
+
+    def _named(self, stage: str, values: Mapping[str, float]) -> dict[str, float]:
+        return {f"{stage}/{name}": values[name] for name in self.metrics if name in values}
+
+    def _learn(self, logs: Mapping[str, Any], ours: Mapping[str, float]) -> None:
+        """Keep every number logged so far: what KPIs see as ``ctx.metrics``."""
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._known[key] = float(value)
+        self._known.update(ours)
+
+    def _run(self, event: str, state: Any, model: Any) -> None:
+        due = self.runner.due(event, step=state.global_step, epoch=_epoch(state))
+        self._run_kpis(event, due, state, model)
+
+    def _run_kpis(self, event: str, due: list[KPI], state: Any, model: Any) -> None:
+        if not due:
+            return
+        world = _world_size()
+        ctx = KPIContext(
+            step=state.global_step,
+            epoch=_epoch(state),
+            event=event,
+            model=model,
+            metrics=dict(self._known),
+            device=_device(model),
+            elapsed_s=time.perf_counter() - self._started,
+            tokens=self._tokens_total or None,
+            world_size=world,
+        )
+        broadcast = _broadcast if world > 1 else None
+        for item in due:
+            outcome = self.runner.run(
+                item, ctx, is_rank_zero=state.is_world_process_zero, broadcast=broadcast
+            )
+            self._pending.update(outcome.metrics)
+        if model is not None:
+            pop_token_stats(model)  # a KPI's own forward with labels is not training data
+
+    def _reduced(self, acc: StatsAccumulator) -> list[float] | None:
+        if acc.sums is None and _world_size() <= 1:
+            return None
+        sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
+        return _all_reduce(sums.clone()).tolist()
+
+    def _stash(self, state: Any) -> None:
+        """Put the state in ``trainer_state.json``, which the Trainer writes with a checkpoint."""
+        if state.stateful_callbacks is None:
+            state.stateful_callbacks = {}
+        state.stateful_callbacks[STATE_KEY] = {
+            "version": 1,
+            "tokens_total": self._tokens_total,
+            "window": self._saved_window,
+            "runner": self.runner.state_dict(),
+        }
+
+    def _load(self, saved: Mapping[str, Any], *, is_rank_zero: bool) -> None:
+        self._tokens_total = int(saved.get("tokens_total", 0))
+        window = saved.get("window")
+        # the saved window is the sum over ranks: one rank takes it back
+        if window is not None and is_rank_zero:
+            self._window.load(torch.tensor(window, dtype=torch.float64))
+        self.runner.load_state_dict(saved.get("runner", {}))
+
+
+def _epoch(state: Any) -> int:
+    """The epoch, counted from 0: ``state.epoch`` runs over ``(e, e + 1]`` during epoch ``e``."""
+    return max(math.ceil(state.epoch or 0) - 1, 0)
+
+
+def _last_logged(state: Any) -> int:
+    steps = [row.get("step", -1) for row in state.log_history if "loss" in row]
+    return steps[-1] if steps else 0
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _collective_device() -> torch.device:
+    # NCCL needs CUDA tensors, gloo CPU ones
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (identity on one); every process must call it together."""
+    if _world_size() <= 1:
+        return tensor
+    tensor = tensor.to(_collective_device())
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _is_wandb(callback: Any) -> bool:
+    return type(callback).__name__ == "WandbCallback"
+
+
+def _log_to_wandb(metrics: Mapping[str, float], step: int) -> None:
+    import wandb
+
+    if wandb.run is not None:
+        # the Trainer's W&B integration plots everything against train/global_step
+        wandb.run.log({**metrics, "train/global_step": step})

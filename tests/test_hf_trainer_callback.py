@@ -1,0 +1,218 @@
+"""LossplugCallback in a real ``transformers.Trainer`` on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import lossplug
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from lossplug.integrations.transformers import (  # noqa: E402
+    LossplugCallback,
+    patch_causal_lm,
+)
+
+VOCAB, SEQ, PROMPT = 61, 12, 3
+TOKENS_PER_ROW = SEQ - 1 - (PROMPT - 1)  # labels shifted by one; the prompt is not scored
+
+
+def tiny_llama(seed: int = 0):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def rows(n: int, seed: int, *, uneven: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Every row scores the same number of tokens, whatever order the Trainer draws them in,
+    unless ``uneven`` (then row i has a prompt of PROMPT + i % 5 tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, : PROMPT + (i % 5 if uneven else 0)] = -100
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels, strict=True)]
+
+
+def make_trainer(tmp_path, callback, *, model=None, patched=True, **overrides):
+    model = model if model is not None else tiny_llama()
+    if patched:
+        patch_causal_lm(model)
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="no",
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    options.update(overrides)
+    return transformers.Trainer(
+        model=model,
+        args=transformers.TrainingArguments(**options),
+        train_dataset=rows(40, seed=1),
+        eval_dataset=rows(7, seed=2, uneven=True),  # batches of 3, 3, 1 rows, unequal tokens
+        callbacks=[callback],
+    )
+
+
+def reference_val(model, dataset) -> dict[str, float]:
+    """Token-weighted values over the eval set, in float64, at the model's weights."""
+    nll, tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(input_ids=row["input_ids"][None]).logits[0, :-1].double()
+            target = row["labels"][1:]
+            keep = target != -100
+            logp = torch.log_softmax(logits[keep], dim=-1)
+            nll -= logp.gather(1, target[keep][:, None]).sum().item()
+            tokens += int(keep.sum())
+            correct += int((logits[keep].argmax(-1) == target[keep]).sum())
+    return {
+        "cross_entropy": nll / tokens,
+        "perplexity": math.exp(nll / tokens),
+        "accuracy": correct / tokens,
+        "tokens": tokens,
+    }
+
+
+def rows_with(history, key):
+    return [row for row in history if key in row]
+
+
+def test_val_is_exact_and_train_is_logged_at_every_logging_step(tmp_path):
+    seen = []
+
+    def record(ctx):
+        seen.append((ctx.step, ctx.event, ctx.metrics.get("val/perplexity")))
+        return float(ctx.step)
+
+    kpi = lossplug.KPI("steps", record, every_n_steps=3, at=("validation_end",), timeout_s=30)
+    callback = LossplugCallback([kpi])
+    trainer = make_trainer(tmp_path, callback)
+    trainer.train()
+    history = trainer.state.log_history
+
+    train = rows_with(history, "loss")
+    assert [row["step"] for row in train] == [2, 3, 4, 6]  # step 3: a KPI is due there
+    for row in train:
+        # each step trains 2 micro-batches of 2 rows: both micro-batches are counted
+        assert row["train/tokens"] == row["step"] * 4 * TOKENS_PER_ROW
+        # equal tokens per step: the Trainer's mean of step losses is the token-weighted value
+        assert row["train/cross_entropy"] == pytest.approx(row["loss"], rel=1e-4)
+        assert row["train/perplexity"] == pytest.approx(math.exp(row["train/cross_entropy"]))
+        assert 0 <= row["train/token_accuracy"] <= 1 and row["train/entropy"] > 0
+
+    val = rows_with(history, "val/perplexity")
+    assert [row["step"] for row in val] == [3, 6]
+    ref = reference_val(trainer.model, trainer.eval_dataset)  # the weights of the last eval
+    last = val[-1]
+    assert last["val/perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert last["val/cross_entropy"] == pytest.approx(ref["cross_entropy"], rel=1e-5)
+    assert last["val/token_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-9)
+    assert last["val/tokens"] == ref["tokens"] == 7 * TOKENS_PER_ROW - (0 + 1 + 2 + 3 + 4 + 0 + 1)
+    # eval_loss is a mean of batch means; ours is over the tokens
+    assert abs(last["eval_loss"] - ref["cross_entropy"]) > 1e-4
+
+    kpi_rows = [(row["step"], row["kpi/steps"]) for row in rows_with(history, "kpi/steps")]
+    assert kpi_rows == [(3, 3.0), (3, 3.0), (6, 6.0), (6, 6.0)]  # train_step, validation_end
+    steps = sorted({(s, e) for s, e, _ in seen})
+    assert steps == [
+        (3, "train_step"),
+        (3, "validation_end"),
+        (6, "train_step"),
+        (6, "validation_end"),
+    ]
+    # at validation_end the KPI sees this evaluation's val/perplexity
+    at_val = [v for s, e, v in seen if e == "validation_end"]
+    assert at_val == [row["val/perplexity"] for row in val]
+    assert all(row["kpi/steps/seconds"] >= 0 for row in rows_with(history, "kpi/steps"))
+
+
+def test_unpatched_model_is_told_once_how_to_patch_and_kpis_still_log(tmp_path):
+    kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=2, timeout_s=30)
+    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), patched=False, max_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    told = [w for w in caught if "patch_causal_lm" in str(w.message)]
+    assert len(told) == 1 and "LlamaForCausalLM" in str(told[0].message)
+    history = trainer.state.log_history
+    assert not rows_with(history, "train/perplexity") and not rows_with(history, "val/perplexity")
+    assert [(row["step"], row["kpi/steps"]) for row in rows_with(history, "kpi/steps")] == [
+        (2, 2.0),
+        (4, 4.0),
+    ]
+
+
+def test_a_failing_kpi_never_stops_training(tmp_path):
+    def broken(ctx):
+        raise RuntimeError("no such endpoint")
+
+    kpi = lossplug.KPI("broken", broken, every_n_steps=2, timeout_s=30)
+    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), max_steps=4, eval_strategy="no")
+    with pytest.warns(RuntimeWarning, match="no such endpoint"):
+        trainer.train()
+    errors = [
+        row["kpi/broken/errors"]
+        for row in rows_with(trainer.state.log_history, "kpi/broken/errors")
+    ]
+    assert errors == [1.0, 2.0]
+    assert len(rows_with(trainer.state.log_history, "train/perplexity")) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(metrics="perplexity"), TypeError, "metrics must be a sequence"),
+        (dict(metrics=("perplexity", "bleu")), ValueError, "'bleu'"),
+        (dict(metrics=()), ValueError, "non-empty"),
+        (dict(kpis=[lambda ctx: 1.0]), TypeError, "lossplug.KPI"),
+    ],
+)
+def test_bad_arguments_are_refused_with_their_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LossplugCallback(**kwargs)
+
+
+def test_wandb_run_gets_the_values_under_their_own_names(tmp_path, monkeypatch):
+    import wandb
+
+    from lossplug.loggers import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=3, timeout_s=30)
+    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), report_to="wandb")
+    trainer.train()
+    wandb.finish()
+    run = read_run(tmp_path / "wandb", wait=30)
+    assert run.complete, run.errors
+    history = trainer.state.log_history
+    for key in ("train/perplexity", "train/tokens", "val/perplexity", "kpi/steps"):
+        logged = [row[key] for row in rows_with(history, key)]
+        assert [value for _, value in run.series(key)] == pytest.approx(logged), key
+    assert not run.series("train/val/perplexity") and not run.series("train/train/perplexity")
+    assert run.series("train/loss")  # the Trainer's own keys are untouched
