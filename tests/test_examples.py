@@ -132,3 +132,19 @@ def test_code_speedup_template_runs_as_is(tmp_path):
     assert "kpi/code_speedup/correct_rate    0.3333" in done.stdout
     assert "x faster" in done.stdout and "wrong answer" in done.stdout
     assert "compile error" in done.stdout
+
+
+def test_hf_trainer_example_logs_exact_metrics_and_kpis_to_wandb(tmp_path):
+    done = run_example(
+        str(ROOT / "examples" / "hf_trainer.py"), "--max-steps", "12", "--out", "runs", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "val/perplexity" in done.stdout and "wandb sync" in done.stdout
+    run = read_run(tmp_path / "runs" / "wandb")
+    assert run.complete, run.errors
+    train = [value for _, value in run.series("train/perplexity")]
+    val = [value for _, value in run.series("val/perplexity")]
+    assert len(train) >= 3 and train[-1] < train[0]
+    assert len(val) >= 2 and val[-1] < val[0]
+    for key in ("kpi/throughput/tokens_per_sec", "kpi/cost/total"):
+        assert run.series(key), key

@@ -11,7 +11,6 @@ import torch
 import lossplug
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
 from lossplug.integrations.transformers import (  # noqa: E402
     LossplugCallback,
     patch_causal_lm,

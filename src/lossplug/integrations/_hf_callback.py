@@ -99,6 +99,7 @@ class LossplugCallback(TrainerCallback):
         self._wandb = False  # a W&B integration reports: log to its run under our names
         self._saved_window: list[float] | None = None
         self._restored = False
+        self._args: Any = None
         self._started = time.perf_counter()
 
     @property
@@ -117,6 +118,7 @@ class LossplugCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._place(sys._getframe(1))  # added with trainer.add_callback, after __init__
+        self._args = args
         self._started = time.perf_counter()
         self._window.reset()
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
@@ -278,6 +280,7 @@ class LossplugCallback(TrainerCallback):
             device=_device(model),
             elapsed_s=time.perf_counter() - self._started,
             tokens=self._tokens_total or None,
+            samples=self._samples(state),
             world_size=world,
         )
         broadcast = _broadcast if world > 1 else None
@@ -288,6 +291,14 @@ class LossplugCallback(TrainerCallback):
             self._pending.update(outcome.metrics)
         if model is not None:
             pop_token_stats(model)  # a KPI's own forward with labels is not training data
+
+    def _samples(self, state: Any) -> int | None:
+        """Training samples seen on all ranks, as the Trainer counts them (full batches)."""
+        args = self._args
+        if args is None:
+            return None
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return state.global_step * per_step * max(args.world_size, 1)
 
     def _reduced(self, acc: StatsAccumulator) -> list[float] | None:
         if acc.sums is None and _world_size() <= 1:
