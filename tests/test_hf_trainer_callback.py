@@ -215,3 +215,50 @@ def test_wandb_run_gets_the_values_under_their_own_names(tmp_path, monkeypatch):
         assert [value for _, value in run.series(key)] == pytest.approx(logged), key
     assert not run.series("train/val/perplexity") and not run.series("train/train/perplexity")
     assert run.series("train/loss")  # the Trainer's own keys are untouched
+
+
+def test_ddp_with_torchrun_gives_the_single_process_values(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parent / "_hf_ddp_job.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", str(job), str(tmp_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # one process with twice the batch reads the same rows at each step
+    same_schedule = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=3)
+    single = make_trainer(
+        tmp_path / "single",
+        LossplugCallback([same_schedule]),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=6,
+    )
+    single.eval_dataset = rows(12, seed=2, uneven=True)
+    single.train()
+    reference = single.state.log_history
+    ref_val = reference_val(single.model, single.eval_dataset)
+    assert rows_with(reference, "val/perplexity")[-1]["val/perplexity"] == pytest.approx(
+        ref_val["perplexity"], rel=1e-5
+    )
+    for got in ranks:  # every rank logs the reduced values
+        history = got["history"]
+        for key in ("train/tokens", "val/tokens"):
+            assert [r[key] for r in rows_with(history, key)] == [
+                r[key] for r in rows_with(reference, key)
+            ], key
+        assert rows_with(history, "val/tokens")[-1]["val/tokens"] == ref_val["tokens"]
+        for key in ("train/cross_entropy", "val/perplexity", "val/token_accuracy"):
+            assert [r[key] for r in rows_with(history, key)] == pytest.approx(
+                [r[key] for r in rows_with(reference, key)], rel=1e-4
+            ), key
+        assert [(r["step"], r["kpi/steps"]) for r in rows_with(history, "kpi/steps")] == [
+            (3, 3.0),
+            (6, 6.0),
+        ]
+    assert ranks[0]["ran_on"] == [0, 0] and ranks[1]["ran_on"] == []  # run once, broadcast
