@@ -262,3 +262,38 @@ def test_ddp_with_torchrun_gives_the_single_process_values(tmp_path):
             (6, 6.0),
         ]
     assert ranks[0]["ran_on"] == [0, 0] and ranks[1]["ran_on"] == []  # run once, broadcast
+
+
+def test_resume_from_checkpoint_continues_the_window_tokens_and_kpi_state(tmp_path):
+    def make(run: str):
+        kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=2, target=2.0)
+        return make_trainer(
+            tmp_path / run,
+            LossplugCallback([kpi]),
+            eval_strategy="no",
+            save_strategy="steps",
+            save_steps=3,  # step 3 is inside a logging window (logging_steps=2)
+        )
+
+    whole = make("whole")
+    whole.train()
+    resumed = make("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-3"))
+
+    def train_rows(trainer, after):
+        return [row for row in rows_with(trainer.state.log_history, "loss") if row["step"] > after]
+
+    expected, got = train_rows(whole, 3), train_rows(resumed, 3)
+    assert [row["step"] for row in got] == [row["step"] for row in expected] == [4, 6]
+    for mine, theirs in zip(got, expected, strict=True):
+        # the window at step 4 holds step 3's micro-batches, saved with the checkpoint
+        assert mine["train/tokens"] == theirs["train/tokens"] == mine["step"] * 4 * TOKENS_PER_ROW
+        assert mine["train/cross_entropy"] == pytest.approx(theirs["train/cross_entropy"], 1e-5)
+        # the uninterrupted run's own loss (the resumed Trainer's "loss" at step 4 forgets step 3)
+        assert mine["train/cross_entropy"] == pytest.approx(theirs["loss"], rel=1e-4)
+    # the target was reached at step 2, before the checkpoint: not reached again after it
+    reached = rows_with(whole.state.log_history, "kpi/steps/reached_at_step")
+    assert [row["kpi/steps/reached_at_step"] for row in reached] == [2.0]
+    after = [row for row in resumed.state.log_history if row["step"] > 3]
+    assert [row["kpi/steps"] for row in rows_with(after, "kpi/steps")] == [4.0, 6.0]
+    assert not rows_with(after, "kpi/steps/reached_at_step")
