@@ -22,7 +22,7 @@ from lossplug.ops._spec import LossSpec, RowOutputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
-MAX_BLOCK_V = 16384 if INTERPRETED else 4096
+MAX_BLOCK_V_INTERPRETED, MAX_BLOCK_V_GPU = 16384, 4096
 NUM_WARPS = 8
 
 
@@ -169,12 +169,23 @@ def _ce_backward_kernel(
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+def launch_params(vocab: int, *, interpreted: bool = INTERPRETED) -> dict[str, int]:
+    """The block size and warps both kernels are launched with for rows of ``vocab`` logits.
+
+    The one place they are chosen: the launches below and ``benchmarks/gpu_compile.py`` (which
+    compiles for real GPUs what these launches would run) both call it.
+
+    Args:
+        vocab: the number of classes.
+        interpreted: for the interpreter (no ``num_warps``) rather than a GPU.
+    """
+    max_block = MAX_BLOCK_V_INTERPRETED if interpreted else MAX_BLOCK_V_GPU
+    return {"BLOCK_V": min(triton.next_power_of_2(vocab), max_block), **warps(interpreted)}
 
 
-def _launch_options() -> dict:
-    return {} if INTERPRETED else {"num_warps": NUM_WARPS}
+def warps(interpreted: bool = INTERPRETED) -> dict[str, int]:
+    """``num_warps`` of a GPU launch (the interpreter takes none)."""
+    return {} if interpreted else {"num_warps": NUM_WARPS}
 
 
 def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
@@ -202,8 +213,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
             spec.softcap if spec.softcap is not None else 1.0,
             HAS_SOFTCAP=spec.softcap is not None,
             HAS_SMOOTHING=spec.label_smoothing > 0,
-            BLOCK_V=_block_v(vocab),
-            **_launch_options(),
+            **launch_params(vocab),
         )
     return RowOutputs(loss, nll, lse, entropy, correct)
 
@@ -237,6 +247,5 @@ def backward(
         spec.z_loss,
         spec.softcap if spec.softcap is not None else 1.0,
         HAS_SOFTCAP=spec.softcap is not None,
-        BLOCK_V=_block_v(vocab),
-        **_launch_options(),
+        **launch_params(vocab),
     )

@@ -24,16 +24,32 @@ import triton
 import triton.language as tl
 
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
-from lossplug.ops._triton.cross_entropy import INTERPRETED, _launch_options, _softcap
+from lossplug.ops._triton.cross_entropy import INTERPRETED, _softcap, warps
 
 PRECOMPUTES_GRAD = False
 
-# Tiles: moderate on a GPU (register pressure of the [BLOCK_N, BLOCK_V] float32 tile), the
-# smallest that tl.dot accepts under the interpreter is 16.
-if INTERPRETED:
-    BLOCK_N, BLOCK_V, BLOCK_D, GROUP = 16, 32, 16, 4
-else:
-    BLOCK_N, BLOCK_V, BLOCK_D, GROUP = 64, 128, 64, 8
+
+def launch_params(*, interpreted: bool = INTERPRETED) -> dict[str, int]:
+    """Tiles and warps of both kernels (``GROUP`` is the backward's alone).
+
+    The one place they are chosen: the launches below and ``benchmarks/gpu_compile.py`` (which
+    compiles for real GPUs what these launches would run) both call it.
+
+    Args:
+        interpreted: for the interpreter (no ``num_warps``) rather than a GPU.
+    """
+    # moderate on a GPU (register pressure of the [BLOCK_N, BLOCK_V] float32 tile), the
+    # smallest that tl.dot accepts under the interpreter is 16
+    if interpreted:
+        tiles = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP=4)
+    else:
+        tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP=8)
+    return {**tiles, **warps(interpreted)}
+
+
+BLOCK_N, BLOCK_V, BLOCK_D, GROUP = (
+    launch_params()[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP")
+)
 # The forward splits the vocabulary until about this many programs run (a few per GPU core).
 TARGET_PROGRAMS = 1024
 
@@ -330,6 +346,7 @@ def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None) -> d
         BLOCK_N=BLOCK_N,
         BLOCK_V=BLOCK_V,
         BLOCK_D=BLOCK_D,
+        **warps(),
     )
 
 
@@ -379,7 +396,6 @@ def forward(
         weight.stride(0),
         spec.softcap if spec.softcap is not None else 1.0,
         **_flags(hidden, spec, bias),
-        **_launch_options(),
     )
     return _combine(parts, target, vocab, spec), None
 
@@ -456,6 +472,5 @@ def backward(
             WANT_B=want_b,
             GROUP=GROUP,
             **_flags(hidden, spec, bias),
-            **_launch_options(),
         )
     return LinearGrads(grad_h, grad_w, grad_b)
