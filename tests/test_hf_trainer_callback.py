@@ -297,3 +297,18 @@ def test_resume_from_checkpoint_continues_the_window_tokens_and_kpi_state(tmp_pa
     after = [row for row in resumed.state.log_history if row["step"] > 3]
     assert [row["kpi/steps"] for row in rows_with(after, "kpi/steps")] == [4.0, 6.0]
     assert not rows_with(after, "kpi/steps/reached_at_step")
+
+
+def test_added_after_init_and_reused_by_a_second_trainer_evaluate_only(tmp_path):
+    callback = LossplugCallback()
+    first = make_trainer(tmp_path / "a", LossplugCallback(), max_steps=2, eval_strategy="no")
+    first.remove_callback(LossplugCallback)
+    first.add_callback(callback)
+    first.train()
+    assert rows_with(first.state.log_history, "train/perplexity")
+
+    second = make_trainer(tmp_path / "b", callback)
+    metrics = second.evaluate()  # no training at all
+    ref = reference_val(second.model, second.eval_dataset)
+    assert metrics["val/perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert second.state.log_history[-1]["val/tokens"] == ref["tokens"]

@@ -56,6 +56,10 @@ class LossplugCallback(TrainerCallback):
     count and KPI state are saved in ``trainer_state.json`` with each checkpoint and taken back
     by ``trainer.train(resume_from_checkpoint=...)``.
 
+    Under DDP, an eval set that does not divide evenly among the processes has its last batch
+    evened out by ``accelerate`` with repeated samples, and those count twice in ``val/…``: give
+    it a size divisible by the global eval batch for exact values.
+
     Args:
         kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
         metrics: which of ``cross_entropy``, ``perplexity``, ``token_accuracy``, ``entropy``.
@@ -95,7 +99,9 @@ class LossplugCallback(TrainerCallback):
         self._known: dict[str, float] = {}  # ctx.metrics: every number logged so far
         self._names_known = False
         self._warned_unpatched = False
-        self._placed = False
+        self._placed_in: Any = None
+        self._model: Any = None
+        self._patched: list[Any] = []
         self._wandb = False  # a W&B integration reports: log to its run under our names
         self._saved_window: list[float] | None = None
         self._restored = False
@@ -216,12 +222,10 @@ class LossplugCallback(TrainerCallback):
         decides the logging steps) and before the other ``report_to`` integrations, which the
         Trainer puts before the user's callbacks: they then get the values this callback adds to
         each log."""
-        if self._placed:
-            return
         handler = frame.f_locals.get("self")  # the frame of CallbackHandler.call_event
-        if not isinstance(handler, CallbackHandler):
+        if not isinstance(handler, CallbackHandler) or handler is self._placed_in:
             return
-        self._placed = True
+        self._placed_in = handler  # once per Trainer: the same callback may serve several
         callbacks = handler.callbacks
         callbacks.remove(self)
         # The Trainer's W&B integration files every key not starting with eval_ under train/
@@ -249,7 +253,11 @@ class LossplugCallback(TrainerCallback):
 
     def _collect(self, acc: StatsAccumulator, model: Any) -> None:
         # taken after every forward with labels: the patch keeps only the last call's stats
-        stats = pop_token_stats(model) if model is not None else None
+        if model is None:
+            return
+        if model is not self._model:  # walked once per model, not at every micro-batch
+            self._model, self._patched = model, patched_models(model)
+        stats = pop_token_stats(self._patched)
         if stats is not None:
             acc.add(stats)
 
