@@ -312,3 +312,22 @@ def test_added_after_init_and_reused_by_a_second_trainer_evaluate_only(tmp_path)
     ref = reference_val(second.model, second.eval_dataset)
     assert metrics["val/perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert second.state.log_history[-1]["val/tokens"] == ref["tokens"]
+
+
+def test_a_hanging_kpi_is_abandoned_and_training_goes_on(tmp_path):
+    import threading
+
+    release = threading.Event()
+    kpi = lossplug.KPI("stuck", lambda ctx: release.wait(30), every_n_steps=2, timeout_s=0.2)
+    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), max_steps=4, eval_strategy="no")
+    try:
+        with pytest.warns(RuntimeWarning, match="timeout_s=0.2"):
+            trainer.train()
+    finally:
+        release.set()
+    history = trainer.state.log_history
+    assert [row["kpi/stuck/timeouts"] for row in rows_with(history, "kpi/stuck/timeouts")] == [
+        1.0,
+        2.0,  # skipped while the first call still runs: counted too
+    ]
+    assert trainer.state.global_step == 4 and len(rows_with(history, "train/perplexity")) == 2
