@@ -127,3 +127,26 @@ def test_float64_is_refused_by_triton_and_mixed_dtypes_by_name():
         lossplug.linear_cross_entropy(hidden, weight.double(), target, backend="triton")
     with pytest.raises(TypeError, match=r"backend='triton'.*float64 logits"):
         lossplug.FusedCrossEntropyLoss(backend="triton")(LOGITS.double(), TARGET)
+
+
+def test_auto_sends_linear_cross_entropy_on_cuda_to_the_cublas_path():
+    """By the cost model (benchmarks/cost_model.py) the Triton linear backward's ~1e11 float32
+    atomics are ~4x slower than the PyTorch path's cuBLAS matmuls: ``"auto"`` picks the latter
+    on CUDA, ``"triton"`` still gives the kernels, and cross-entropy keeps its Triton default."""
+    from lossplug.ops import _dispatch
+
+    class ClaimsCuda(torch.Tensor):  # what resolve sees of a CUDA tensor, on a CPU-only machine
+        @property
+        def is_cuda(self):
+            return True
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        hidden = torch.randn(4, 8).to(dtype).as_subclass(ClaimsCuda)
+        auto = _dispatch.resolve("auto", "linear_cross_entropy", hidden, "hidden")
+        chosen = _dispatch.resolve("triton", "linear_cross_entropy", hidden, "hidden")
+        logits = _dispatch.resolve(
+            "auto", "cross_entropy", LOGITS.to(dtype).as_subclass(ClaimsCuda)
+        )
+        assert auto.__name__ == "lossplug.ops._torch.linear_cross_entropy"
+        assert chosen.__name__ == "lossplug.ops._triton.linear_cross_entropy"
+        assert logits.__name__ == "lossplug.ops._triton.cross_entropy"
