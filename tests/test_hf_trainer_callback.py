@@ -215,6 +215,13 @@ def test_wandb_run_gets_the_values_under_their_own_names(tmp_path, monkeypatch):
         assert [value for _, value in run.series(key)] == pytest.approx(logged), key
     assert not run.series("train/val/perplexity") and not run.series("train/train/perplexity")
     assert run.series("train/loss")  # the Trainer's own keys are untouched
+    assert run.metrics["val/perplexity"].summary == ("min",)
+    assert run.metrics["train/token_accuracy"].summary == ("max",)
+    assert run.metrics["kpi/steps"].summary == ("max",)
+    assert run.metrics["kpi/steps"].step_metric == "train/global_step"
+    assert run.summary["val/perplexity"]["min"] == min(
+        row["val/perplexity"] for row in rows_with(history, "val/perplexity")
+    )
 
 
 def test_ddp_with_torchrun_gives_the_single_process_values(tmp_path):

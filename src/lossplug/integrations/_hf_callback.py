@@ -27,6 +27,9 @@ __all__ = ["LossplugCallback"]
 #: Not the class name: the Trainer would rebuild a callback of that name from JSON arguments
 #: (``restore_callback_states_from_checkpoint``) and the KPI objects cannot be rebuilt that way.
 STATE_KEY = "lossplug.LossplugCallback"
+# W&B summaries: the best value, or the last one for a running total
+_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max", "tokens": "last"}
+_BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step")
 
 
 class LossplugCallback(TrainerCallback):
@@ -100,6 +103,7 @@ class LossplugCallback(TrainerCallback):
         self._names_known = False
         self._warned_unpatched = False
         self._placed_in: Any = None
+        self._defined: set[str] = set()  # keys declared to W&B
         self._model: Any = None
         self._patched: list[Any] = []
         self._wandb = False  # a W&B integration reports: log to its run under our names
@@ -204,7 +208,7 @@ class LossplugCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(ours)  # appended before the callbacks ran
         if self._wandb and state.is_world_process_zero:
-            _log_to_wandb(ours, state.global_step)
+            self._log_to_wandb(ours, state.global_step)
         if not self._names_known and any(key.startswith("val/") for key in ours):
             self._names_known = True
             self.runner.warn_missing_metrics(self._known, when="after the first evaluation")
@@ -300,6 +304,40 @@ class LossplugCallback(TrainerCallback):
         if model is not None:
             pop_token_stats(model)  # a KPI's own forward with labels is not training data
 
+    def _log_to_wandb(self, metrics: Mapping[str, float], step: int) -> None:
+        import wandb
+
+        run = wandb.run
+        if run is None:
+            return
+        for key in metrics:
+            if key in self._defined:
+                continue
+            self._defined.add(key)
+            summary = self._summary(key)
+            # an unescaped "." reads as nesting to W&B: kpi/pass.rate's summary would be lost
+            run.define_metric(
+                key.replace(".", "\\."),
+                step_metric="train/global_step",
+                **({"summary": summary} if summary else {}),
+            )
+        # the Trainer's W&B integration plots everything against train/global_step
+        run.log({**metrics, "train/global_step": step})
+
+    def _summary(self, key: str) -> str | None:
+        """W&B's summary of ``key``: its best value, or its last for totals and counters."""
+        stage, _, name = key.partition("/")
+        if stage in ("train", "val"):
+            return _SUMMARY.get(name)
+        for item in self.kpis:
+            if key == item.key or key.startswith(item.key + "/"):
+                if key.rsplit("/", 1)[-1] in _BOOKKEEPING:
+                    return None
+                if item.is_cumulative(key):
+                    return "last"
+                return "max" if item.higher_is_better else "min"
+        return None
+
     def _samples(self, state: Any) -> int | None:
         """Training samples seen on all ranks, as the Trainer counts them (full batches)."""
         args = self._args
@@ -382,11 +420,3 @@ def _device(model: Any) -> torch.device:
 
 def _is_wandb(callback: Any) -> bool:
     return type(callback).__name__ == "WandbCallback"
-
-
-def _log_to_wandb(metrics: Mapping[str, float], step: int) -> None:
-    import wandb
-
-    if wandb.run is not None:
-        # the Trainer's W&B integration plots everything against train/global_step
-        wandb.run.log({**metrics, "train/global_step": step})
