@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a < 75 or a > 120]
     if unknown:
         parser.error(f"--arch must be a compute capability such as 80 or 90, got {unknown}")
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if folder is not None and not os.path.isdir(folder):  # found out now, not after the compiles
+        parser.error(f"--json {args.json!r}: folder {folder!r} does not exist")
     dtypes = tuple(args.dtype or DTYPES)
     rows = run(archs, dtypes, all_blocks=args.all_blocks, quick=args.quick, jobs=args.jobs)
     print(format_table(rows))

@@ -118,3 +118,26 @@ def test_a_spilling_or_failed_kernel_fails_the_check():
     # a register-bound 8-warp block: 255 registers leave room for one block per SM
     assert gpu_compile._blocks_per_sm(90, 255, 0, 8) == 1
     assert gpu_compile._blocks_per_sm(90, 40, 0, 8) == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "9"], r"--arch must be a compute capability such as 80 or 90, got \[9\]"),
+        (["--json", "/no/such/folder/rows.json"], r"--json '/no/such/folder/rows.json': folder"),
+        (["--dtype", "float16"], r"--dtype: invalid choice: 'float16'"),
+    ],
+)
+def test_obvious_mistakes_are_refused_before_compiling(args, message):
+    import re
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert re.search(message, proc.stderr), proc.stderr
