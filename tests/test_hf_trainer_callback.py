@@ -338,3 +338,22 @@ def test_a_hanging_kpi_is_abandoned_and_training_goes_on(tmp_path):
         2.0,  # skipped while the first call still runs: counted too
     ]
     assert trainer.state.global_step == 4 and len(rows_with(history, "train/perplexity")) == 2
+
+
+def test_a_users_own_trainer_log_is_not_taken_for_a_training_log(tmp_path):
+    class LogsItsOwnLoss(transformers.TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.trainer.log({"loss": 123.0})  # what a subclass or a user callback may do
+
+    own = LogsItsOwnLoss()
+    trainer = make_trainer(tmp_path, LossplugCallback(), max_steps=4, eval_strategy="no")
+    own.trainer = trainer
+    trainer.add_callback(own)
+    trainer.train()
+    history = trainer.state.log_history
+    assert [row["train/tokens"] for row in rows_with(history, "train/tokens")] == [
+        2 * 4 * TOKENS_PER_ROW,
+        4 * 4 * TOKENS_PER_ROW,
+    ]
+    users = [row for row in history if row.get("loss") == 123.0]
+    assert len(users) == 4 and not rows_with(users, "train/tokens")

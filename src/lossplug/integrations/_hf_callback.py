@@ -97,6 +97,7 @@ class LossplugCallback(TrainerCallback):
         self._val = StatsAccumulator()
         self._tokens_total = 0
         self._in_eval = False
+        self._expect_train_log = False  # the flow callback asked the Trainer to log this step
         self._due: list[KPI] = []  # train_step KPIs to run at this step's log
         self._pending: dict[str, float] = {}  # KPI values waiting for the next log
         self._known: dict[str, float] = {}  # ctx.metrics: every number logged so far
@@ -148,6 +149,7 @@ class LossplugCallback(TrainerCallback):
         self._due = self.runner.due("train_step", step=state.global_step, epoch=_epoch(state))
         if self._due:
             control.should_log = True  # the KPI's value lands on its own step
+        self._expect_train_log = control.should_log
         if control.should_save:
             # the window as the checkpoint will hold it (all ranks reduce it together); a
             # logging step empties it before the save
@@ -168,6 +170,7 @@ class LossplugCallback(TrainerCallback):
         self._val.reset()
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._expect_train_log = control.should_log  # logging_strategy="epoch"
         self._run("train_epoch_end", state, kwargs.get("model"))
 
     def on_log(
@@ -186,7 +189,10 @@ class LossplugCallback(TrainerCallback):
                 ours["val/tokens"] = values["tokens"]
             self._learn(logs, ours)
             self._run("validation_end", state, model)
-        elif "loss" in logs:  # a training log (every rank is here too)
+        elif self._expect_train_log and "loss" in logs and "learning_rate" in logs:
+            # the Trainer's training log, on every rank; not a trainer.log() of the user's, which
+            # may run on one rank only and would hang the all-reduce
+            self._expect_train_log = False
             values = self._window.read(_all_reduce)
             self._window.reset()
             self._tokens_total += int(values["tokens"])
