@@ -357,3 +357,12 @@ def test_a_users_own_trainer_log_is_not_taken_for_a_training_log(tmp_path):
     ]
     users = [row for row in history if row.get("loss") == 123.0]
     assert len(users) == 4 and not rows_with(users, "train/tokens")
+
+
+def test_a_second_train_call_counts_its_own_tokens(tmp_path):
+    callback = LossplugCallback()
+    for run in ("first", "second"):
+        trainer = make_trainer(tmp_path / run, callback, max_steps=2, eval_strategy="no")
+        trainer.train()
+        rows_ = rows_with(trainer.state.log_history, "train/tokens")
+        assert [row["train/tokens"] for row in rows_] == [2 * 4 * TOKENS_PER_ROW], run

@@ -132,6 +132,7 @@ class LossplugCallback(TrainerCallback):
         self._args = args
         self._started = time.perf_counter()
         self._window.reset()
+        self._tokens_total = 0  # a callback reused for another trainer.train() starts again
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         if saved and not self._restored:
             self._load(saved, is_rank_zero=state.is_world_process_zero)
@@ -180,7 +181,8 @@ class LossplugCallback(TrainerCallback):
             return
         model = kwargs.get("model")
         ours: dict[str, float] = {}
-        if self._in_eval:  # the log of Trainer.evaluate(): every rank is here
+        evaluated = any(key.startswith("eval_") and key.endswith("_runtime") for key in logs)
+        if self._in_eval or evaluated:  # the log of Trainer.evaluate(): every rank is here
             self._in_eval = False
             values = self._val.read(_all_reduce)
             self._val.reset()
