@@ -141,3 +141,34 @@ def test_obvious_mistakes_are_refused_before_compiling(args, message):
     )
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
+
+
+def test_float32_linear_backward_compiles_without_spills_on_sm80_and_sm90(tmp_path):
+    """The heaviest fp32 linear kernel (every gradient, bias, softcap) spilled 712 bytes on sm_80
+    and 336 on sm_90 with the 16-bit tiles; the launch now picks float32's own (no spills)."""
+    code = (
+        "import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_compile as g, torch; "
+        "from lossplug.ops._triton import linear_cross_entropy as lce; "
+        "jobs = [j for j in g.collect_jobs(('fp32', 'bf16')) if j.kernel.startswith('_lce')]; "
+        "launched = {(j.dtype, j.kernel, json.dumps(j.options, sort_keys=True)) for j in jobs}; "
+        "heavy = next(j for j in jobs if j.dtype == 'fp32' and "
+        "j.specialization == 'bias=True softcap=True grads=hwb'); "
+        "print(json.dumps(dict(launched=sorted(launched), "
+        "params={d: lce.launch_params(getattr(torch, n), interpreted=False) "
+        "for d, n in (('fp32', 'float32'), ('bf16', 'bfloat16'))}, "
+        "rows=[g.compile_job(heavy, a) for a in (80, 90)])))"
+    )
+    proc = _run(tmp_path, "-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # each dtype is launched with its own parameters: what launch_params gives for it
+    for dtype, kernel, options in out["launched"]:
+        params = out["params"][dtype]
+        assert json.loads(options) == {
+            k: v for k, v in params.items() if k in ("num_warps", "num_stages")
+        }, (dtype, kernel)
+    assert out["params"]["fp32"]["BLOCK_D"] < out["params"]["bf16"]["BLOCK_D"]
+    for row in out["rows"]:
+        assert "error" not in row, row
+        assert (row["dtype"], row["spills"]) == ("fp32", 0), row
+        assert 0 < row["registers"] <= 255

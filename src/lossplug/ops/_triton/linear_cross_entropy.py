@@ -29,27 +29,36 @@ from lossplug.ops._triton.cross_entropy import INTERPRETED, _softcap, warps
 PRECOMPUTES_GRAD = False
 
 
-def launch_params(*, interpreted: bool = INTERPRETED) -> dict[str, int]:
-    """Tiles and warps of both kernels (``GROUP`` is the backward's alone).
+def launch_params(
+    dtype: torch.dtype = torch.bfloat16, *, interpreted: bool = INTERPRETED
+) -> dict[str, int]:
+    """Tiles, warps and pipeline stages of both kernels (``GROUP`` is the backward's alone).
 
     The one place they are chosen: the launches below and ``benchmarks/gpu_compile.py`` (which
     compiles for real GPUs what these launches would run) both call it.
 
     Args:
+        dtype: the dtype of the hidden states and weight (the matmuls' inputs).
         interpreted: for the interpreter (no ``num_warps``) rather than a GPU.
     """
-    # moderate on a GPU (register pressure of the [BLOCK_N, BLOCK_V] float32 tile), the
-    # smallest that tl.dot accepts under the interpreter is 16
+    # the smallest tiles that tl.dot accepts under the interpreter (16), whatever the dtype
     if interpreted:
-        tiles = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP=4)
-    else:
-        tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP=8)
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP=4)
+    # Moderate on a GPU: register pressure of the [BLOCK_N, BLOCK_V] float32 tile plus the
+    # dot operands. Chosen so that every specialization compiles with no spills on sm_80 and
+    # sm_90 (benchmarks/gpu_compile.py; speed not measured, no GPU was at hand):
+    # - 16-bit inputs: BLOCK_D=64 spilled 48-56 bytes on sm_80 when both the hidden and the
+    #   weight gradient are wanted (255 registers); BLOCK_D=32 fits both archs.
+    # - float32 inputs: the dots run on FP32 units, not tensor cores, with the operands in
+    #   registers; BLOCK_D=64 spilled 32-7144 bytes on both archs, BLOCK_D=16 with 3 stages
+    #   216 in the sm_90 backward and with 2 stages still 16 (sm_90, bias gradient alone);
+    #   BLOCK_D=8 with 2 pipeline stages fits every specialization on both archs.
+    tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP=8)
+    if dtype == torch.float32:
+        tiles.update(BLOCK_D=8, num_stages=2)
     return {**tiles, **warps(interpreted)}
 
 
-BLOCK_N, BLOCK_V, BLOCK_D, GROUP = (
-    launch_params()[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP")
-)
 # The forward splits the vocabulary until about this many programs run (a few per GPU core).
 TARGET_PROGRAMS = 1024
 
@@ -337,23 +346,20 @@ def _order(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch
     return order, active.sum(dtype=torch.int32).reshape(1)
 
 
-def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None) -> dict:
+def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None, params: dict) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=spec.softcap is not None,
         DOT_FP32=INTERPRETED,
         IEEE=hidden.dtype == torch.float32 and not INTERPRETED,
-        BLOCK_N=BLOCK_N,
-        BLOCK_V=BLOCK_V,
-        BLOCK_D=BLOCK_D,
-        **warps(),
+        **{k: v for k, v in params.items() if k != "GROUP"},  # GROUP: the backward's alone
     )
 
 
-def _splits(n_rows: int, vocab: int) -> int:
+def _splits(n_rows: int, vocab: int, block_n: int, block_v: int) -> int:
     """Vocabulary splits so that a few programs per GPU core run even for few tokens."""
-    blocks_v = triton.cdiv(vocab, BLOCK_V)
-    return max(1, min(blocks_v, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, BLOCK_N))))
+    blocks_v = triton.cdiv(vocab, block_v)
+    return max(1, min(blocks_v, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, block_n))))
 
 
 def forward(
@@ -376,11 +382,13 @@ def forward(
         empty = [torch.zeros(0, dtype=torch.float32, device=device) for _ in range(4)]
         return RowOutputs(*empty, torch.zeros(0, dtype=torch.int32, device=device)), None
     order, n_active = _order(target, spec.ignore_index)
-    splits = _splits(n_rows, vocab)
-    split_cols = triton.cdiv(triton.cdiv(vocab, splits), BLOCK_V) * BLOCK_V
+    params = launch_params(hidden.dtype)
+    block_n, block_v = params["BLOCK_N"], params["BLOCK_V"]
+    splits = _splits(n_rows, vocab, block_n, block_v)
+    split_cols = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
     splits = triton.cdiv(vocab, split_cols)  # every split holds at least one column
     parts = torch.zeros(6, splits, n_rows, dtype=torch.float32, device=device)
-    _lce_forward_kernel[(triton.cdiv(n_rows, BLOCK_N), splits)](
+    _lce_forward_kernel[(triton.cdiv(n_rows, block_n), splits)](
         hidden,
         weight,
         bias if bias is not None else hidden,
@@ -395,7 +403,7 @@ def forward(
         hidden.stride(0),
         weight.stride(0),
         spec.softcap if spec.softcap is not None else 1.0,
-        **_flags(hidden, spec, bias),
+        **_flags(hidden, spec, bias, params),
     )
     return _combine(parts, target, vocab, spec), None
 
@@ -446,7 +454,8 @@ def backward(
     grad_b = torch.zeros(vocab, **f32) if want_b else None
     if n_rows > 0 and (want_h or want_w or want_b):
         order, n_active = _order(target, spec.ignore_index)
-        grid = (triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(vocab, BLOCK_V),)
+        params = launch_params(hidden.dtype)
+        grid = (triton.cdiv(n_rows, params["BLOCK_N"]) * triton.cdiv(vocab, params["BLOCK_V"]),)
         _lce_backward_kernel[grid](
             hidden,
             weight,
@@ -470,7 +479,7 @@ def backward(
             WANT_H=want_h,
             WANT_W=want_w,
             WANT_B=want_b,
-            GROUP=GROUP,
-            **_flags(hidden, spec, bias),
+            GROUP=params["GROUP"],
+            **_flags(hidden, spec, bias, params),
         )
     return LinearGrads(grad_h, grad_w, grad_b)
