@@ -145,7 +145,7 @@ def test_obvious_mistakes_are_refused_before_compiling(args, message):
 
 def test_float32_linear_backward_compiles_without_spills_on_sm80_and_sm90(tmp_path):
     """The heaviest fp32 linear kernel (every gradient, bias, softcap) spilled 712 bytes on sm_80
-    and 336 on sm_90 with the 16-bit tiles; the launch now picks float32's own (no spills)."""
+    and 336 on sm_90 with the tiles then shared by every dtype; float32 now has its own."""
     code = (
         "import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_compile as g, torch; "
         "from lossplug.ops._triton import linear_cross_entropy as lce; "
