@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.online:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_PROJECT", "lossplug-hf-trainer")
+    # Absolute: a W&B service shared with a parent process resolves a relative folder against its
+    # own working directory, not this one.
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(args.out))
     try:

@@ -16,8 +16,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_example(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    env.pop("WANDB_API_KEY", None)
+    # Nothing of this process's W&B reaches the example: not a key, and not WANDB_SERVICE, which
+    # W&B sets once a run has started here and which would make the example log through this
+    # process's W&B service (which resolves relative folders against its own working directory).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
     return subprocess.run(
         [sys.executable, *args],
         cwd=cwd,

@@ -203,6 +203,9 @@ def test_wandb_run_gets_the_values_under_their_own_names(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # The Trainer's wandb.init passes no dir: W&B takes it from its process-wide settings, which
+    # an earlier run in this process may have fixed before WANDB_DIR was set here.
+    wandb.teardown()
     kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=3, timeout_s=30)
     trainer = make_trainer(tmp_path, LossplugCallback([kpi]), report_to="wandb")
     trainer.train()
