@@ -1,6 +1,9 @@
 /* PID 1 of a lossplug sandbox: runs one program under limits, then ends every process it left.
  *
- * Usage: launcher REPORT_FD LIFELINE_FD AS CPU_SOFT CPU_HARD FSIZE NPROC -- PROGRAM [ARGS...]
+ * Usage: launcher REPORT_FD LIFELINE_FD [--NAME=SOFT:HARD ...] -- PROGRAM [ARGS...]
+ *
+ * The limits are spelled as prlimit(1) spells them (as, cpu, fsize, core, nproc), so the caller
+ * builds one list of limits for both this launcher and, without a sandbox, prlimit.
  *
  * Started by bwrap as the first process of a new PID namespace. It starts PROGRAM with the
  * resource limits, waits for it, kills every other process of the namespace (daemons, workers the
@@ -37,10 +40,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static rlim_t parse_limit(const char *text) {
-    return (rlim_t)strtoull(text, NULL, 10);
-}
-
 static int set_limit(int resource, rlim_t soft, rlim_t hard) {
     struct rlimit limit;
     limit.rlim_cur = soft;
@@ -48,8 +47,46 @@ static int set_limit(int resource, rlim_t soft, rlim_t hard) {
     return setrlimit(resource, &limit);
 }
 
+struct named_limit {
+    const char *name;
+    int resource;
+};
+
+static const struct named_limit NAMED_LIMITS[] = {
+    {"as", RLIMIT_AS},     {"cpu", RLIMIT_CPU},     {"fsize", RLIMIT_FSIZE},
+    {"core", RLIMIT_CORE}, {"nproc", RLIMIT_NPROC},
+};
+
+/* Apply "--NAME=SOFT:HARD"; 0 on success, -1 for a malformed option or a refused limit. */
+static int apply_limit(const char *option, int dry_run) {
+    const char *equals = strchr(option, '=');
+    if (strncmp(option, "--", 2) != 0 || equals == NULL) return -1;
+    size_t length = (size_t)(equals - option) - 2;
+    for (size_t i = 0; i < sizeof NAMED_LIMITS / sizeof NAMED_LIMITS[0]; ++i) {
+        if (strlen(NAMED_LIMITS[i].name) != length ||
+            strncmp(option + 2, NAMED_LIMITS[i].name, length) != 0) {
+            continue;
+        }
+        char *end;
+        rlim_t soft = (rlim_t)strtoull(equals + 1, &end, 10);
+        if (*end != ':') return -1;
+        rlim_t hard = (rlim_t)strtoull(end + 1, &end, 10);
+        if (*end != '\0') return -1;
+        return dry_run ? 0 : set_limit(NAMED_LIMITS[i].resource, soft, hard);
+    }
+    return -1;
+}
+
 int main(int argc, char **argv) {
-    if (argc < 10 || strcmp(argv[8], "--") != 0) {
+    int separator = 3;
+    while (separator < argc && strcmp(argv[separator], "--") != 0) {
+        if (apply_limit(argv[separator], 1) != 0) {
+            fprintf(stderr, "lossplug launcher: bad limit %s\n", argv[separator]);
+            return 125;
+        }
+        ++separator;
+    }
+    if (argc < 4 || separator + 1 >= argc) {
         fprintf(stderr, "lossplug launcher: bad arguments\n");
         return 125;
     }
@@ -90,16 +127,15 @@ int main(int argc, char **argv) {
         /* A blocked signal mask survives exec: the program starts with the default one. */
         sigprocmask(SIG_UNBLOCK, &child_signals, NULL);
         signal(SIGPIPE, SIG_DFL);
-        if (set_limit(RLIMIT_AS, parse_limit(argv[3]), parse_limit(argv[3])) != 0 ||
-            set_limit(RLIMIT_CPU, parse_limit(argv[4]), parse_limit(argv[5])) != 0 ||
-            set_limit(RLIMIT_FSIZE, parse_limit(argv[6]), parse_limit(argv[6])) != 0 ||
-            set_limit(RLIMIT_CORE, 0, 0) != 0 ||
-            set_limit(RLIMIT_NPROC, parse_limit(argv[7]), parse_limit(argv[7])) != 0) {
-            perror("lossplug launcher: setrlimit");
-            _exit(126);
+        for (int i = 3; i < separator; ++i) {
+            if (apply_limit(argv[i], 0) != 0) {
+                perror("lossplug launcher: setrlimit");
+                _exit(126);
+            }
         }
-        execv(argv[9], argv + 9);
-        fprintf(stderr, "lossplug launcher: cannot run %s: %s\n", argv[9], strerror(errno));
+        char **program = argv + separator + 1;
+        execv(program[0], program);
+        fprintf(stderr, "lossplug launcher: cannot run %s: %s\n", program[0], strerror(errno));
         _exit(127);
     }
 

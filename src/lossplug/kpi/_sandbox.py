@@ -64,7 +64,6 @@ from pathlib import Path
 __all__ = [
     "SANDBOX_ENV",
     "Jail",
-    "Limits",
     "Report",
     "SandboxUnavailableError",
     "read_report",
@@ -173,7 +172,7 @@ class Jail:
         self,
         argv: Sequence[str],
         *,
-        limits: Limits,
+        limits: Sequence[str],
         report_fd: int,
         lifeline_fd: int,
         source_dir: Path,
@@ -184,7 +183,8 @@ class Jail:
 
         Args:
             argv: The program and its arguments, as seen inside the sandbox.
-            limits: The resource limits of the program.
+            limits: The resource limits of the program, as prlimit's options
+                (``"--as=SOFT:HARD"``; ``as``, ``cpu``, ``fsize``, ``core`` and ``nproc``).
             report_fd: The write end of a pipe where the launcher reports how the program ended
                 (see :func:`read_report`).
             lifeline_fd: The read end of a pipe whose write end only the caller holds: closing
@@ -234,7 +234,7 @@ class Jail:
             args += ["--keep-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
             args += ["--pdeathsig=KILL", "--"]
         args += [f"{_LAUNCHER_DIR}/launch", str(report_fd), str(lifeline_fd)]
-        args += [*limits.launcher_args(), "--", *argv]
+        args += [*limits, "--", *argv]
         fds = (report_fd, lifeline_fd)
         if self.userns_fd is not None:
             fds = (self.userns_fd, *fds)
@@ -246,26 +246,6 @@ class Jail:
             return  # the sandbox's uid is the caller's: its files are already the sandbox's
         for path in (directory, *directory.iterdir()):
             os.chown(path, _SANDBOX_ID, _SANDBOX_ID)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of one sandboxed program."""
-
-    address_space_bytes: int
-    cpu_soft_s: int
-    cpu_hard_s: int
-    file_bytes: int
-    processes: int
-
-    def launcher_args(self) -> list[str]:
-        return [
-            str(self.address_space_bytes),
-            str(self.cpu_soft_s),
-            str(self.cpu_hard_s),
-            str(self.file_bytes),
-            str(self.processes),
-        ]
 
 
 @dataclass(frozen=True)
@@ -488,7 +468,7 @@ def _root_user_namespace() -> int:
 def _probe(jail: Jail) -> None:
     """Run ``true`` in the sandbox once; raise why it failed, if it did."""
     true = shutil.which("true", path=_PATH) or "/bin/true"
-    limits = Limits(1 << 30, 10, 11, 1 << 20, 16)
+    limits = ("--as=1073741824:1073741824", "--cpu=10:11", "--nproc=16:16", "--core=0:0")
     with tempfile.TemporaryDirectory(prefix="lossplug-sandbox-") as tmp:
         directory = Path(tmp)
         jail.prepare(directory)

@@ -69,7 +69,6 @@ from typing import IO, Any
 from lossplug.kpi._sandbox import (
     SOURCE_DIR,
     Jail,
-    Limits,
     SandboxUnavailableError,
     read_report,
     resolve_sandbox,
@@ -348,8 +347,7 @@ class _Box:
         binary = self.seen / "main"
         argv = [*self.compiler_command, "-O2", "-std=c++17", "-o", str(binary)]
         argv.append(str(self.seen / "main.cpp"))
-        memory_mb = self.compile_memory_mb
-        run = self._run(argv, b"", memory_mb, writable=True)
+        run = self._run(argv, b"", self.compile_memory_mb, writable=True)
         if run.start_error is not None:
             return _shorten(
                 f"compile error: could not run {self.compiler_command[0]}: {run.start_error}"
@@ -368,7 +366,9 @@ class _Box:
             else:
                 first_error = f"compiler exited with code {run.returncode}"
         if any(marker in first_error for marker in _OUT_OF_MEMORY_MARKERS):
-            first_error = f"compiler memory limit exceeded ({memory_mb} MiB): {first_error}"
+            first_error = (
+                f"compiler memory limit exceeded ({self.compile_memory_mb} MiB): {first_error}"
+            )
         return _shorten(f"compile error: {first_error}")
 
     def run(self, argv: Sequence[str], stdin: bytes) -> _Run:
@@ -381,16 +381,7 @@ class _Box:
         if self.jail is None:
             prefix, preexec = _limits(self.timeout_s, memory_mb)
             return _run([*prefix, *argv], stdin, self.timeout_s, self.directory, env, preexec)
-        values = {
-            name: (soft, hard) for name, _, soft, hard in _limit_values(self.timeout_s, memory_mb)
-        }
-        limits = Limits(
-            address_space_bytes=values["as"][0],
-            cpu_soft_s=values["cpu"][0],
-            cpu_hard_s=values["cpu"][1],
-            file_bytes=values["fsize"][0],
-            processes=values["nproc"][0],
-        )
+        limits = _limit_options(_limit_values(self.timeout_s, memory_mb))
         read_fd, write_fd = os.pipe()
         lifeline_read, lifeline_write = os.pipe()
         lifeline = [lifeline_write]
