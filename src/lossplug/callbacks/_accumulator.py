@@ -12,6 +12,8 @@ from lossplug.ops.stats import TokenStats
 
 #: The values LossMonitor can log, by name.
 METRIC_NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
+#: W&B summary of each logged value: its best, or the last one for the running token total.
+SUMMARIES = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max", "tokens": "last"}
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

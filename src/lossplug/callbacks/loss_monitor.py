@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lossplug.callbacks._accumulator import (
     METRIC_NAMES,
+    SUMMARIES,
     LossCheck,
     LossComparison,
     StatsAccumulator,
@@ -31,7 +32,6 @@ Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] |
 _STAGES = ("train", "val")
 # totals and counters summarise as their last value: their max is the same number and "best"
 # would mean nothing for them
-_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max", "tokens": "last"}
 # A "mean" loss and the monitor's NLL of the same logits agree to float32 rounding; a bf16 loss
 # is rounded to 8 bits (0.4 %), so 2 % never trips on correct bf16 runs while a wrong `shift` on
 # a model that predicts anything is off by far more (tens of percent).
@@ -319,7 +319,7 @@ class LossMonitor(*CALLBACK_BASES):
         summaries = {}
         for stage in self.stages:
             for key in self.keys(stage):
-                summaries[key] = _SUMMARY.get(key.rsplit("/", 1)[-1])
+                summaries[key] = SUMMARIES.get(key.rsplit("/", 1)[-1])
         define_wandb_metrics(trainer, summaries)
 
     def _stats_from(

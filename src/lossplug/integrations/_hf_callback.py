@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
-from lossplug.callbacks._accumulator import METRIC_NAMES, StatsAccumulator
+from lossplug.callbacks._accumulator import METRIC_NAMES, SUMMARIES, StatsAccumulator
 from lossplug.integrations.transformers import patched_models, pop_token_stats
 from lossplug.kpi._core import KPI, KPIContext
 from lossplug.kpi._runner import KPIRunner
@@ -27,8 +27,6 @@ __all__ = ["LossplugCallback"]
 #: Not the class name: the Trainer would rebuild a callback of that name from JSON arguments
 #: (``restore_callback_states_from_checkpoint``) and the KPI objects cannot be rebuilt that way.
 STATE_KEY = "lossplug.LossplugCallback"
-# W&B summaries: the best value, or the last one for a running total
-_SUMMARY = {"cross_entropy": "min", "perplexity": "min", "token_accuracy": "max", "tokens": "last"}
 _BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step")
 
 
@@ -336,7 +334,7 @@ class LossplugCallback(TrainerCallback):
         """W&B's summary of ``key``: its best value, or its last for totals and counters."""
         stage, _, name = key.partition("/")
         if stage in ("train", "val"):
-            return _SUMMARY.get(name)
+            return SUMMARIES.get(name)
         for item in self.kpis:
             if key == item.key or key.startswith(item.key + "/"):
                 if key.rsplit("/", 1)[-1] in _BOOKKEEPING:
