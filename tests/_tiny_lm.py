@@ -46,14 +46,17 @@ class _TinyLMMixin:
         return self.head(self.embed(tokens))
 
     def _step(self, batch, stage: str):
-        (rows,) = batch
+        (rows,) = (batch["rows"],) if isinstance(batch, dict) else batch
         seq = rows.shape[1] // 2
         tokens, labels = rows[:, :seq], rows[:, seq:]
         logits = self(tokens)
         if self.record:
             self.seen[stage].append((logits.detach().double().clone(), labels.clone()))
-        loss, stats = lossplug.cross_entropy(logits, labels, shift=True, return_stats=True)
-        if self.mode == "stats":
+        per_sequence = self.mode == "sequence_stats"
+        loss, stats = lossplug.cross_entropy(
+            logits, labels, shift=True, return_stats=True, per_sequence_stats=per_sequence
+        )
+        if self.mode in ("stats", "sequence_stats"):
             return {"loss": loss, "stats": stats}
         if self.mode == "logits":
             return {"loss": loss, "logits": logits, "labels": labels}
@@ -163,3 +166,34 @@ class InOrderShardsWithVal(InOrderShards):
 
     def val_dataloader(self):
         return make_loader(1, seed=5)
+
+
+def sliced_batches(sources_per_batch, *, batch_size: int = 3, seq: int = 10, seed: int = 7):
+    """Dict batches ``{"rows", "source", "task"}``: each batch's sequences cycle through its
+    list of source names; ``task`` is an int label (the source's length)."""
+    batches = []
+    for index, sources in enumerate(sources_per_batch):
+        rows = make_tokens(batch_size, seq, seed=seed + index)
+        names = [sources[i % len(sources)] for i in range(batch_size)]
+        batches.append(
+            {"rows": rows, "source": names, "task": torch.tensor([len(n) for n in names])}
+        )
+    return batches
+
+
+class SlicedShards(InOrderShards):
+    """Training rows as ``InOrderShards``; validation batches of named slices, a different list
+    per rank (``val_by_rank[r]``), or all of them in order on one process."""
+
+    def __init__(self, n_rows: int, batch_size: int, val_by_rank) -> None:
+        super().__init__(n_rows, batch_size)
+        self.val_by_rank = val_by_rank
+
+    def val_dataloader(self):
+        if self.trainer.world_size > 1:
+            rank = self.trainer.global_rank
+            before = sum(len(lists) for lists in self.val_by_rank[:rank])
+            batches = sliced_batches(self.val_by_rank[rank], seed=7 + before)
+        else:
+            batches = sliced_batches([s for rank in self.val_by_rank for s in rank])
+        return DataLoader(batches, batch_size=None)

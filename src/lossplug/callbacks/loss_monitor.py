@@ -17,6 +17,7 @@ from lossplug.callbacks._accumulator import (
     SUMMARIES,
     LossCheck,
     LossComparison,
+    SliceAccumulator,
     StatsAccumulator,
     other_shift_nll,
 )
@@ -29,6 +30,7 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["LossMonitor"]
 
 Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] | None"]
+SliceBy = "str | Callable[[Any], Any]"
 _STAGES = ("train", "val")
 # totals and counters summarise as their last value: their max is the same number and "best"
 # would mean nothing for them
@@ -78,6 +80,14 @@ class LossMonitor(*CALLBACK_BASES):
             when they disagree beyond rounding: e.g. Hugging Face-style labels (equal to
             ``input_ids``) without ``shift=True``. Turn it off for a loss that is meant to differ
             (label smoothing, z-loss, a loss that is not this cross-entropy).
+        slice_by: also log every validation value per slice of the data, as
+            ``val/<metric>/<slice>`` (and ``val/tokens/<slice>``) beside the overall
+            ``val/<metric>``: the name of a key of a dict batch holding one label per sequence
+            (strings or ints, e.g. the data source), or a function ``batch -> labels``. The values
+            are exact and token-weighted like the overall one (the slices' sums add up to it),
+            summed over ranks (slices seen on some ranks only included). Per-sequence statistics
+            come from the same pass: from ``logits``/``labels``, from a patched Hugging Face
+            model, or from a ``stats`` computed with ``per_sequence_stats=True``.
 
     Example:
         >>> import lossplug
@@ -102,6 +112,7 @@ class LossMonitor(*CALLBACK_BASES):
         softcap: float | None = None,
         backend: str = "auto",
         check_loss: bool = True,
+        slice_by: str | Callable[[Any], Any] | None = None,
     ) -> None:
         # every argument is checked here, not at the first step of a long job
         if log_every_n_steps is not None:
@@ -139,6 +150,18 @@ class LossMonitor(*CALLBACK_BASES):
             if not (softcap > 0 and math.isfinite(softcap)):
                 raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
             softcap = float(softcap)
+        if slice_by is not None and not callable(slice_by):
+            if not isinstance(slice_by, str):
+                raise TypeError(
+                    f"slice_by must be None, the name of a batch key or a function "
+                    f"batch -> labels, got {slice_by!r}"
+                )
+            if not slice_by:
+                raise ValueError("slice_by must name a key of the batch, got ''")
+        if slice_by is not None and "val" not in stages:
+            raise ValueError(
+                f"slice_by splits the validation metrics, but stages={stages!r} has no 'val'"
+            )
         if not isinstance(backend, str):
             raise TypeError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend not in BACKENDS:
@@ -154,10 +177,14 @@ class LossMonitor(*CALLBACK_BASES):
         self.op_kwargs = dict(ignore_index=ignore_index, shift=shift, softcap=softcap)
         self.backend = backend
         self.check_loss = check_loss
+        self.slice_by = slice_by
 
         self._window = StatsAccumulator()
         self._epoch = StatsAccumulator()
         self._val = StatsAccumulator()
+        self._val_slices = SliceAccumulator()
+        self._slice_keys_declared: set[str] = set()
+        self._slices_seen: list[str] = []  # every slice logged so far, kept across a resume
         self._tokens_total = 0
         self._last_logged_step = -1
         self._seen_step = 0
@@ -175,6 +202,10 @@ class LossMonitor(*CALLBACK_BASES):
         if stage == "train":
             keys.append(f"{prefix}tokens_per_sec")
         return keys
+
+    def slice_keys(self, slice_name: str) -> list[str]:
+        """The validation keys this monitor logs for one slice (``slice_by``)."""
+        return [f"{key}/{slice_name}" for key in self.keys("val")]
 
     # ---------------------------------------------------------------------------------- hooks
     @override
@@ -227,6 +258,7 @@ class LossMonitor(*CALLBACK_BASES):
     @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._val.reset()
+        self._val_slices.reset()
         self._patched = None
 
     @override
@@ -239,22 +271,45 @@ class LossMonitor(*CALLBACK_BASES):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if "val" not in self.stages or trainer.sanity_checking:
+        if "val" not in self.stages:
             return
-        stats = self._stats_from(outputs, batch, pl_module, "validation_step")
-        if stats is not None:
-            self._val.add(stats)
+        if self.slice_by is None:
+            if trainer.sanity_checking:
+                return
+            stats = self._stats_from(outputs, batch, pl_module, "validation_step")
+            if stats is not None:
+                self._val.add(stats)
+            return
+        # with slices, the sanity check runs them too: a batch without labels fails there, at
+        # the start of fit, not after the first epoch
+        stats = self._stats_from(
+            outputs,
+            batch,
+            pl_module,
+            "validation_step",
+            per_sequence=True,
+            check=not trainer.sanity_checking,
+        )
+        if stats is None:
+            return
+        labels = slice_labels(self.slice_by, batch, stats.shape)
+        if not trainer.sanity_checking:
+            self._val.add(stats.sum())
+            self._val_slices.add(stats, labels)
 
     @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if "val" not in self.stages or trainer.sanity_checking:
             self._val.reset()
+            self._val_slices.reset()
             return
         values = self._val.read(self._reduce(trainer))
         self._val.reset()
         self._finish_check(trainer, "val")
         metrics = {f"{self.val_prefix}{n}": values[n] for n in self.metrics if n in values}
         metrics[f"{self.val_prefix}tokens"] = values["tokens"]
+        if self.slice_by is not None:
+            metrics.update(self._read_slices(trainer))
         self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=self.prog_bar)
 
     @override
@@ -268,17 +323,45 @@ class LossMonitor(*CALLBACK_BASES):
             "last_logged_step": self._last_logged_step,
             "window": self._reduced_state(self._window, reduce),
             "epoch": self._reduced_state(self._epoch, reduce),
+            "slices_seen": list(self._slices_seen),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._tokens_total = int(state_dict["tokens_total"])
         self._last_logged_step = int(state_dict["last_logged_step"])
+        self._slices_seen = [str(name) for name in state_dict.get("slices_seen", [])]
         rank_zero = self._trainer is None or self._trainer.global_rank == 0
         for acc, key in ((self._window, "window"), (self._epoch, "epoch")):
             acc.load(state_dict[key] if rank_zero else None)
 
     # -------------------------------------------------------------------------------- helpers
+    def _read_slices(self, trainer: Any) -> dict[str, float]:
+        """``val/<metric>/<slice>`` of every slice seen on any rank (a collective)."""
+        per_slice = self._val_slices.read(self._reduce(trainer), _gather_names(trainer))
+        self._val_slices.reset()
+        metrics: dict[str, float] = {}
+        for name, values in per_slice.items():
+            for metric in (*self.metrics, "tokens"):
+                if metric in values:
+                    metrics[f"{self.val_prefix}{metric}/{name}"] = values[metric]
+            if name not in self._slices_seen:
+                self._slices_seen.append(name)
+        if trainer.is_global_zero:
+            self._define_slice_metrics(trainer, self._slices_seen)
+        return metrics
+
+    def _define_slice_metrics(self, trainer: Any, names: Sequence[str]) -> None:
+        summaries = {}
+        for name in names:
+            for key in self.slice_keys(name):
+                if key not in self._slice_keys_declared:
+                    metric = key[len(self.val_prefix) :].split("/", 1)[0]
+                    summaries[key] = SUMMARIES.get(metric)
+                    self._slice_keys_declared.add(key)
+        if summaries:
+            define_wandb_metrics(trainer, summaries)
+
     def _log_train_window(self, trainer: Any, pl_module: Any, step: int) -> None:
         values = self._window.read(self._reduce(trainer))
         self._window.reset()
@@ -321,28 +404,44 @@ class LossMonitor(*CALLBACK_BASES):
             for key in self.keys(stage):
                 summaries[key] = SUMMARIES.get(key.rsplit("/", 1)[-1])
         define_wandb_metrics(trainer, summaries)
+        self._slice_keys_declared = set()
+        self._define_slice_metrics(trainer, self._slices_seen)
 
     def _stats_from(
-        self, outputs: Any, batch: Any, pl_module: Any, hook: str, loss_scale: float = 1.0
+        self,
+        outputs: Any,
+        batch: Any,
+        pl_module: Any,
+        hook: str,
+        loss_scale: float = 1.0,
+        *,
+        per_sequence: bool = False,
+        check: bool = True,
     ) -> TokenStats | None:
         # taken at every batch, used or not, so a stale value can never be logged later
-        from_patched = self._pop_patched_stats(pl_module)
+        from_patched = self._pop_patched_stats(pl_module, per_sequence)
         # the loss the step trained on, to check against the monitor's own numbers
-        check = self._check_for("train" if hook == "training_step" else "val", outputs)
+        stage = "train" if hook == "training_step" else "val"
+        loss_check = self._check_for(stage, outputs) if check else None
         if isinstance(outputs, Mapping):
             stats = outputs.get("stats")
             if isinstance(stats, TokenStats):
-                return stats
+                if per_sequence and stats.shape == () and from_patched is not None:
+                    return from_patched  # the same pass, one sum per sequence
+                return self._per_sequence(stats, hook) if per_sequence else stats.sum()
             if "logits" in outputs and "labels" in outputs:
-                return self._run_op(outputs["logits"], outputs["labels"], check, loss_scale)
+                logits, labels = outputs["logits"], outputs["labels"]
+                return self._run_op(logits, labels, loss_check, loss_scale, per_sequence)
         if from_patched is not None:
             return from_patched
         if self.extract is not None:
             got = self.extract(outputs, batch)
             if got is None or isinstance(got, TokenStats):
-                return got
+                if per_sequence:
+                    return self._per_sequence(got, hook)
+                return None if got is None else got.sum()
             if isinstance(got, tuple) and len(got) == 2:
-                return self._run_op(*got, check, loss_scale)
+                return self._run_op(*got, loss_check, loss_scale, per_sequence)
             raise TypeError(
                 f"LossMonitor's extract must return a TokenStats, (logits, labels) or None; "
                 f"got {type(got).__name__}"
@@ -362,11 +461,23 @@ class LossMonitor(*CALLBACK_BASES):
             )
         )
 
-    def _pop_patched_stats(self, pl_module: Any) -> TokenStats | None:
+    @staticmethod
+    def _per_sequence(stats: TokenStats | None, hook: str) -> TokenStats | None:
+        """``stats`` if they hold one sum per sequence; an error naming the fix otherwise."""
+        if stats is None or stats.shape != ():
+            return stats
+        raise ValueError(
+            f"LossMonitor(slice_by=...) needs one statistic per sequence, but {hook} gave the "
+            "TokenStats of the whole batch (0-d sums), which cannot be split by slice. Compute "
+            "them with `lossplug.cross_entropy(..., return_stats=True, per_sequence_stats=True)` "
+            "(the same pass; the loss is unchanged), or return {'logits': ..., 'labels': ...}"
+        )
+
+    def _pop_patched_stats(self, pl_module: Any, per_sequence: bool) -> TokenStats | None:
         """The statistics that models patched by ``patch_causal_lm`` computed with their loss."""
         if self._patched is None:  # found once per stage, not walked at every batch
             self._patched = patched_models(pl_module) if hasattr(pl_module, "modules") else []
-        return pop_token_stats(self._patched)
+        return pop_token_stats(self._patched, per_sequence=per_sequence)
 
     def _run_op(
         self,
@@ -374,6 +485,7 @@ class LossMonitor(*CALLBACK_BASES):
         labels: torch.Tensor,
         check: tuple[LossCheck, torch.Tensor] | None = None,
         loss_scale: float = 1.0,
+        per_sequence: bool = False,
     ) -> TokenStats:
         with torch.no_grad():
             # per-token NLL only while checking: it gives the other shift convention for free
@@ -383,12 +495,13 @@ class LossMonitor(*CALLBACK_BASES):
                 reduction="sum" if check is None else "none",
                 return_stats=True,
                 backend=self.backend,
+                per_sequence_stats=per_sequence,
                 **self.op_kwargs,
             )
             if check is not None:
                 accumulated, loss = check
                 other = other_shift_nll(logits, labels, per_token, **self.op_kwargs)
-                accumulated.add(loss.detach() * loss_scale, stats, other)
+                accumulated.add(loss.detach() * loss_scale, stats.sum(), other)
         return stats
 
     def _check_for(self, stage: str, outputs: Any) -> tuple[LossCheck, torch.Tensor] | None:
@@ -470,6 +583,83 @@ class LossMonitor(*CALLBACK_BASES):
             return acc.state()
         sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
         return reduce(sums.clone()).detach().cpu()
+
+
+def slice_labels(
+    slice_by: str | Callable[[Any], Any], batch: Any, shape: torch.Size
+) -> list[str] | torch.Tensor:
+    """The slice label of every sequence of ``batch``, checked against the statistics' shape.
+
+    Returns the names (``str`` of each label) or, for an integer tensor, the tensor itself (it
+    may live on the device: its values are read later, where the monitor synchronises anyway).
+    """
+    where = f"slice_by={slice_by!r}" if isinstance(slice_by, str) else "slice_by(batch)"
+    if isinstance(slice_by, str):
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"LossMonitor(slice_by={slice_by!r}) reads a key of a dict batch, but the batch "
+                f"is a {type(batch).__name__}: pass slice_by=fn with fn(batch) -> labels"
+            )
+        if slice_by not in batch:
+            raise KeyError(
+                f"LossMonitor(slice_by={slice_by!r}): the batch has no key {slice_by!r} "
+                f"(its keys: {sorted(map(str, batch))})"
+            )
+        labels = batch[slice_by]
+    else:
+        labels = slice_by(batch)
+    count = math.prod(shape)
+    if isinstance(labels, torch.Tensor) or type(labels).__module__ == "numpy":
+        labels = torch.as_tensor(labels) if not isinstance(labels, torch.Tensor) else labels
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(
+                f"{where} must give one int or str label per sequence, got a tensor of "
+                f"dtype {labels.dtype}"
+            )
+        if labels.numel() != count:
+            raise ValueError(_count_message(where, labels.numel(), shape))
+        return labels.detach()
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise TypeError(
+            f"{where} must give a sequence of labels (one per sequence of the batch), got "
+            f"{labels!r}"
+        )
+    if len(labels) != count:
+        raise ValueError(_count_message(where, len(labels), shape))
+    return [_slice_name(where, label) for label in labels]
+
+
+def _count_message(where: str, got: int, shape: torch.Size) -> str:
+    return (
+        f"{where} gave {got} labels, but the batch's statistics hold "
+        f"{math.prod(shape)} sequences (shape {tuple(shape)}): give one label per sequence "
+        "(per row of the labels, whose last axis is the sequence)"
+    )
+
+
+def _slice_name(where: str, label: Any) -> str:
+    if isinstance(label, bool) or not isinstance(label, (str, numbers.Integral)):
+        raise TypeError(f"{where} labels must be str or int, got {label!r}")
+    name = str(label)
+    if not name or "/" in name or not name.isprintable():
+        raise ValueError(
+            f"{where} label {label!r} cannot name a slice: it must be non-empty, printable and "
+            "hold no '/' (it becomes the last part of val/<metric>/<slice>)"
+        )
+    return name
+
+
+def _gather_names(trainer: Any) -> Callable[[list[str]], list[list[str]]]:
+    """Every rank's list of names (a collective under DDP; the identity on one process)."""
+    if trainer.world_size <= 1:
+        return lambda names: [names]
+
+    def gather(names: list[str]) -> list[list[str]]:
+        everyone: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, names)
+        return everyone
+
+    return gather
 
 
 def _as_int(name: str, value: Any) -> int:

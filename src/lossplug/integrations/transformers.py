@@ -214,21 +214,35 @@ def patched_models(module: nn.Module) -> list[nn.Module]:
     return [sub for sub in module.modules() if is_patched(sub)]
 
 
-def pop_token_stats(models: nn.Module | Iterable[nn.Module]) -> TokenStats | None:
+def pop_token_stats(
+    models: nn.Module | Iterable[nn.Module], *, per_sequence: bool = False
+) -> TokenStats | None:
     """The statistics of the last loss computed by the patched models in ``models``.
 
     ``models`` is a module (searched with :func:`patched_models`) or the patched models
     themselves. Each model's statistics are handed out once; several are summed. ``None`` when no
     patched model computed a loss since the last call.
+
+    With ``per_sequence=True`` the statistics hold one sum per sequence of the batch (fields of
+    shape ``labels.shape[:-1]``, from the same pass as the loss), for metrics per slice of the
+    data; the sequences of several models are concatenated, in the order of ``models``.
     """
     if isinstance(models, nn.Module):
         models = patched_models(models)
-    total = None
-    for model in models:
-        stats = getattr(model, _ATTR).pop_token_stats()
-        if stats is not None:
-            total = stats if total is None else total + stats
-    return total
+    popped = (getattr(model, _ATTR).pop_token_stats() for model in models)
+    found = [stats for stats in popped if stats is not None]
+    if not found:
+        return None
+    if not per_sequence:
+        return sum((stats.sum() for stats in found), TokenStats.zeros(found[0].device))
+    if len(found) == 1:
+        return found[0]
+    return TokenStats(
+        **{
+            name: torch.cat([stats.as_dict()[name].reshape(-1) for stats in found])
+            for name in found[0].as_dict()
+        }
+    )
 
 
 class _DeferringHeadForward:
@@ -283,7 +297,7 @@ class _ForwardWithFusedLoss:
             patch.deferring, patch.hidden = False, None
         if patch.last_stats is not None and not isinstance(output, tuple):
             # an attribute, not a key: code that iterates the output's tensors never sees it
-            output.token_stats = patch.last_stats
+            output.token_stats = patch.last_stats.sum()  # the batch's, as documented
         return output
 
     def __getstate__(self) -> dict[str, Any]:
@@ -318,6 +332,8 @@ def _fused_loss(
         reduction="mean" if num_items_in_batch is None else "sum",
         shift=shift_labels is None,
         return_stats=True,
+        # one sum per sequence costs nothing more and lets monitors split them by slice
+        per_sequence_stats=target.dim() >= 1,
         **patch.options,
     )
     if num_items_in_batch is not None:

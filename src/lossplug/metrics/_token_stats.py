@@ -31,17 +31,20 @@ def _token_stats_update(
     softcap: float | None = None,
     backend: str = "auto",
     needs_predictions: bool = False,
+    per_sequence: bool = False,
 ) -> TokenStats:
     """The :class:`~lossplug.TokenStats` of one update, from whichever form the caller has.
 
     Forms: ``(logits, target)`` runs the fused op forward-only (no autograd graph kept);
     ``(stats,)`` takes a ``TokenStats`` already computed by the training loss; ``(losses, mask)``
     takes per-token negative log-likelihoods and a bool mask of the scored tokens.
+    ``per_sequence`` asks for one sum per sequence (the last axis of the target), as
+    ``per_sequence_stats`` in the ops; a ``TokenStats`` is then returned as given.
     """
     if isinstance(preds, TokenStats):
         if target is not None or mask is not None:
             raise ValueError("update(stats) takes a TokenStats alone: pass no target and no mask")
-        return preds.detach()
+        return preds.detach() if per_sequence else preds.detach().sum()
     if not isinstance(preds, torch.Tensor):
         raise TypeError(
             "update takes (logits, target), (stats,) or (losses, mask); "
@@ -55,7 +58,7 @@ def _token_stats_update(
                 "per-token losses carry no predictions: this metric needs update(logits, target) "
                 "or update(stats)"
             )
-        return _stats_from_losses(preds, mask if mask is not None else target)
+        return _stats_from_losses(preds, mask if mask is not None else target, per_sequence)
     if target is None:
         raise ValueError(
             "update needs a target: update(logits, target), update(stats) or update(losses, mask)"
@@ -77,11 +80,14 @@ def _token_stats_update(
             check_target=None,
             # the NLL alone is much cheaper on the CPU; argmax and entropy only when used
             full_stats=needs_predictions,
+            per_sequence_stats=per_sequence,
         )
     return stats
 
 
-def _stats_from_losses(losses: torch.Tensor, mask: torch.Tensor) -> TokenStats:
+def _stats_from_losses(
+    losses: torch.Tensor, mask: torch.Tensor, per_sequence: bool = False
+) -> TokenStats:
     if not losses.is_floating_point():
         raise TypeError(f"losses must be a float tensor of per-token NLL, got dtype {losses.dtype}")
     if mask.dtype != torch.bool:
@@ -90,12 +96,18 @@ def _stats_from_losses(losses: torch.Tensor, mask: torch.Tensor) -> TokenStats:
         raise ValueError(
             f"mask.shape {tuple(mask.shape)} must equal losses.shape {tuple(losses.shape)}"
         )
-    losses = losses.detach()
-    zero = torch.zeros((), dtype=torch.float64, device=losses.device)
+    if per_sequence and losses.dim() < 1:
+        raise ValueError("per-sequence sums need losses with a sequence axis, got a 0-d tensor")
+    losses = torch.where(mask, losses.detach(), 0)
+    if per_sequence:
+        nll_sum, tokens = losses.sum(-1, dtype=torch.float64), mask.sum(-1, dtype=torch.int64)
+    else:
+        nll_sum, tokens = losses.sum(dtype=torch.float64), mask.sum(dtype=torch.int64)
+    zero = torch.zeros_like(nll_sum)
     return TokenStats(
-        nll_sum=torch.where(mask, losses, 0).sum(dtype=torch.float64),
-        tokens=mask.sum(dtype=torch.int64),
-        correct=torch.zeros((), dtype=torch.int64, device=losses.device),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        correct=torch.zeros_like(nll_sum, dtype=torch.int64),
         entropy_sum=zero,
         lse_sq_sum=zero,
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import _STATE_FIELDS, _token_stats_update, _TokenStatsMetric
 from lossplug.metrics.cross_entropy import _cross_entropy_compute
 from lossplug.metrics.perplexity import _perplexity_compute
 from lossplug.metrics.predictive_entropy import _predictive_entropy_compute
@@ -59,6 +62,29 @@ class LanguageModelMetrics(_TokenStatsMetric):
 
     Keys: ``cross_entropy``, ``perplexity``, ``token_accuracy``, ``entropy`` and ``tokens``.
 
+    With ``slices=(name, ...)`` it also keeps them per slice of the data (the data source, the
+    task): ``update(..., slices=labels)`` takes one label per sequence, and ``compute()`` adds
+    ``"<key>/<slice>"`` for every slice, token-weighted and exact like the overall values (the
+    slices' sums add up to them), summed across processes like every state. Labels are slice
+    names (``str``, or ``int`` matched against the names as text) or an integer tensor of
+    positions in ``slices``, which stays on the device. Per-sequence statistics come from the
+    same pass (``per_sequence_stats`` of the ops); ``update(stats)`` needs stats computed with it.
+
+    Args:
+        slices: the names of the slices, each non-empty, printable and without ``/``.
+        ignore_index: as in :func:`lossplug.cross_entropy`; likewise ``shift``, ``softcap``,
+            ``backend``.
+
+    Example:
+        >>> import torch
+        >>> from lossplug.metrics import LanguageModelMetrics
+        >>> metric = LanguageModelMetrics(slices=("code", "prose"))
+        >>> metric.update(torch.zeros(3, 4, 16), torch.randint(0, 16, (3, 4)),
+        ...               slices=["code", "prose", "code"])
+        >>> values = metric.compute()
+        >>> int(values["tokens/code"]), int(values["tokens/prose"]), int(values["tokens"])
+        (8, 4, 12)
+
     Example:
         >>> import torch
         >>> from lossplug.metrics import LanguageModelMetrics
@@ -72,5 +98,129 @@ class LanguageModelMetrics(_TokenStatsMetric):
     higher_is_better = None
     _needs_predictions = True
 
+    def __init__(self, *, slices: Sequence[str | int] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slices = _slice_names(slices)
+        self._positions = {name: i for i, name in enumerate(self.slices)}
+        for field, dtype in _STATE_FIELDS.items():
+            if self.slices:
+                self.add_state(
+                    self._state_name(f"slice_{field}"),
+                    default=torch.zeros(len(self.slices), dtype=dtype),
+                    dist_reduce_fx="sum",
+                    persistent=True,
+                )
+
+    def update(
+        self,
+        preds: torch.Tensor | TokenStats,
+        target: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        slices: Sequence[str | int] | torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch (see :class:`~lossplug.metrics.Perplexity` for the forms) and, when the
+        metric has ``slices``, the slice label of each of its sequences."""
+        if (slices is None) != (not self.slices):
+            raise ValueError(
+                "update(..., slices=labels) needs LanguageModelMetrics(slices=(names...)), and a "
+                f"metric with slices needs labels at every update (slices={self.slices!r}, got "
+                f"labels {slices!r})"
+            )
+        if slices is None:
+            super().update(preds, target, mask=mask)
+            return
+        stats = _token_stats_update(
+            preds,
+            target,
+            mask=mask,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            softcap=self.softcap,
+            backend=self.backend,
+            needs_predictions=True,
+            per_sequence=True,
+        )
+        if stats.shape == ():
+            raise ValueError(
+                "update(stats, slices=...) needs one statistic per sequence: compute the stats "
+                "with lossplug.cross_entropy(..., return_stats=True, per_sequence_stats=True)"
+            )
+        positions = self._slice_positions(slices, stats.shape)
+        by_slice = stats.sum_by(positions, len(self.slices))
+        total = stats.sum()
+        for field in _STATE_FIELDS:
+            name, sliced = self._state_name(field), self._state_name(f"slice_{field}")
+            setattr(self, name, getattr(self, name) + getattr(total, field).to(self.device))
+            setattr(self, sliced, getattr(self, sliced) + getattr(by_slice, field).to(self.device))
+
+    def _slice_positions(
+        self, labels: Sequence[str | int] | torch.Tensor, shape: torch.Size
+    ) -> torch.Tensor:
+        count = int(torch.Size(shape).numel())
+        if isinstance(labels, torch.Tensor):
+            if (
+                labels.dtype.is_floating_point
+                or labels.dtype.is_complex
+                or labels.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"slices must be names or an integer tensor of positions, got dtype "
+                    f"{labels.dtype}"
+                )
+            if labels.numel() != count:
+                raise ValueError(f"slices has {labels.numel()} labels for {count} sequences")
+            if (
+                labels.device.type == "cpu"
+                and labels.numel()
+                and not (int(labels.min()) >= 0 and int(labels.max()) < len(self.slices))
+            ):  # a CPU tensor is checked for free; a device one is not read (no sync)
+                raise ValueError(
+                    f"slices holds positions outside [0, {len(self.slices)}) of "
+                    f"slices={self.slices!r}: {labels.tolist()}"
+                )
+            return labels.reshape(shape)
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            raise TypeError(f"slices must be a sequence of labels, got {labels!r}")
+        if len(labels) != count:
+            raise ValueError(f"slices has {len(labels)} labels for {count} sequences")
+        positions = []
+        for label in labels:
+            position = self._positions.get(str(label)) if not isinstance(label, bool) else None
+            if position is None:
+                raise ValueError(f"slice label {label!r} is not one of slices={self.slices!r}")
+            positions.append(position)
+        return torch.tensor(positions, dtype=torch.int64).reshape(shape)
+
     def compute(self) -> dict[str, torch.Tensor]:
-        return _language_model_metrics_compute(self._checked_stats())
+        values = _language_model_metrics_compute(self._checked_stats())
+        if self.slices:
+            sliced = TokenStats(
+                **{f: getattr(self, self._state_name(f"slice_{f}")) for f in _STATE_FIELDS},
+                lse_sq_sum=torch.zeros(len(self.slices), dtype=torch.float64),
+            )
+            per_slice = _language_model_metrics_compute(sliced)
+            for i, name in enumerate(self.slices):
+                values.update({f"{key}/{name}": value[i] for key, value in per_slice.items()})
+        return values
+
+
+def _slice_names(slices: Sequence[str | int] | None) -> tuple[str, ...]:
+    if slices is None:
+        return ()
+    if isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence):
+        raise TypeError(f"slices must be a sequence of slice names, got {slices!r}")
+    names = []
+    for label in slices:
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise TypeError(f"slices must hold str or int names, got {label!r}")
+        name = str(label)
+        if not name or "/" in name or not name.isprintable():
+            raise ValueError(
+                f"slice name {label!r} must be non-empty, printable and hold no '/' (it becomes "
+                "the last part of <key>/<slice>)"
+            )
+        names.append(name)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"slices must name at least one slice, without repeats, got {slices!r}")
+    return tuple(names)

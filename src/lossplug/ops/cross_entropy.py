@@ -38,6 +38,7 @@ def cross_entropy(
     inplace_backward: bool = False,
     all_ignored: AllIgnored = "zero",
     check_target: bool | None = None,
+    per_sequence_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``logits`` against ``target``, and optionally its token statistics.
 
@@ -75,6 +76,10 @@ def cross_entropy(
             that costs no host synchronisation (CPU tensors); ``True`` always checks (a sync on
             CUDA); ``False`` never. Unchecked invalid targets give a ``nan`` loss, never a wrong
             number.
+        per_sequence_stats: the statistics hold one sum per sequence (fields of shape
+            ``target.shape[:-1]``, the last target axis being the sequence) instead of one for
+            the whole call, from the same pass: what per-slice metrics need
+            (:meth:`TokenStats.sum_by`). Needs a target with a sequence axis.
 
     Returns:
         The loss, float32 (float64 for float64 logits, as ``torch.nn.functional.cross_entropy``
@@ -106,6 +111,7 @@ def cross_entropy(
         all_ignored=all_ignored,
         check_target=check_target,
         full_stats=True,
+        per_sequence_stats=per_sequence_stats,
     )
 
 
@@ -125,8 +131,10 @@ def _cross_entropy(
     all_ignored: str,
     check_target: bool | None,
     full_stats: bool,
+    per_sequence_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """:func:`cross_entropy`, and with ``full_stats=False`` the NLL-only statistics."""
+    _check_per_sequence(per_sequence_stats, target)
     spec = _validate(
         logits,
         target,
@@ -167,7 +175,7 @@ def _cross_entropy(
         loss = _unshift(loss, target.shape, shift, loss_shape)
     if not return_stats:
         return loss
-    return loss, _row_stats(rows, tokens)
+    return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
 
 
 def _reduce(
@@ -203,8 +211,30 @@ def _unshift(
     return (loss[..., :-1] if shift else loss).reshape(loss_shape)
 
 
-def _row_stats(rows: RowOutputs, tokens: torch.Tensor) -> TokenStats:
-    """The :class:`TokenStats` of a pass from its per-row outputs (device tensors, no sync)."""
+def _row_stats(
+    rows: RowOutputs,
+    tokens: torch.Tensor,
+    target_rows: torch.Tensor,
+    spec: LossSpec,
+    target_shape: torch.Size,
+    per_sequence: bool,
+) -> TokenStats:
+    """The :class:`TokenStats` of a pass from its per-row outputs (device tensors, no sync):
+    summed over every row, or over the last target axis only (one sum per sequence)."""
+    if per_sequence:
+        shape = tuple(target_shape)
+
+        def per_sequence_sum(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return values.detach().reshape(shape).sum(-1, dtype=dtype)
+
+        f64 = torch.float64
+        return TokenStats(
+            nll_sum=per_sequence_sum(rows.nll, f64),
+            tokens=per_sequence_sum(target_rows != spec.ignore_index, torch.int64),
+            correct=per_sequence_sum(rows.correct, torch.int64),
+            entropy_sum=per_sequence_sum(rows.entropy, f64),
+            lse_sq_sum=per_sequence_sum(rows.lse.detach().to(f64).square(), f64),
+        )
     return TokenStats(
         nll_sum=rows.nll.detach().sum(dtype=torch.float64),
         tokens=tokens,
@@ -236,6 +266,16 @@ class _FusedCrossEntropy(torch.autograd.Function):
         )
         ctx.impl.backward(logits3, target_rows, lse, grad_loss_rows, ctx.spec, grad3)
         return grad3, None, None, None, None
+
+
+def _check_per_sequence(per_sequence_stats: bool, target: torch.Tensor) -> None:
+    if not isinstance(per_sequence_stats, bool):
+        raise TypeError(f"per_sequence_stats must be True or False, got {per_sequence_stats!r}")
+    if per_sequence_stats and isinstance(target, torch.Tensor) and target.dim() < 1:
+        raise ValueError(
+            "per_sequence_stats=True needs a sequence axis: target must have at least one "
+            f"dimension, got shape {tuple(target.shape)}"
+        )
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from lossplug.ops.cross_entropy import (
     _FLOAT_DTYPES,
     AllIgnored,
     Reduction,
+    _check_per_sequence,
     _check_target_values,
     _loss_shape,
     _reduce,
@@ -44,6 +45,7 @@ def linear_cross_entropy(
     backend: Literal["auto", "torch", "triton"] = "auto",
     all_ignored: AllIgnored = "zero",
     check_target: bool | None = None,
+    per_sequence_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, never holding the logits.
 
@@ -79,6 +81,8 @@ def linear_cross_entropy(
             predicts it ~4x faster than the atomics-bound Triton backward at DESIGN's shape.
         all_ignored: the ``"mean"`` loss when no token is scored: ``"zero"`` or ``"nan"``.
         check_target: validate target values: ``None`` when free (CPU), ``True``, ``False``.
+        per_sequence_stats: statistics per sequence (fields of shape ``target.shape[:-1]``), as
+            in :func:`lossplug.cross_entropy`.
 
     Returns:
         The loss, float32 (float64 for float64 inputs), or ``(loss, stats)`` when
@@ -101,6 +105,7 @@ def linear_cross_entropy(
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_tensors(hidden, weight, target, bias)
+    _check_per_sequence(per_sequence_stats, target)
     spec = _validate_options(
         target,
         ignore_index=ignore_index,
@@ -136,7 +141,7 @@ def linear_cross_entropy(
         loss = _unshift(loss, target.shape, shift, loss_shape)
     if not return_stats:
         return loss
-    return loss, _row_stats(rows, tokens)
+    return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
 
 
 def _loss_and_rows(

@@ -15,9 +15,12 @@ __all__ = ["TokenStats"]
 class TokenStats:
     """Device-side sums over the scored (non-ignored) tokens of one or more batches.
 
-    Every field is a 0-d tensor on the device of the logits, so building, merging and reading the
+    Every field is a tensor on the device of the logits, so building, merging and reading the
     properties never synchronises with the host; only turning a value into a Python number does.
-    Sums are float64 so that billions of tokens add up without drift; counts are int64.
+    Sums are float64 so that billions of tokens add up without drift; counts are int64. The fields
+    are 0-d sums over a whole pass, or, with ``per_sequence_stats=True`` in the ops, one sum per
+    sequence (shape ``target.shape[:-1]``), which :meth:`sum_by` adds up per slice of the data
+    and :meth:`sum` over everything; the properties work element by element either way.
 
     Attributes:
         nll_sum: sum of the negative log-likelihood of the true token (natural log), float64.
@@ -76,6 +79,54 @@ class TokenStats:
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The raw sums by field name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of every field: ``()`` for the sums of a pass, ``[B]`` per sequence."""
+        return self.nll_sum.shape
+
+    def sum(self) -> TokenStats:
+        """The 0-d sums over every sequence (a copy of 0-d stats as they are).
+
+        Example:
+            >>> import torch, lossplug
+            >>> logits, labels = torch.zeros(3, 4, 5), torch.randint(0, 5, (3, 4))
+            >>> _, stats = lossplug.cross_entropy(logits, labels, shift=True, return_stats=True,
+            ...                                   per_sequence_stats=True)
+            >>> tuple(stats.shape), int(stats.sum().tokens)
+            ((3,), 9)
+        """
+        return TokenStats(**{f.name: getattr(self, f.name).sum() for f in fields(self)})
+
+    def sum_by(self, index: torch.Tensor, count: int) -> TokenStats:
+        """Sums per group: group ``g`` adds the sequences whose ``index`` is ``g``.
+
+        Args:
+            index: integer tensor of the fields' shape, each in ``[0, count)``.
+            count: the number of groups; the result's fields have shape ``[count]``.
+
+        Example:
+            >>> import torch, lossplug
+            >>> logits, labels = torch.zeros(3, 4, 5), torch.randint(0, 5, (3, 4))
+            >>> _, stats = lossplug.cross_entropy(logits, labels, return_stats=True,
+            ...                                   per_sequence_stats=True)
+            >>> by_slice = stats.sum_by(torch.tensor([0, 1, 0]), 2)
+            >>> by_slice.tokens.tolist()
+            [8, 4]
+        """
+        if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point:
+            raise TypeError(f"index must be an integer tensor, got {index!r}")
+        if tuple(index.shape) != tuple(self.shape):
+            raise ValueError(
+                f"index.shape {tuple(index.shape)} must equal the stats' shape {tuple(self.shape)}"
+            )
+        flat = index.reshape(-1).to(device=self.device, dtype=torch.int64)
+
+        def grouped(value: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(count, dtype=value.dtype, device=value.device)
+            return out.index_add_(0, flat, value.reshape(-1))
+
+        return TokenStats(**{f.name: grouped(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def device(self) -> torch.device:
