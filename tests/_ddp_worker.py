@@ -18,6 +18,11 @@ def make_batches(seed: int = 0, count: int = 5):
     return batches
 
 
+def batch_sources(index: int) -> list[str]:
+    """Slice labels of batch ``index``: "a" only in even batches (rank 0), "c" only in odd ones."""
+    return ["a", "b"] if index % 2 == 0 else ["c", "b"]
+
+
 def run(rank: int, world_size: int, port: int, out_path: str) -> None:
     from lossplug.metrics import LanguageModelMetrics, Perplexity
 
@@ -27,13 +32,19 @@ def run(rank: int, world_size: int, port: int, out_path: str) -> None:
     try:
         perplexity = Perplexity(shift=True)
         everything = LanguageModelMetrics(shift=True)
+        sliced = LanguageModelMetrics(shift=True, slices=("a", "b", "c"))
         for index, (logits, target) in enumerate(make_batches()):
             if index % world_size == rank:  # rank 0 sees batches 0, 2, 4; rank 1 sees 1, 3
                 perplexity.update(logits, target)
                 everything.update(logits, target)
+                sliced.update(logits, target, slices=batch_sources(index))
         values = {"perplexity": perplexity.compute(), **everything.compute()}
+        sliced_values = sliced.compute()
         local_tokens = perplexity.stats.tokens  # unsynced again after compute
         if rank == 0:
-            torch.save({"values": values, "local_tokens": local_tokens}, out_path)
+            torch.save(
+                {"values": values, "local_tokens": local_tokens, "sliced": sliced_values},
+                out_path,
+            )
     finally:
         dist.destroy_process_group()

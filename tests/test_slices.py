@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import lossplug
+from _ddp_worker import batch_sources, make_batches
+from _ddp_worker import run as ddp_run
 from _reference import reference_cross_entropy
 from _tiny_lm import (
     NAMESPACES,
@@ -356,3 +358,174 @@ def test_resume_gives_the_same_per_slice_values_and_keeps_the_slices_seen(tmp_pa
         for name in ("code", "math", "prose"):
             key = f"val/perplexity/{name}"
             assert math.isclose(got[key], want[key], rel_tol=1e-9), (step, key, got, want)
+
+
+# ------------------------------------------------------------------- the metric, no Lightning
+def test_metric_slices_across_two_gloo_ranks_equal_a_float64_reference(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(ddp_run, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)["sliced"]
+    batches = make_batches()
+    seen = [(logits.double(), target) for logits, target in batches]
+    want = reference_by_slice(seen, [batch_sources(i) for i in range(len(batches))])
+    overall = got["tokens"]
+    assert int(overall) == sum(values["tokens"] for values in want.values())
+    for name, values in want.items():  # "a" only on rank 0, "c" only on rank 1
+        for metric in (*NAMES, "tokens"):
+            assert math.isclose(float(got[f"{metric}/{name}"]), values[metric], rel_tol=1e-6), (
+                name,
+                metric,
+            )
+
+
+def test_metric_slices_resume_from_state_dict_and_refuse_bad_labels():
+    from lossplug.metrics import LanguageModelMetrics
+
+    batches = make_batches(seed=3)
+    whole = LanguageModelMetrics(shift=True, slices=("a", "b", "c"))
+    for index, (logits, target) in enumerate(batches):
+        whole.update(logits, target, slices=batch_sources(index))
+    first = LanguageModelMetrics(shift=True, slices=("a", "b", "c"))
+    for index, (logits, target) in enumerate(batches[:2]):
+        first.update(logits, target, slices=batch_sources(index))
+    resumed = LanguageModelMetrics(shift=True, slices=("a", "b", "c"))
+    resumed.load_state_dict(first.state_dict())
+    for index, (logits, target) in enumerate(batches[2:], start=2):
+        # positions in slices, as a tensor: the same slices as the names
+        positions = torch.tensor(["abc".index(s) for s in batch_sources(index)])
+        resumed.update(logits, target, slices=positions)
+    want, got = whole.compute(), resumed.compute()
+    assert set(got) == set(want) and "perplexity/c" in got
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    logits, target = batches[0]
+    with pytest.raises(ValueError, match=r"slice label 'd' is not one of slices=\('a', 'b', 'c'\)"):
+        whole.update(logits, target, slices=["a", "d"])
+    with pytest.raises(ValueError, match="positions outside"):
+        whole.update(logits, target, slices=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="needs labels at every update"):
+        whole.update(logits, target)
+    with pytest.raises(ValueError, match="slices has 3 labels for 2 sequences"):
+        whole.update(logits, target, slices=["a", "b", "c"])
+    with pytest.raises(ValueError, match="per_sequence_stats=True"):
+        _, stats = lossplug.cross_entropy(logits, target, return_stats=True)
+        whole.update(stats, slices=["a"])
+    for bad, error in ((("a", "a"), ValueError), (("a/b",), ValueError), ("ab", TypeError)):
+        with pytest.raises(error, match="slice"):
+            LanguageModelMetrics(slices=bad)
+
+
+def test_per_sequence_stats_given_to_a_metric_without_slices_are_summed():
+    from lossplug.metrics import LanguageModelMetrics, Perplexity
+
+    logits, target = make_batches(seed=4)[0]
+    _, per_sequence = lossplug.cross_entropy(
+        logits, target, return_stats=True, per_sequence_stats=True
+    )
+    from_sequences, from_logits = Perplexity(), Perplexity()
+    from_sequences.update(per_sequence)
+    from_logits.update(logits, target)
+    assert from_sequences.compute().shape == ()
+    torch.testing.assert_close(from_sequences.compute(), from_logits.compute(), rtol=1e-12, atol=0)
+    everything = LanguageModelMetrics()
+    everything.update(per_sequence)
+    assert int(everything.compute()["tokens"]) == int(per_sequence.tokens.sum())
+
+
+class _PatchedCausalLM(L.LightningModule):
+    """A patched Hugging Face model whose steps return the README's
+    ``{"loss": out.loss, "stats": out.token_stats}``: the batch's 0-d stats."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def _step(self, batch):
+        out = self.model(input_ids=batch["rows"][:, :10], labels=batch["rows"][:, 10:])
+        return {"loss": out.loss, "stats": out.token_stats}
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_patched_hugging_face_model_is_split_by_slice_from_the_same_pass(tmp_path):
+    import transformers
+
+    from lossplug.integrations.transformers import patch_causal_lm
+
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    batches = sliced_batches(VAL_SOURCES)
+    with torch.no_grad():  # the reference: the unpatched model's own logits, in float64
+        seen = [
+            (model(input_ids=b["rows"][:, :10]).logits.double(), b["rows"][:, 10:])
+            for b in batches
+        ]
+    want = reference_by_slice(seen, [b["source"] for b in batches])
+    patch_causal_lm(model)
+    recorder = Recorder()
+    trainer = quiet_trainer(
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(slice_by="source")],
+        max_steps=1,
+        val_check_interval=1,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(_PatchedCausalLM(model), loader, loader)
+    row = logged_at(recorder, 1)
+    for name, values in want.items():
+        for metric in (*NAMES, "tokens"):
+            got = row[f"val/{metric}/{name}"]
+            assert math.isclose(got, values[metric], rel_tol=1e-5, abs_tol=1e-7), (name, metric)
+
+
+def test_per_slice_keys_reach_a_real_wandb_run_with_their_summaries(tmp_path):
+    from lossplug.loggers import read_run, wandb_logger
+
+    torch.manual_seed(0)
+    logger = wandb_logger("lossplug-slices", offline=True, save_dir=tmp_path, verbose=False)
+    trainer = quiet_trainer(
+        tmp_path,
+        logger,
+        [lossplug.LossMonitor(slice_by="source", log_every_n_steps=2)],
+        max_steps=4,
+        val_check_interval=2,
+    )
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(make_tokens(16, 10, seed=1)), batch_size=4
+    )
+    val = torch.utils.data.DataLoader(sliced_batches(VAL_SOURCES), batch_size=None)
+    trainer.fit(TinyLM(mode="sequence_stats", lr=0.5), train, val)
+    logger.experiment.finish()
+    data = read_run(tmp_path, wait=20.0)
+    assert data.complete, data.errors
+    for name in ("code", "math", "prose"):
+        series = data.series(f"val/perplexity/{name}")
+        assert [step for step, _ in series] == [2, 4]
+        assert data.metrics[f"val/perplexity/{name}"].summary == ("min",)
+        assert data.summary[f"val/perplexity/{name}"] == {"min": min(v for _, v in series)}
+        assert data.metrics[f"val/tokens/{name}"].summary == ("last",)
+        assert data.metrics[f"val/token_accuracy/{name}"].summary == ("max",)
