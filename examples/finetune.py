@@ -8,8 +8,11 @@ the interpreter that runs it, on the CPU in about a minute:
 
     python examples/finetune.py
 
-At the end it prints a table of every metric (first, last, best and at which step), the run
-folder with the command that uploads it, and writes a plot of perplexity and the KPIs.
+Validation is split in two slices, ``code`` (held-out source files) and ``prose`` (their
+docstrings alone), logged as ``val/perplexity/code`` and ``val/perplexity/prose`` beside the
+overall ``val/perplexity``. At the end it prints a table of every metric (first, last, best and at
+which step), how each KPI moved with the perplexity, the run folder with the command that uploads
+it, and writes a plot of perplexity and the KPIs.
 ``--hf-model PATH`` fine-tunes a local Hugging Face causal LM (``pip install transformers``); a
 supported family trains through ``patch_causal_lm``, which never builds its logits.
 """
@@ -17,6 +20,7 @@ supported family trains through ``patch_causal_lm``, which never builds its logi
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import math
 import sys
@@ -49,8 +53,9 @@ PROMPTS = [
 
 
 # ----------------------------------------------------------------------------------------- data
-def stdlib_sources(max_bytes: int) -> tuple[str, str]:
-    """Python source from the standard library: (training text, held-out validation text)."""
+def stdlib_sources(max_bytes: int) -> tuple[str, str, str]:
+    """Python source from the standard library: training text, held-out validation text and the
+    docstrings of the held-out files (prose)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.is_file())
     train, val, size = [], [], 0
@@ -65,7 +70,18 @@ def stdlib_sources(max_bytes: int) -> tuple[str, str]:
             break
     if not train or not val:
         raise SystemExit(f"found too little Python source under {root}")
-    return "\n".join(train), "\n".join(val)
+    return "\n".join(train), "\n".join(val), "\n\n".join(map(docstrings, val))
+
+
+def docstrings(source: str) -> str:
+    """The docstrings of a module's source, its classes and functions: English prose."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
+    return "\n\n".join(doc for doc in found if doc)
 
 
 class Windows(Dataset):
@@ -84,6 +100,22 @@ class Windows(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         start = int(self.offsets[index])
         return self.ids[start : start + self.length]
+
+
+class Sliced(Dataset):
+    """Several datasets one after the other, each item a dict ``{"ids", "kind"}`` that names the
+    slice it comes from, for ``LossMonitor(slice_by="kind")``."""
+
+    def __init__(self, **parts: Dataset) -> None:
+        self.items = [(kind, i) for kind, part in parts.items() for i in range(len(part))]
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        kind, i = self.items[index]
+        return {"ids": self.parts[kind][i], "kind": kind}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -130,18 +162,22 @@ class CausalLMFineTune(L.LightningModule):
     def _step(self, ids: torch.Tensor) -> tuple[torch.Tensor, lossplug.TokenStats]:
         if self.hf and is_patched(self.model):
             # the fused linear loss: no [batch, seq, vocab] logits, the statistics come along
+            # (LossMonitor takes their per-sequence form from the patched model for the slices)
             out = self.model(input_ids=ids, labels=ids)
             return out.loss, out.token_stats
         logits = self.model(input_ids=ids).logits if self.hf else self.model(ids)
-        # shift=True: position t is scored against token t + 1 without copying the logits
-        return lossplug.cross_entropy(logits, ids, shift=True, return_stats=True)
+        # shift=True: position t is scored against token t + 1 without copying the logits;
+        # one sum per sequence, so that LossMonitor(slice_by=...) can split them by slice
+        return lossplug.cross_entropy(
+            logits, ids, shift=True, return_stats=True, per_sequence_stats=True
+        )
 
     def training_step(self, ids, batch_idx):
         loss, stats = self._step(ids)
         return {"loss": loss, "stats": stats}
 
-    def validation_step(self, ids, batch_idx):
-        loss, stats = self._step(ids)
+    def validation_step(self, batch, batch_idx):
+        loss, stats = self._step(batch["ids"])
         return {"loss": loss, "stats": stats}
 
     def configure_optimizers(self):
@@ -199,8 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    """Model, tokenizer-free byte ids or HF token ids, and the code KPI's generate function."""
-    train_text, val_text = stdlib_sources(int(args.corpus_mb * 2**20))
+    """Model, tokenizer-free byte ids or HF token ids (training text, validation code and
+    validation prose), and the code KPI."""
+    train_text, val_text, val_prose = stdlib_sources(int(args.corpus_mb * 2**20))
     if args.hf_model is None:
         model = ByteGPT(width=96, layers=3, heads=4, context=args.seq_len)
         encode = lambda text: torch.tensor(list(text.encode("utf-8")), dtype=torch.long)  # noqa: E731
@@ -217,7 +254,7 @@ def build(args: argparse.Namespace):
             name="code_tokenizes",
             timeout_s=120,
         )
-        return model, encode(train_text), encode(val_text), code_kpi, False
+        return model, encode(train_text), (encode(val_text), encode(val_prose)), code_kpi, False
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
@@ -240,7 +277,8 @@ def build(args: argparse.Namespace):
         name="code_tokenizes",
         timeout_s=120,
     )
-    return model, encode(train_text[:400_000]), encode(val_text[:100_000]), code_kpi, True
+    val_ids = (encode(val_text[:100_000]), encode(val_prose[:100_000]))
+    return model, encode(train_text[:400_000]), val_ids, code_kpi, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     model, train_ids, val_ids, code_kpi, hf = build(args)
     train = Windows(train_ids, args.seq_len, args.max_steps * args.batch_size, args.seed)
-    val = Windows(val_ids, args.seq_len, 8 * args.batch_size, args.seed + 1)
+    val = Sliced(
+        code=Windows(val_ids[0], args.seq_len, 4 * args.batch_size, args.seed + 1),
+        prose=Windows(val_ids[1], args.seq_len, 4 * args.batch_size, args.seed + 2),
+    )
     log_every = max(1, min(10, args.max_steps // 10))
     val_every = max(1, args.max_steps // 4)  # at least twice in any run of 30 steps or more
 
@@ -272,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         devices=devices,
         precision=args.precision,
         logger=logger,
-        callbacks=[lossplug.LossMonitor(log_every_n_steps=log_every), lossplug.KPIMonitor(kpis)],
+        callbacks=[
+            lossplug.LossMonitor(log_every_n_steps=log_every, slice_by="kind"),
+            lossplug.KPIMonitor(kpis),
+        ],
         log_every_n_steps=log_every,
         val_check_interval=val_every,
         limit_val_batches=8,
