@@ -2,7 +2,8 @@
 
 Usage::
 
-    lossplug report RUN [--plot FILE.png] [--json] [--keys PATTERN ...] [--wait SECONDS]
+    lossplug report RUN [--plot FILE.png] [--json] [--keys PATTERN ...] [--cost-key KEY]
+                        [--wait SECONDS]
     python -m lossplug.cli report RUN ...
 
 ``RUN`` is a ``.wandb`` file, a run folder (``wandb/offline-run-*``), a ``wandb/`` folder or the
@@ -34,7 +35,9 @@ from pathlib import Path
 from lossplug.loggers.run_reader import CRASHED, read_run
 from lossplug.report import (
     PlotDependencyError,
+    cost_of_improvement,
     format_table,
+    link_kpis,
     numeric_keys,
     plot_run,
     problem_line,
@@ -65,6 +68,14 @@ test/) and business KPI (kpi/), each with its step. "best" is the lowest or
 highest value as the run's define_metric summary says, shown as (min)/(max),
 else as guessed from the key's name, shown as (min?)/(max?); a total or counter
 the run defined with summary="last" has no best, shown as - (last).
+
+Below the table, "model <-> business": each KPI's Spearman rank correlation
+with val/perplexity and each per-slice val/perplexity/<slice>, over the steps
+where both were logged (a KPI value pairs with the perplexity logged at the same
+step; KPIs with fewer than 3 such pairs and running totals are left out), the
+perplexity at the step where the KPI first met its target, and, when the run
+logged a cost (TrainingCost's kpi/<name>/total), the cost of each KPI's
+improvement from its first value to its best.
 
 The header says how the run ended: finished, CRASHED (non-zero exit code) or
 UNFINISHED (no exit record: still running or killed). A resumed run (one run
@@ -111,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="FILE.png",
         type=Path,
-        help="also draw the curves against the step into this image: perplexity (train and "
-        'val) and each KPI in its own panel; needs pip install "lossplug[plot]"',
+        help="also draw the run into this image: perplexity (log axis, with its slices), "
+        "cross-entropy and token accuracy on top, each KPI below, against the step; then each "
+        'KPI against val/perplexity, its points labelled with their step; needs pip install "'
+        'lossplug[plot]"',
     )
     report.add_argument(
         "--json",
@@ -127,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show (and plot) only the keys matching these glob patterns, e.g. 'val/*' "
         "'kpi/pass_rate'; a plain prefix such as 'kpi' matches the keys under it; "
         "bookkeeping keys (kpi/x/seconds, epoch, ...) show only when named, e.g. '*/seconds'",
+    )
+    report.add_argument(
+        "--cost-key",
+        metavar="KEY",
+        help="the running cost total to price each KPI's improvement with; default: the "
+        "kpi/<name>/total that TrainingCost logged (kpi/cost/total by default), when there is one",
     )
     report.add_argument(
         "--wait",
@@ -188,6 +207,12 @@ def _report(args: argparse.Namespace) -> int:
             f"(numeric keys in this run: {available})"
         )
     rows = summarize(run, args.keys)
+    # The section below the table follows --keys on the KPI side: the KPIs it links and prices.
+    links = link_kpis(run, args.keys)
+    try:
+        costs = cost_of_improvement(run, args.keys, cost_key=args.cost_key)
+    except ValueError as exc:  # --cost-key names no key of the run
+        return _fail(f"--cost-key: {exc}")
 
     code = EXIT_OK
     problem = problem_line(run)
@@ -210,11 +235,11 @@ def _report(args: argparse.Namespace) -> int:
             code = EXIT_UNREADABLE
 
     if args.json:
-        data = report_dict(run, rows)
+        data = report_dict(run, rows, links=links, costs=costs)
         data["plot"] = None if plot_path is None else str(plot_path)
         print(json.dumps(data, indent=2, allow_nan=False))
     else:
-        print(format_table(rows, run))
+        print(format_table(rows, run, links=links, costs=costs))
         if plot_path is not None:
             print(f"\nplot written to {plot_path}")
     return code

@@ -22,8 +22,8 @@ One row per numeric history key, in three groups:
 
 Bookkeeping keys are left out unless asked for by name (``keys=``): W&B's own ``_step``,
 ``_runtime``, ``_timestamp`` (and any key starting with ``_``), ``trainer/global_step``, ``epoch``,
-and the KPI runner's ``*/seconds``, ``*/errors``, ``*/timeouts``, ``*/nonfinite`` and
-``*/reached_at_step``. Tables and media are not numbers and never show.
+and the KPI runner's ``*/seconds``, ``*/errors``, ``*/timeouts``, ``*/nonfinite``,
+``*/table_errors`` and ``*/reached_at_step``. Tables and media are not numbers and never show.
 
 Each row gives the first and last value with the step they were logged at, the best value and
 its step, and the number of points. The step is ``trainer/global_step`` when the run has it
@@ -55,11 +55,41 @@ Which way is best
    Shown as ``(min?)``/``(max?)``. A key that matches neither list gets no best value (``-``).
 
 Non-finite values (NaN, ±inf) can be a first or last value, never the best one.
+
+Model ↔ business
+----------------
+
+Below the table, :func:`link_kpis` says how each KPI moved with perplexity over the run: its
+Spearman rank correlation with ``val/perplexity`` and with every per-slice perplexity
+``val/perplexity/<slice>``, over the validation steps.
+
+- **Pairing:** a KPI value pairs with the metric's value logged at the *same step* (KPIs run
+  after validation at the same global step, in a row of their own). When a key is logged more
+  than once at a step, its last finite value there counts. Steps where either has no finite
+  value are left out; nothing is interpolated.
+- **Which KPIs:** every ``kpi/`` key that is not bookkeeping and not a running total
+  (``define_metric`` ``summary="last"``, such as ``kpi/cost/total``: a total only grows with the
+  step, so its correlation says nothing) with at least ``MIN_LINK_POINTS`` (3) points paired
+  with ``val/perplexity``. A per-slice link is shown when it has that many pairs too.
+- **Spearman:** the Pearson correlation of the ranks, ties given their average rank; exactly
+  ``1.0`` or ``-1.0`` for a strictly monotone relation, ``None`` (``n/a``) when either series is
+  constant.
+- **Perplexity at target:** a KPI with a ``target`` logs ``kpi/<name>/reached_at_step`` once,
+  when it first meets it; the link gives the metric's value logged at that step. A mapping KPI's
+  target follows its ``primary`` entry, which the run does not record: it is given to an entry
+  only when that entry is the mapping's only value.
+
+:func:`cost_of_improvement` prices each KPI's progress with the run's cost, the running total
+that :class:`~lossplug.kpi.builtin.TrainingCost` logs as ``kpi/<name>/total`` (``kpi/cost/total``
+by default): the cost spent between the KPI's first value and its best one, divided by the
+improvement, shown per a round fraction of it (``kpi/pass_rate: $0.06 per +0.01``). The cost
+at a step where it was not logged is interpolated linearly between the steps around it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -70,21 +100,31 @@ from typing import Any
 from lossplug.loggers.run_reader import CRASHED, FINISHED, RunData
 
 __all__ = [
+    "LINK_METRIC",
+    "MIN_LINK_POINTS",
+    "CostOfImprovement",
+    "Link",
     "PlotDependencyError",
     "Point",
     "Row",
+    "build_figure",
+    "cost_of_improvement",
+    "find_cost_key",
     "fmt_number",
+    "format_links",
     "format_table",
     "guess_direction",
     "is_bookkeeping",
     "key_group",
     "last_step",
+    "link_kpis",
     "metric_direction",
     "numeric_keys",
     "plot_run",
     "problem_line",
     "report_dict",
     "select_keys",
+    "spearman",
     "summarize",
 ]
 
@@ -94,7 +134,9 @@ GROUP_TITLES = {"model": "model metrics", "business": "business KPIs", "other": 
 _GROUP_ORDER = {"model": 0, "business": 1, "other": 2}
 _BOOKKEEPING_KEYS = frozenset({"trainer/global_step", "epoch"})
 # Written by the KPI runner beside each KPI: how long it took and how it failed, not its value.
-_BOOKKEEPING_LEAVES = frozenset({"seconds", "errors", "timeouts", "nonfinite", "reached_at_step"})
+_BOOKKEEPING_LEAVES = frozenset(
+    {"seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step"}
+)
 _WORD_SEP = r"(?:^|(?<=[/_.\-\s]))"
 _WORD_END = r"(?=$|[/_.\-\s])"
 _LOWER_IS_BETTER = re.compile(
@@ -107,6 +149,14 @@ _HIGHER_IS_BETTER = re.compile(
     r"|pass(?:ed)?|success(?:es)?|rewards?|f1|bleu|rouge\w*|precision|recall|auc)" + _WORD_END
 )
 _NOT_READ = "no exit record"  # the reader's message for a run without its end
+# The model metric every KPI is linked to, and the prefix of its per-slice versions.
+LINK_METRIC = "val/perplexity"
+# Fewer pairs give a rank correlation of +-1 or 0 by construction, which says nothing.
+MIN_LINK_POINTS = 3
+# The words of a KPI name that make its running total a cost (TrainingCost's "cost" and kin).
+_COST_WORDS = re.compile(_WORD_SEP + r"(?:costs?|price|usd|dollars?|spend|spent|bill)" + _WORD_END)
+# The first panels of the default plot, in this order; any stage and slice of each shares one.
+_HEADLINE_METRICS = ("perplexity", "cross_entropy", "token_accuracy")
 
 
 class PlotDependencyError(ImportError):
@@ -149,6 +199,63 @@ class Row:
     direction_from: str | None
     points: int
     summary: str | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """How one KPI moved with one perplexity over the run (see the module docs).
+
+    Attributes:
+        kpi: The KPI key, e.g. ``"kpi/pass_rate"``.
+        metric: ``"val/perplexity"`` or a per-slice ``"val/perplexity/<slice>"``.
+        spearman: The Spearman rank correlation of the pairs, ``None`` when either series is
+            constant (the correlation is undefined).
+        points: How many (KPI, metric) pairs logged at the same step it is computed over.
+        target_step: The step at which the KPI first met its target
+            (``kpi/<name>/reached_at_step``), ``None`` when it did not or had none.
+        perplexity_at_target: The metric's value logged at ``target_step``, ``None`` when there
+            is none.
+    """
+
+    kpi: str
+    metric: str
+    spearman: float | None
+    points: int
+    target_step: int | float | None = None
+    perplexity_at_target: float | None = None
+
+
+@dataclass(frozen=True)
+class CostOfImprovement:
+    """What a KPI's improvement over the run cost (see :func:`cost_of_improvement`).
+
+    Attributes:
+        kpi: The KPI key.
+        cost_key: The running cost total it is priced with, e.g. ``"kpi/cost/total"``.
+        direction: ``"min"`` or ``"max"``: which way is an improvement.
+        first: The KPI's first finite value.
+        best: Its best value (the earliest on a tie).
+        spent: The cost between ``first.step`` and ``best.step``; ``None`` when the cost is
+            not known at both (not logged around them).
+        improvement: ``best - first`` in the KPI's direction (> 0 when it improved).
+        unit: The round step of improvement the cost is given for: ``10 ** (floor(log10(
+            improvement)) - 1)``, e.g. 0.01 for an improvement of 0.5; ``None`` with no
+            improvement.
+        cost_per_unit: ``spent / improvement * unit``: the cost of one ``unit`` of improvement;
+            ``None`` when there was no improvement or the cost is not known.
+        note: Why ``cost_per_unit`` is ``None``, else ``None``.
+    """
+
+    kpi: str
+    cost_key: str
+    direction: str
+    first: Point
+    best: Point
+    spent: float | None
+    improvement: float
+    unit: float | None
+    cost_per_unit: float | None
+    note: str | None = None
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -329,6 +436,220 @@ def last_step(run: RunData) -> int | float | None:
     return None
 
 
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The Spearman rank correlation of two equally long series; ``None`` when undefined.
+
+    Ties get their average rank; the result is the Pearson correlation of the ranks, so a
+    strictly monotone relation gives exactly ``1.0`` or ``-1.0`` (the ranks are integers and
+    half-integers, whose sums are exact in floating point). Undefined, hence ``None``: fewer
+    than two pairs, or a series whose values are all equal.
+
+    Args:
+        xs: The first series (finite numbers).
+        ys: The second series, as long as ``xs``.
+
+    Raises:
+        ValueError: The series differ in length.
+
+    Example:
+        >>> spearman([1.0, 2.0, 3.0], [9.0, 4.0, 1.0]), spearman([1, 2, 3], [1, 1, 2])
+        (-1.0, 0.8660254037844387)
+        >>> spearman([1, 2, 3], [5, 5, 5]) is None
+        True
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"xs and ys must be as long as each other, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mean = (len(xs) + 1) / 2  # the mean of ranks 1..n, whatever the ties
+    dx = [r - mean for r in rx]
+    dy = [r - mean for r in ry]
+    sxx = sum(d * d for d in dx)
+    syy = sum(d * d for d in dy)
+    if sxx == 0 or syy == 0:
+        return None
+    # sqrt(sxx * syy) == sxx exactly when the ranks are the same: a monotone relation is +-1.0.
+    rho = sum(a * b for a, b in zip(dx, dy, strict=True)) / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, rho))
+
+
+def link_kpis(run: RunData, keys: Iterable[str] | None = None) -> list[Link]:
+    """Each KPI's Spearman correlation with ``val/perplexity`` and each per-slice perplexity.
+
+    Pairing rule: a KPI value pairs with the perplexity logged at the *same step*
+    (``trainer/global_step``, else ``_step``): KPIs run after validation at the same global step,
+    usually in a history row of their own. The last finite value of a key at a step counts; a
+    step where either has none is left out. A KPI is linked when it has at least
+    :data:`MIN_LINK_POINTS` pairs with ``val/perplexity``; each ``val/perplexity/<slice>`` link
+    needs as many pairs of its own. Running totals (``summary="last"``) are not linked.
+
+    Args:
+        run: A run from :func:`lossplug.loggers.read_run`.
+        keys: Glob patterns choosing the KPIs, as in :func:`select_keys`; ``None`` for all.
+
+    Returns:
+        One :class:`Link` per KPI and metric: KPIs in table order, each with ``val/perplexity``
+        first, then its slices by name. Empty when the run has no ``val/perplexity``.
+
+    Example:
+        >>> from pathlib import Path
+        >>> run = RunData(path=Path("run.wandb"), history=[
+        ...     {"_step": 0, "val/perplexity": 9.0}, {"_step": 0, "kpi/pass_rate": 0.25},
+        ...     {"_step": 1, "val/perplexity": 7.0}, {"_step": 1, "kpi/pass_rate": 0.5},
+        ...     {"_step": 2, "val/perplexity": 6.5}, {"_step": 2, "kpi/pass_rate": 0.75}])
+        >>> [(link.kpi, link.metric, link.spearman, link.points) for link in link_kpis(run)]
+        [('kpi/pass_rate', 'val/perplexity', -1.0, 3)]
+    """
+    all_keys = numeric_keys(run)
+    if LINK_METRIC not in all_keys:
+        return []
+    metrics = [LINK_METRIC] + [
+        k for k in all_keys if k.startswith(LINK_METRIC + "/") and not is_bookkeeping(k)
+    ]
+    values = {key: _by_step(run, key) for key in metrics}
+    links = []
+    for kpi in _kpi_keys(run, keys):
+        kpi_values = _by_step(run, kpi)
+        target_step = _target_step(run, kpi, all_keys)
+        for metric in metrics:
+            steps = [s for s in kpi_values if s in values[metric]]
+            if len(steps) < MIN_LINK_POINTS:
+                if metric == LINK_METRIC:
+                    break  # not a KPI logged at validation steps: no link at all
+                continue
+            at_target = None if target_step is None else values[metric].get(target_step)
+            links.append(
+                Link(
+                    kpi=kpi,
+                    metric=metric,
+                    spearman=spearman(
+                        [kpi_values[s] for s in steps], [values[metric][s] for s in steps]
+                    ),
+                    points=len(steps),
+                    target_step=target_step,
+                    perplexity_at_target=at_target,
+                )
+            )
+    return links
+
+
+def find_cost_key(run: RunData) -> str | None:
+    """The running cost total a :class:`~lossplug.kpi.builtin.TrainingCost` logged, if any.
+
+    That is a ``kpi/<name>/total`` key whose ``<name>`` says cost (``cost``, ``price``, ``usd``,
+    ``dollars``, ``spend``, ``bill``) or that has a ``kpi/<name>/per_million_tokens`` beside
+    it; ``kpi/cost/total`` (the default name) first, else the first by name.
+
+    Example:
+        >>> from pathlib import Path
+        >>> find_cost_key(RunData(path=Path("r.wandb"), history=[{"kpi/gpu_bill/total": 1.0}]))
+        'kpi/gpu_bill/total'
+    """
+    keys = numeric_keys(run)
+    found = [
+        key
+        for key in keys
+        if key.startswith("kpi/")
+        and key.endswith("/total")
+        and (
+            _COST_WORDS.search(key[: -len("/total")].lower())
+            or key.removesuffix("/total") + "/per_million_tokens" in keys
+        )
+    ]
+    if "kpi/cost/total" in found:
+        return "kpi/cost/total"
+    return found[0] if found else None
+
+
+def cost_of_improvement(
+    run: RunData, keys: Iterable[str] | None = None, *, cost_key: str | None = None
+) -> list[CostOfImprovement]:
+    """What each KPI's improvement cost: the cost spent from its first to its best value.
+
+    For each KPI with a direction (see :func:`metric_direction`) and two or more finite
+    values: ``spent = cost(best.step) - cost(first.step)``, ``improvement = best - first`` in the
+    KPI's direction, and ``cost_per_unit = spent / improvement * unit``, the cost of one round
+    ``unit`` of improvement (see :class:`CostOfImprovement`). The cost at a step is its value
+    logged there, else interpolated linearly between the nearest steps before and after; outside
+    the steps it was logged at, it is not known. Running totals and the cost KPI's own keys are
+    not priced.
+
+    Args:
+        run: A run from :func:`lossplug.loggers.read_run`.
+        keys: Glob patterns choosing the KPIs, as in :func:`select_keys`; ``None`` for all.
+        cost_key: The running cost total to use; ``None`` finds it (:func:`find_cost_key`).
+
+    Returns:
+        One entry per KPI, in table order; empty when the run logged no cost.
+
+    Raises:
+        ValueError: ``cost_key`` is not a numeric key of the run.
+
+    Example:
+        >>> from pathlib import Path
+        >>> run = RunData(path=Path("run.wandb"), history=[
+        ...     {"_step": 0, "kpi/cost/total": 1.0, "kpi/pass_rate": 0.25},
+        ...     {"_step": 1, "kpi/cost/total": 2.0, "kpi/pass_rate": 0.75}])
+        >>> item, = cost_of_improvement(run)
+        >>> item.spent, item.improvement, item.unit, item.cost_per_unit
+        (1.0, 0.5, 0.01, 0.02)
+    """
+    if cost_key is None:
+        cost_key = find_cost_key(run)
+        if cost_key is None:
+            return []
+    elif cost_key not in numeric_keys(run):
+        raise ValueError(
+            f"cost_key {cost_key!r} is not a numeric key of the run "
+            f"(cost-like keys: {[k for k in numeric_keys(run) if k.endswith('/total')]})"
+        )
+    cost = sorted(_by_step(run, cost_key).items())
+    owner = cost_key.rsplit("/", 1)[0] + "/"  # the cost KPI's own values are not priced
+    out = []
+    for kpi in _kpi_keys(run, keys):
+        direction, _ = metric_direction(run, kpi)
+        if direction is None or kpi.startswith(owner) or kpi == owner[:-1]:
+            continue
+        points = [Point(step, value) for step, value in _by_step(run, kpi).items()]
+        if len(points) < 2:
+            continue
+        first = points[0]
+        best = (min if direction == "min" else max)(points, key=lambda p: p.value)
+        improvement = best.value - first.value if direction == "max" else first.value - best.value
+        start, end = _interpolate(cost, first.step), _interpolate(cost, best.step)
+        spent = None if start is None or end is None else end - start
+        unit = cost_per_unit = note = None
+        if improvement <= 0:
+            note = "no improvement: the best value is the first"
+        else:
+            unit = 10.0 ** (math.floor(math.log10(improvement)) - 1)
+            if spent is None:
+                low, high = (cost[0][0], cost[-1][0]) if cost else (None, None)
+                note = (
+                    f"{cost_key} not known at steps {fmt_number(first.step)} and "
+                    f"{fmt_number(best.step)} (logged from step {fmt_number(low)} to "
+                    f"{fmt_number(high)})"
+                )
+            else:
+                cost_per_unit = spent / improvement * unit
+        out.append(
+            CostOfImprovement(
+                kpi=kpi,
+                cost_key=cost_key,
+                direction=direction,
+                first=first,
+                best=best,
+                spent=spent,
+                improvement=improvement,
+                unit=unit,
+                cost_per_unit=cost_per_unit,
+                note=note,
+            )
+        )
+    return out
+
+
 def problem_line(run: RunData) -> str | None:
     """One line saying what is wrong with a run read back, or ``None`` for a clean, whole run.
 
@@ -364,17 +685,28 @@ def problem_line(run: RunData) -> str | None:
     )
 
 
-def format_table(rows: Sequence[Row], run: RunData | None = None) -> str:
+def format_table(
+    rows: Sequence[Row],
+    run: RunData | None = None,
+    *,
+    links: Sequence[Link] | None = None,
+    costs: Sequence[CostOfImprovement] | None = None,
+) -> str:
     """The rows as a text table; with ``run``, a header above and the read errors below.
 
     Values have 4 significant digits; ``best`` ends with the direction used: ``(min)`` and
     ``(max)`` come from the run's ``define_metric``, ``(min?)`` and ``(max?)`` are guessed from
     the key's name; ``- (last)`` is a total or counter the run defined with ``summary="last"``.
+    With ``run``, the "model ↔ business" section (:func:`format_links`) follows the table.
 
     Args:
         rows: From :func:`summarize`.
         run: The run the rows came from, for the header (id, project, name, path, history rows,
-            last step, how the run ended, and the parts of a resumed run) and the errors.
+            last step, how the run ended, and the parts of a resumed run), the model ↔ business
+            section and the errors.
+        links: The links to show; ``None`` computes them for every KPI (:func:`link_kpis`).
+        costs: The costs of improvement to show; ``None`` computes them for every KPI
+            (:func:`cost_of_improvement`).
 
     Returns:
         The text, without a trailing newline.
@@ -401,26 +733,120 @@ def format_table(rows: Sequence[Row], run: RunData | None = None) -> str:
         lines += ["", *notes] if notes else []
     else:
         lines.append("(no numeric metrics to show)")
+    if run is not None:
+        links = link_kpis(run) if links is None else links
+        costs = cost_of_improvement(run) if costs is None else costs
+        section = format_links(links, costs, run)
+        lines += ["", section] if section else []
     if run is not None and run.errors:
         lines += ["", "read errors:"] + [f"  - {error}" for error in run.errors]
     return "\n".join(lines)
 
 
-def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
-    """The report as plain JSON-ready data (non-finite numbers become ``None``).
+def format_links(
+    links: Sequence[Link],
+    costs: Sequence[CostOfImprovement] = (),
+    run: RunData | None = None,
+) -> str:
+    """The "model ↔ business" section: one line per link, then one per cost of improvement.
+
+    No line starts with a key or with indentation, so that a line of the metrics table above
+    stays the only one to start with its key. ``spearman`` has 3 decimals (``n/a`` when
+    undefined); "perplexity at target" is ``value @ step``.
+
+    Args:
+        links: From :func:`link_kpis`.
+        costs: From :func:`cost_of_improvement`.
+        run: The run, to say why there is no link when it logged KPIs; ``None`` says nothing.
 
     Returns:
-        ``{"run": {...}, "metrics": [...], "errors": [...]}``. ``run`` has ``state``
+        The text without a trailing newline; ``""`` when there is nothing to say.
+
+    Example:
+        >>> print(format_links([Link("kpi/pass_rate", "val/perplexity", -1.0, 3, 80, 12.5)]))
+        model ↔ business: Spearman rank correlation of each KPI with perplexity over the run
+        (a KPI value pairs with the perplexity logged at the same step; n/a: a constant series)
+        spearman  points  KPI            metric          perplexity at target
+        -1.000         3  kpi/pass_rate  val/perplexity  12.5 @ 80
+    """
+    lines = []
+    if links:
+        lines += [
+            "model ↔ business: Spearman rank correlation of each KPI with perplexity over the run",
+            "(a KPI value pairs with the perplexity logged at the same step; n/a: a constant "
+            "series)",
+        ]
+        cells = [
+            [
+                "n/a" if link.spearman is None else f"{link.spearman:+.3f}",
+                str(link.points),
+                link.kpi,
+                link.metric,
+                _fmt_target(link),
+            ]
+            for link in links
+        ]
+        head = ["spearman", "points", "KPI", "metric", "perplexity at target"]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+        for values in [head, *cells]:
+            parts = [values[0].ljust(widths[0]), values[1].rjust(widths[1])]
+            parts += [v.ljust(w) for v, w in zip(values[2:], widths[2:], strict=True)]
+            lines.append("  ".join(parts).rstrip())
+    elif run is not None and any(key_group(k) == "business" for k in select_keys(run)):
+        why = (
+            f"no {LINK_METRIC} logged"
+            if LINK_METRIC not in numeric_keys(run)
+            else f"no KPI has {MIN_LINK_POINTS} or more values logged at steps with {LINK_METRIC}"
+        )
+        lines.append(f"model ↔ business: {why}")
+    if costs:
+        lines += [""] if lines else []
+        lines.append(
+            f"cost of improvement ({costs[0].cost_key} from each KPI's first value to its best):"
+        )
+        for item in costs:
+            lines.append(f"{item.kpi}: {_fmt_cost(item)}")
+    return "\n".join(lines)
+
+
+def report_dict(
+    run: RunData,
+    rows: Sequence[Row],
+    *,
+    links: Sequence[Link] | None = None,
+    costs: Sequence[CostOfImprovement] | None = None,
+) -> dict[str, Any]:
+    """The report as plain JSON-ready data (non-finite numbers become ``None``).
+
+    Args:
+        run: The run read back.
+        rows: From :func:`summarize`.
+        links: From :func:`link_kpis`; ``None`` computes them for every KPI.
+        costs: From :func:`cost_of_improvement`; ``None`` computes them for every KPI.
+
+    Returns:
+        ``{"run": {...}, "metrics": [...], "links": [...], "cost_key": ...,
+        "cost_per_improvement": [...], "errors": [...]}``. ``run`` has ``state``
         (``"finished"``, ``"crashed"`` or ``"unfinished"``), ``complete`` and ``exit_code``,
         and ``parts``: one ``{"path", "state", "exit_code", "history_rows"}`` per part of a
         resumed run, oldest first (empty for a run in one part). Each metric has ``key``,
         ``group``, ``first``/``last``/``best`` as ``{"step", "value"}`` (``best`` may be
         ``None``), ``direction``, ``direction_from``, ``summary`` (``"last"`` or ``None``) and
-        ``points``.
+        ``points``. Each link (:class:`Link`) has ``kpi``, ``metric``, ``spearman`` (``None``
+        when undefined), ``points``, ``target_step`` and ``perplexity_at_target`` (``None``
+        when the KPI met no target). ``cost_key`` is the running cost total used (``None`` when
+        the run logged none), and each ``cost_per_improvement`` entry
+        (:class:`CostOfImprovement`) has ``kpi``, ``cost_key``, ``direction``, ``first`` and
+        ``best`` as ``{"step", "value"}``, ``spent``, ``improvement``, ``unit``,
+        ``cost_per_unit`` (the cost of one ``unit`` of improvement, ``None`` when unknown) and
+        ``note`` (why it is ``None``).
     """
 
     def point(p: Point | None) -> dict[str, Any] | None:
         return None if p is None else {"step": _json_number(p.step), "value": _json_number(p.value)}
+
+    links = link_kpis(run) if links is None else links
+    costs = cost_of_improvement(run) if costs is None else costs
 
     return {
         "run": {
@@ -458,6 +884,33 @@ def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
             }
             for row in rows
         ],
+        "links": [
+            {
+                "kpi": link.kpi,
+                "metric": link.metric,
+                "spearman": _json_number(link.spearman),
+                "points": link.points,
+                "target_step": _json_number(link.target_step),
+                "perplexity_at_target": _json_number(link.perplexity_at_target),
+            }
+            for link in links
+        ],
+        "cost_key": costs[0].cost_key if costs else find_cost_key(run),
+        "cost_per_improvement": [
+            {
+                "kpi": item.kpi,
+                "cost_key": item.cost_key,
+                "direction": item.direction,
+                "first": point(item.first),
+                "best": point(item.best),
+                "spent": _json_number(item.spent),
+                "improvement": _json_number(item.improvement),
+                "unit": _json_number(item.unit),
+                "cost_per_unit": _json_number(item.cost_per_unit),
+                "note": item.note,
+            }
+            for item in costs
+        ],
         "errors": list(run.errors),
     }
 
@@ -465,17 +918,15 @@ def report_dict(run: RunData, rows: Sequence[Row]) -> dict[str, Any]:
 def plot_run(
     run: RunData, path: str | Path, keys: Iterable[str] | None = None, *, dpi: int = 100
 ) -> Path:
-    """Draw the run's curves against the step, one small titled panel each, into an image.
+    """Draw the run's figure (:func:`build_figure`) into an image file.
 
-    By default: one panel with the train and val (and test) perplexity, then one per KPI. With
-    ``keys`` (patterns as in :func:`select_keys`), the matching keys; ``train/x``, ``val/x`` and
-    ``test/x`` share a panel. The figure is drawn off screen (Agg, no display, pyplot's global
-    state untouched); the format follows the file's suffix, PNG when it has none.
+    The figure is drawn off screen (Agg, no display, pyplot's global state untouched); the
+    format follows the file's suffix, PNG when it has none.
 
     Args:
         run: A run from :func:`lossplug.loggers.read_run`.
         path: The image file to write; missing parent folders are created.
-        keys: Which keys to draw; ``None`` for the default above.
+        keys: Which keys to draw, as in :func:`build_figure`.
         dpi: Resolution of the image.
 
     Returns:
@@ -491,6 +942,49 @@ def plot_run(
             plot_run(read_run("wandb"), "curves.png")
             plot_run(run, "kpis.png", keys=["kpi/*"])
     """
+    fig = build_figure(run, keys)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format=None if out.suffix else "png")
+    return out
+
+
+def build_figure(run: RunData, keys: Iterable[str] | None = None) -> Any:
+    """The run's curves against the step, and each KPI against ``val/perplexity``.
+
+    By default, the first row holds the model: perplexity on a log axis (train, val and test,
+    and every per-slice ``val/perplexity/<slice>``), then cross-entropy and token accuracy when
+    logged; each KPI gets a panel in the rows below; all of these share the step axis. Then one
+    scatter per linked KPI (:func:`link_kpis`): the KPI against ``val/perplexity`` (log axis),
+    each point marked with its step, the Spearman correlation in the title. With ``keys``
+    (patterns as in :func:`select_keys`), the matching keys are drawn the same way (model
+    panels first, then KPIs, then other keys), and the scatters of the matching KPIs.
+
+    Panels are titled by metric (``"perplexity"``, ``"cross_entropy"``, ...): ``train/x``,
+    ``val/x``, ``test/x`` and their slices ``val/x/<slice>`` share one, labelled ``val``,
+    ``val/<slice>``, ...; a KPI panel is titled by its key; a scatter
+    ``"<kpi> vs val/perplexity"``. A perplexity panel's y axis is logarithmic (it falls by
+    orders of magnitude early on, which flattens the rest on a linear axis), as is any panel
+    whose values span more than a factor of 20.
+
+    Args:
+        run: A run from :func:`lossplug.loggers.read_run`.
+        keys: Which keys to draw; ``None`` for the default above.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` with an Agg canvas (not registered with pyplot).
+
+    Raises:
+        PlotDependencyError: matplotlib is not installed (``pip install "lossplug[plot]"``).
+        ValueError: No numeric key to draw.
+
+    Example:
+        ::
+
+            fig = build_figure(read_run("wandb"))
+            ppl = next(ax for ax in fig.axes if ax.get_title() == "perplexity")
+            assert ppl.get_yscale() == "log"
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -499,55 +993,176 @@ def plot_run(
             'plotting needs matplotlib, an optional extra: pip install "lossplug[plot]"'
         ) from exc
 
-    panels = _panels(_plot_keys(run, keys))
+    wanted = None if keys is None else list(keys)
+    panels = _panels(_plot_keys(run, wanted))
     if not panels:
         raise ValueError(
             f"{run.path}: nothing to plot: no numeric key"
-            + ("" if keys is None else f" matches {list(keys)}")
+            + ("" if wanted is None else f" matches {wanted}")
         )
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
+    scatters = [link for link in link_kpis(run, wanted) if link.metric == LINK_METRIC]
+    model = [panel for panel in panels if panel[2] == "model"]
+    rest = [panel for panel in panels if panel[2] != "model"]
+    cols = min(3, max(len(model), len(rest), len(scatters)))
+    # Model on top, KPIs (and other keys) below, scatters last: each block starts a new row.
+    blocks = [model, rest, scatters]
+    nrows = sum(math.ceil(len(block) / cols) for block in blocks)
     fig = Figure(figsize=(4.2 * cols, 3.0 * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    grid = fig.add_gridspec(nrows, cols)
+    cells = []
+    row = 0
+    for block in blocks:
+        cells.append([grid[row + i // cols, i % cols] for i in range(len(block))])
+        row += math.ceil(len(block) / cols)
+
     step_key = run.step_key()
-    for ax, (title, members) in zip(axes, panels, strict=False):
-        drawn = []
-        for label, key in members:
-            pts = [
-                (row[step_key], row[key])
-                for row in run.history
-                if _is_number(row.get(step_key))
-                and _is_number(row.get(key))
-                and math.isfinite(row[key])
-            ]
-            if not pts:
-                continue
-            xs, ys = zip(*pts, strict=True)
-            # Markers show where sparse values (a KPI every few hundred steps) really are.
-            ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 40 else None, ms=3, lw=1.3)
-            drawn.extend(ys)
-        # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable.
-        if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 20:
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(step_key, fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        if len(members) > 1:
-            ax.legend(fontsize=8)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
+    shared = None
+    for (title, members, _), cell in zip(model + rest, cells[0] + cells[1], strict=True):
+        ax = fig.add_subplot(cell, sharex=shared)
+        shared = shared or ax
+        _draw_curves(ax, run, title, members, step_key)
+    pairs = {key: _by_step(run, key) for key in {LINK_METRIC, *(s.kpi for s in scatters)}}
+    for link, cell in zip(scatters, cells[2], strict=True):
+        _draw_scatter(fig.add_subplot(cell), link, pairs[link.kpi], pairs[LINK_METRIC])
     fig.suptitle(_title(run), fontsize=11)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format=None if out.suffix else "png")
-    return out
+    return fig
+
+
+def _draw_curves(
+    ax: Any, run: RunData, title: str, members: Sequence[tuple[str, str]], step_key: str
+) -> None:
+    drawn = []
+    for label, key in members:
+        pts = [
+            (row[step_key], row[key])
+            for row in run.history
+            if _is_number(row.get(step_key))
+            and _is_number(row.get(key))
+            and math.isfinite(row[key])
+        ]
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        # Markers show where sparse values (a KPI every few hundred steps) really are.
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 40 else None, ms=3, lw=1.3)
+        drawn.extend(ys)
+    positive = bool(drawn) and min(drawn) > 0
+    # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable.
+    if positive and (title == "perplexity" or max(drawn) / min(drawn) > 20):
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(step_key, fontsize=8)
+    ax.tick_params(which="both", labelsize=8)
+    ax.grid(alpha=0.3)
+    if len(members) > 1:
+        ax.legend(fontsize=8)
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    from matplotlib.ticker import LogFormatter
+
+    # "20" rather than "2x10^1": a perplexity reads as a plain number. LogFormatter still
+    # labels minor ticks only where the axis spans little, as the default one does.
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _draw_scatter(
+    ax: Any, link: Link, kpi: dict[int | float, float], ppl: dict[int | float, float]
+) -> None:
+    steps = [step for step in kpi if step in ppl]
+    xs, ys = [ppl[s] for s in steps], [kpi[s] for s in steps]
+    # A faint line in step order shows the path training took; the dots are the pairs.
+    ax.plot(xs, ys, color="0.75", lw=0.8, zorder=1)
+    ax.scatter(xs, ys, c=range(len(steps)), cmap="viridis", s=18, zorder=2)
+    every = max(1, math.ceil(len(steps) / 20))  # about 20 labels at most stay readable
+    for i, (step, x, y) in enumerate(zip(steps, xs, ys, strict=True)):
+        if i % every == 0 or i == len(steps) - 1:
+            ax.annotate(
+                fmt_number(step), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7
+            )
+    if min(xs) > 0:
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+    rho = "n/a" if link.spearman is None else f"{link.spearman:+.2f}"
+    ax.set_title(f"{link.kpi} vs {LINK_METRIC}\nSpearman {rho}, {link.points} points", fontsize=9)
+    ax.set_xlabel(f"{LINK_METRIC} (labels: step)", fontsize=8)
+    ax.set_ylabel(link.kpi, fontsize=8)
+    ax.tick_params(which="both", labelsize=8)
+    ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------------------------- helpers
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties given the average of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1  # the average of ranks start+1 .. end+1
+        start = end + 1
+    return ranks
+
+
+def _by_step(run: RunData, key: str) -> dict[int | float, float]:
+    """The last finite value of ``key`` at each step, in order of the steps' first appearance."""
+    step_key = run.step_key()
+    out: dict[int | float, float] = {}
+    for row in run.history:
+        value, step = row.get(key), row.get(step_key)
+        if _is_number(value) and _is_number(step) and math.isfinite(value):
+            out[step] = float(value)
+    return out
+
+
+def _kpi_keys(run: RunData, patterns: Iterable[str] | None) -> list[str]:
+    """The KPI values worth linking or pricing: not bookkeeping, not running totals."""
+    return [
+        key
+        for key in select_keys(run, patterns)
+        if key_group(key) == "business" and _declared(run, key)[2] != "last"
+    ]
+
+
+def _target_step(run: RunData, kpi: str, keys: Sequence[str]) -> int | float | None:
+    """The step the KPI first met its target, from the runner's ``<kpi>/reached_at_step``."""
+    marker = f"{kpi}/reached_at_step"
+    if marker not in keys:
+        # A mapping KPI logs it beside its entries (kpi/<name>/reached_at_step) for its primary
+        # entry, which the run does not record: only a mapping with one value is certain.
+        parent = kpi.rsplit("/", 1)[0]
+        entries = [k for k in _kpi_keys(run, None) if k.rsplit("/", 1)[0] == parent]
+        marker = f"{parent}/reached_at_step"
+        if parent == "kpi" or marker not in keys or entries != [kpi]:
+            return None
+    for row in run.history:
+        value = row.get(marker)
+        if _is_number(value) and math.isfinite(value):
+            # Logged as a float; the step it names is a whole number.
+            return int(value) if float(value).is_integer() else value
+    return None
+
+
+def _interpolate(series: Sequence[tuple[int | float, float]], step: int | float) -> float | None:
+    """The value at ``step`` of a series sorted by step, linear between points; ``None`` outside."""
+    for (s0, v0), (s1, v1) in itertools.pairwise(series):
+        if s0 <= step <= s1:
+            if step == s0:
+                return v0
+            return v1 if step == s1 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    if len(series) == 1 and series[0][0] == step:
+        return series[0][1]
+    return None
 
 
 def _matches(key: str, patterns: Sequence[str], *, names_only: bool = False) -> bool:
@@ -607,6 +1222,25 @@ def _fmt_point(point: Point | None) -> str:
     if point is None:
         return "-"
     return f"{fmt_number(point.value)} @ {fmt_number(point.step)}"
+
+
+def _fmt_target(link: Link) -> str:
+    if link.target_step is None:
+        return "-"
+    if link.perplexity_at_target is None:  # met at a step where the metric was not logged
+        return f"- (met @ {fmt_number(link.target_step)})"
+    return _fmt_point(Point(link.target_step, link.perplexity_at_target))
+
+
+def _fmt_cost(item: CostOfImprovement) -> str:
+    if item.cost_per_unit is None or item.unit is None:
+        return f"n/a ({item.note})"
+    sign = "+" if item.direction == "max" else "-"
+    return (
+        f"${fmt_number(item.cost_per_unit)} per {sign}{item.unit:g} "
+        f"({_fmt_point(item.first)} -> {_fmt_point(item.best)}, "
+        f"${fmt_number(item.spent)} spent)"
+    )
 
 
 def _title(run: RunData) -> str:
@@ -685,26 +1319,39 @@ def _table(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _plot_keys(run: RunData, patterns: Iterable[str] | None) -> list[str]:
+def _plot_keys(run: RunData, patterns: Sequence[str] | None) -> list[str]:
     if patterns is not None:
         return select_keys(run, patterns)
     keys = select_keys(run)
     chosen = [
         k
         for k in keys
-        if (key_group(k) == "model" and k.rsplit("/", 1)[-1] == "perplexity")
+        if (key_group(k) == "model" and k.split("/")[1] in _HEADLINE_METRICS)
         or key_group(k) == "business"
     ]
     return chosen or keys  # a run with neither: draw what it has
 
 
-def _panels(keys: Sequence[str]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """``[(title, [(label, key), ...]), ...]``: train/val/test of one metric share a panel."""
-    panels: dict[tuple[bool, str], list[tuple[str, str]]] = {}
+def _panels(keys: Sequence[str]) -> list[tuple[str, list[tuple[str, str]], str]]:
+    """``[(title, [(label, key), ...], group), ...]``: model panels first, headline ones first.
+
+    ``train/x``, ``val/x``, ``test/x`` and the slices ``val/x/<slice>`` share the panel ``x``,
+    labelled ``train``, ``val``, ``val/<slice>``.
+    """
+    panels: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for key in keys:
-        if key_group(key) == "model":
-            stage, name = key.split("/", 1)
-            panels.setdefault((True, name), []).append((stage, key))
+        group = key_group(key)
+        if group == "model" and key.count("/") >= 1:
+            stage, name, *slice_ = key.split("/", 2)
+            panels.setdefault((group, name), []).append(("/".join([stage, *slice_]), key))
         else:
-            panels.setdefault((False, key), []).append((key, key))
-    return [(title, members) for (_, title), members in panels.items()]
+            panels.setdefault((group, key), []).append((key, key))
+
+    def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
+        (group, title), _ = item
+        headline = _HEADLINE_METRICS.index(title) if title in _HEADLINE_METRICS else 99
+        return _GROUP_ORDER[group], headline if group == "model" else 0
+
+    # sorted() is stable: panels of equal rank keep the table order of their keys.
+    ranked = sorted(panels.items(), key=order)
+    return [(title, members, group) for (group, title), members in ranked]
