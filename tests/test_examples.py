@@ -54,6 +54,26 @@ def test_finetune_logs_model_and_business_metrics_that_improve(finetune_run):
         assert run.series(key), key
 
 
+def test_finetune_validates_code_and_prose_slices_that_add_up(finetune_run):
+    out, _ = finetune_run
+    run = read_run(out / "wandb")
+    steps = [step for step, _ in run.series("val/perplexity")]
+    for name in ("code", "prose"):
+        assert [step for step, _ in run.series(f"val/perplexity/{name}")] == steps, name
+    for step, tokens in run.series("val/tokens"):
+        parts = [dict(run.series(f"val/tokens/{name}"))[step] for name in ("code", "prose")]
+        assert sum(parts) == tokens and min(parts) > 0
+        nll = sum(
+            dict(run.series(f"val/cross_entropy/{name}"))[step] * part
+            for name, part in zip(("code", "prose"), parts, strict=True)
+        )
+        overall = dict(run.series("val/cross_entropy"))[step]
+        assert abs(nll / tokens - overall) <= 1e-9 * overall
+    # prose is not what the model learns from: its perplexity is the higher one
+    last = {name: run.series(f"val/perplexity/{name}")[-1][1] for name in ("code", "prose")}
+    assert last["prose"] > last["code"]
+
+
 def test_finetune_prints_the_table_the_sync_command_and_writes_the_plot(finetune_run):
     out, done = finetune_run
     stdout = done.stdout
