@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -35,14 +34,22 @@ def pack(stats: TokenStats) -> torch.Tensor:
 
 
 def values_of(nll: float, tokens: float, correct: float, entropy: float) -> dict[str, float]:
-    """Every value of ``METRIC_NAMES`` (when a token was scored) and ``"tokens"`` from the sums,
-    by the formulas of :class:`~lossplug.TokenStats`."""
+    """Every value of ``METRIC_NAMES`` (when a token was scored) and ``"tokens"`` from the reduced
+    sums, read from a :class:`~lossplug.TokenStats`: the one home of their formulas."""
     values: dict[str, float] = {"tokens": tokens}
     if tokens > 0:
-        values["cross_entropy"] = nll / tokens
-        values["perplexity"] = math.exp(nll / tokens) if nll / tokens < 709 else math.inf
-        values["token_accuracy"] = correct / tokens
-        values["entropy"] = entropy / tokens
+        f64 = torch.float64
+        stats = TokenStats(
+            nll_sum=torch.tensor(nll, dtype=f64),
+            tokens=torch.tensor(int(tokens)),
+            correct=torch.tensor(int(correct)),
+            entropy_sum=torch.tensor(entropy, dtype=f64),
+            lse_sq_sum=torch.zeros((), dtype=f64),
+        )
+        values["cross_entropy"] = float(stats.mean_nll)
+        values["perplexity"] = float(stats.perplexity)  # inf, not an error, past e**709
+        values["token_accuracy"] = float(stats.accuracy)
+        values["entropy"] = float(stats.entropy)
     return values
 
 

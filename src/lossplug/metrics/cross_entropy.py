@@ -12,13 +12,13 @@ __all__ = ["CrossEntropy", "cross_entropy"]
 
 def _cross_entropy_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = _token_stats_update(preds, target, **kwargs)
-    return stats.nll_sum, stats.tokens
+) -> TokenStats:
+    return _token_stats_update(preds, target, **kwargs)
 
 
-def _cross_entropy_compute(nll_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return nll_sum / tokens
+def _cross_entropy_compute(stats: TokenStats) -> torch.Tensor:
+    # the formula lives in TokenStats, the one home of every derived value
+    return stats.mean_nll
 
 
 def cross_entropy(
@@ -41,7 +41,7 @@ def cross_entropy(
         1.1269
     """
     return _cross_entropy_compute(
-        *_cross_entropy_update(
+        _cross_entropy_update(
             preds,
             target,
             mask=mask,
@@ -80,4 +80,4 @@ class CrossEntropy(_TokenStatsMetric):
 
     def compute(self) -> torch.Tensor:
         stats = self._checked_stats()
-        return _cross_entropy_compute(stats.nll_sum, stats.tokens)
+        return _cross_entropy_compute(stats)

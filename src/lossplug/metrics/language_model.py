@@ -19,10 +19,10 @@ __all__ = ["LanguageModelMetrics", "language_model_metrics"]
 
 def _language_model_metrics_compute(stats: TokenStats) -> dict[str, torch.Tensor]:
     return {
-        "cross_entropy": _cross_entropy_compute(stats.nll_sum, stats.tokens),
-        "perplexity": _perplexity_compute(stats.nll_sum, stats.tokens),
-        "token_accuracy": _token_accuracy_compute(stats.correct, stats.tokens),
-        "entropy": _predictive_entropy_compute(stats.entropy_sum, stats.tokens),
+        "cross_entropy": _cross_entropy_compute(stats),
+        "perplexity": _perplexity_compute(stats),
+        "token_accuracy": _token_accuracy_compute(stats),
+        "entropy": _predictive_entropy_compute(stats),
         "tokens": stats.tokens,
     }
 

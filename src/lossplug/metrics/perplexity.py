@@ -12,13 +12,13 @@ __all__ = ["Perplexity", "perplexity"]
 
 def _perplexity_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = _token_stats_update(preds, target, **kwargs)
-    return stats.nll_sum, stats.tokens
+) -> TokenStats:
+    return _token_stats_update(preds, target, **kwargs)
 
 
-def _perplexity_compute(nll_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.exp(nll_sum / tokens)
+def _perplexity_compute(stats: TokenStats) -> torch.Tensor:
+    # the formula lives in TokenStats, the one home of every derived value
+    return stats.perplexity
 
 
 def perplexity(
@@ -44,7 +44,7 @@ def perplexity(
         4.0
     """
     return _perplexity_compute(
-        *_perplexity_update(
+        _perplexity_update(
             preds,
             target,
             mask=mask,
@@ -86,4 +86,4 @@ class Perplexity(_TokenStatsMetric):
 
     def compute(self) -> torch.Tensor:
         stats = self._checked_stats()
-        return _perplexity_compute(stats.nll_sum, stats.tokens)
+        return _perplexity_compute(stats)

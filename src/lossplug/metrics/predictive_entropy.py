@@ -12,13 +12,13 @@ __all__ = ["PredictiveEntropy", "predictive_entropy"]
 
 def _predictive_entropy_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = _token_stats_update(preds, target, needs_predictions=True, **kwargs)
-    return stats.entropy_sum, stats.tokens
+) -> TokenStats:
+    return _token_stats_update(preds, target, needs_predictions=True, **kwargs)
 
 
-def _predictive_entropy_compute(entropy_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return entropy_sum / tokens
+def _predictive_entropy_compute(stats: TokenStats) -> torch.Tensor:
+    # the formula lives in TokenStats, the one home of every derived value
+    return stats.entropy
 
 
 def predictive_entropy(
@@ -40,7 +40,7 @@ def predictive_entropy(
         1.386294
     """
     return _predictive_entropy_compute(
-        *_predictive_entropy_update(
+        _predictive_entropy_update(
             preds, target, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend
         )
     )
@@ -66,4 +66,4 @@ class PredictiveEntropy(_TokenStatsMetric):
 
     def compute(self) -> torch.Tensor:
         stats = self._checked_stats()
-        return _predictive_entropy_compute(stats.entropy_sum, stats.tokens)
+        return _predictive_entropy_compute(stats)

@@ -12,13 +12,13 @@ __all__ = ["TokenAccuracy", "token_accuracy"]
 
 def _token_accuracy_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = _token_stats_update(preds, target, needs_predictions=True, **kwargs)
-    return stats.correct, stats.tokens
+) -> TokenStats:
+    return _token_stats_update(preds, target, needs_predictions=True, **kwargs)
 
 
-def _token_accuracy_compute(correct: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return correct.to(torch.float64) / tokens
+def _token_accuracy_compute(stats: TokenStats) -> torch.Tensor:
+    # the formula lives in TokenStats, the one home of every derived value
+    return stats.accuracy
 
 
 def token_accuracy(
@@ -40,7 +40,7 @@ def token_accuracy(
         0.5
     """
     return _token_accuracy_compute(
-        *_token_accuracy_update(
+        _token_accuracy_update(
             preds, target, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend
         )
     )
@@ -65,4 +65,4 @@ class TokenAccuracy(_TokenStatsMetric):
 
     def compute(self) -> torch.Tensor:
         stats = self._checked_stats()
-        return _token_accuracy_compute(stats.correct, stats.tokens)
+        return _token_accuracy_compute(stats)
