@@ -15,6 +15,34 @@ import lossplug
 
 VOCAB = 50
 
+#: What every Trainer of the tests shares: CPU, and no progress bar, model summary, checkpoints or
+#: sanity check, unless a test asks for them.
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+    num_sanity_val_steps=0,
+)
+
+
+def quiet_trainer(tmp_path, logger, callbacks, *, lightning=L, **overrides):
+    """A ``lightning.Trainer`` with :data:`QUIET_TRAINER` settings on one CPU process."""
+    settings = dict(
+        QUIET_TRAINER, default_root_dir=tmp_path, devices=1, logger=logger, callbacks=callbacks
+    )
+    settings.update(overrides)
+    return lightning.Trainer(**settings)
+
+
+def logged_at(recorder, step: int) -> dict[str, float]:
+    """Everything a ``Recorder`` got at ``step`` (a step may get several log calls)."""
+    merged: dict[str, float] = {}
+    for logged_step, metrics in recorder.rows:
+        if logged_step == step:
+            merged.update(metrics)
+    return merged
+
 
 def make_tokens(n_rows: int, seq: int, *, seed: int, ignore_share: float = 0.2) -> torch.Tensor:
     """Rows of ``[inputs | labels]``: labels are the inputs with some positions ignored."""

@@ -18,6 +18,7 @@ from _tiny_lm import (
     CloseProcessGroup,
     InOrderShardsWithVal,
     make_loader,
+    quiet_trainer,
     record_rank_kpi,
 )
 from lossplug.kpi import KPI, KPIContext, KPIResult, KPIRunner
@@ -28,22 +29,10 @@ L, TinyLM, Recorder = NAMESPACES["lightning.pytorch"]
 def fit(tmp_path, kpis, *, max_steps, recorder=None, module=None, **kw):
     recorder = recorder if recorder is not None else Recorder()
     callbacks = [lossplug.KPIMonitor(kpis), *kw.pop("callbacks", [])]
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=recorder,
-        callbacks=callbacks,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kw)
-    trainer = L.Trainer(**defaults)
-    val = make_loader(2, seed=5) if defaults["limit_val_batches"] else None
+    settings = dict(max_steps=max_steps, limit_val_batches=0)
+    settings.update(kw)
+    trainer = quiet_trainer(tmp_path, recorder, callbacks, **settings)
+    val = make_loader(2, seed=5) if settings["limit_val_batches"] else None
     trainer.fit(module or TinyLM(), make_loader(max(max_steps, 4)), val)
     return trainer, recorder
 
@@ -58,16 +47,13 @@ def test_every_5_steps_logs_at_5_10_15(namespace, tmp_path):
         return float(ctx.step) / 10
 
     recorder = RecorderClass()
-    trainer = lightning.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=recorder,
-        callbacks=[lossplug.KPIMonitor([KPI("steps", steps_kpi, every_n_steps=5)])],
+    trainer = quiet_trainer(
+        tmp_path,
+        recorder,
+        [lossplug.KPIMonitor([KPI("steps", steps_kpi, every_n_steps=5)])],
+        lightning=lightning,
         max_steps=15,
         limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     module = Module()
     trainer.fit(module, make_loader(15))
@@ -184,16 +170,8 @@ def test_resume_keeps_the_schedule_and_the_state(tmp_path):
         enable_checkpointing=True,
     )
     second = Recorder()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=second,
-        callbacks=[lossplug.KPIMonitor(kpis())],
-        max_steps=12,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = quiet_trainer(
+        tmp_path, second, [lossplug.KPIMonitor(kpis())], max_steps=12, limit_val_batches=0
     )
     trainer.fit(TinyLM(), make_loader(12), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
     steps = [s for s, _ in first.series("kpi/steps") + second.series("kpi/steps")]
@@ -211,21 +189,16 @@ def test_two_process_ddp_runs_a_rank_zero_kpi_once(tmp_path):
         monitor="kpi/score", stopping_threshold=97.5, mode="min", check_on_train_epoch_end=False
     )
     csv_logger = L.loggers.CSVLogger(tmp_path, name="ddp", version=0)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
+        csv_logger,
+        [lossplug.KPIMonitor([kpi]), early_stop, CloseProcessGroup()],
         devices=2,
         strategy="ddp_spawn",
         use_distributed_sampler=False,
-        logger=csv_logger,
-        callbacks=[lossplug.KPIMonitor([kpi]), early_stop, CloseProcessGroup()],
         max_steps=20,
         val_check_interval=1,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(TinyLM(), datamodule=InOrderShardsWithVal(64, batch_size=2))
     lines = calls.read_text().split()

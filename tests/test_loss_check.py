@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lossplug
 from _reference import reference_cross_entropy
-from _tiny_lm import NAMESPACES, VOCAB
+from _tiny_lm import NAMESPACES, VOCAB, quiet_trainer
 from lossplug.callbacks._accumulator import LossCheck, other_shift_nll
 from lossplug.ops.stats import TokenStats
 
@@ -113,21 +113,9 @@ def pretrained_weights() -> dict[str, torch.Tensor]:
 
 def fit(lightning, module, monitor, tmp_path, *, train=None, val=None, **kw) -> list[str]:
     """Fit on CPU and return the LossMonitor warnings raised."""
-    settings = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        max_steps=6,
-        limit_val_batches=0 if val is None else None,
-    )
+    settings = dict(max_steps=6, limit_val_batches=0 if val is None else None)
     settings.update(kw)
-    trainer = lightning.Trainer(**settings)
+    trainer = quiet_trainer(tmp_path, False, [monitor], lightning=lightning, **settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, train if train is not None else loader(6), val)

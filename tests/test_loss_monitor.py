@@ -9,7 +9,14 @@ import torch
 
 import lossplug
 from _reference import reference_cross_entropy
-from _tiny_lm import NAMESPACES, CloseProcessGroup, InOrderShards, make_loader
+from _tiny_lm import (
+    NAMESPACES,
+    CloseProcessGroup,
+    InOrderShards,
+    logged_at,
+    make_loader,
+    quiet_trainer,
+)
 
 NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
 
@@ -32,28 +39,7 @@ def expected(seen) -> dict[str, float]:
 
 
 def make_trainer(lightning, tmp_path, logger, callbacks, **kw):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kw)
-    return lightning.Trainer(**defaults)
-
-
-def row_at(recorder, step: int) -> dict[str, float]:
-    """Everything logged at ``step`` (a step may get several log calls)."""
-    merged: dict[str, float] = {}
-    for logged_step, metrics in recorder.rows:
-        if logged_step == step:
-            merged.update(metrics)
-    return merged
+    return quiet_trainer(tmp_path, logger, callbacks, lightning=lightning, **kw)
 
 
 def assert_close(got: float, want: float, key: str) -> None:
@@ -76,7 +62,7 @@ def test_logs_exact_windows_at_optimizer_steps(namespace, tmp_path):
     tokens_so_far = 0
     for index, step in enumerate(steps):
         want = expected(seen[2 * index : 2 * index + 2])
-        row = row_at(recorder, step)
+        row = logged_at(recorder, step)
         for name in NAMES:
             assert_close(row[f"train/{name}"], want[name], name)
         tokens_so_far += want["tokens"]
@@ -157,7 +143,7 @@ def test_validation_aggregate_is_monitorable_and_sanity_checks_are_not_logged(tm
     val_seen = module.seen["val"]
     assert len(val_seen) == 2 + 3
     want = expected(val_seen[2:])
-    row = row_at(recorder, 3)
+    row = logged_at(recorder, 3)
     for name in NAMES:
         assert_close(row[f"val/{name}"], want[name], name)
     assert row["val/tokens"] == want["tokens"]
@@ -312,7 +298,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         limit_val_batches=0,
     )
     single.fit(single_module, datamodule=InOrderShards(16, batch_size=4))
-    want = {step: row_at(recorder, step) for step, _ in recorder.series("train/perplexity")}
+    want = {step: logged_at(recorder, step) for step, _ in recorder.series("train/perplexity")}
     assert sorted(step for step in logged if "train/perplexity" in logged[step]) == [2, 4]
     for step, row in want.items():
         for name in (*NAMES, "tokens"):

@@ -16,7 +16,9 @@ from _tiny_lm import (
     NAMESPACES,
     CloseProcessGroup,
     SlicedShards,
+    logged_at,
     make_tokens,
+    quiet_trainer,
     sliced_batches,
 )
 from lossplug.callbacks._accumulator import SliceAccumulator
@@ -47,30 +49,6 @@ def reference_by_slice(seen, sources) -> dict[str, dict[str, float]]:
         }
         for name, s in sums.items()
     }
-
-
-def quiet_trainer(tmp_path, logger, callbacks, **kw):
-    settings = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    settings.update(kw)
-    return L.Trainer(**settings)
-
-
-def logged_at(recorder, step) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for logged_step, metrics in recorder.rows:
-        if logged_step == step:
-            merged.update(metrics)
-    return merged
 
 
 # --------------------------------------------------------------------------------- the ops
@@ -480,8 +458,7 @@ def test_a_patched_hugging_face_model_is_split_by_slice_from_the_same_pass(tmp_p
     batches = sliced_batches(VAL_SOURCES)
     with torch.no_grad():  # the reference: the unpatched model's own logits, in float64
         seen = [
-            (model(input_ids=b["rows"][:, :10]).logits.double(), b["rows"][:, 10:])
-            for b in batches
+            (model(input_ids=b["rows"][:, :10]).logits.double(), b["rows"][:, 10:]) for b in batches
         ]
     want = reference_by_slice(seen, [b["source"] for b in batches])
     patch_causal_lm(model)
