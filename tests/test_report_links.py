@@ -26,6 +26,7 @@ from lossplug.report import (
     cost_of_improvement,
     find_cost_key,
     link_kpis,
+    numeric_keys,
     spearman,
 )
 from test_cli import _cells, _check_png
@@ -358,3 +359,70 @@ def test_spearman_of_a_monotone_relation_is_exact(xs: list[float]) -> None:
     assert spearman(xs, [7.0] * len(xs)) is None
     with pytest.raises(ValueError, match="xs and ys must be as long"):
         spearman(xs, xs[1:])
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run logged as ``transformers.Trainer`` with ``LossplugCallback``: ``train/global_step``.
+
+    The Trainer's own row and the callback's row (validation values and KPIs together) come at
+    each logging step, so W&B's ``_step`` counts two rows per step.
+    """
+    import wandb
+
+    root = tmp_path_factory.mktemp("trainer_run")
+    run = wandb.init(mode="offline", dir=root, project=PROJECT, name="trainer-run")
+    run.define_metric("kpi/accuracy", step_metric="train/global_step", summary="max")
+    for i, step in enumerate(EVAL_STEPS):
+        run.log({"train/loss": 3.0 - i / 10, "train/global_step": step})
+        row = {"val/perplexity": VAL_PPL[i], "kpi/accuracy": PASS_RATE[i]}
+        if step == 400:
+            row["kpi/accuracy/reached_at_step"] = float(step)
+        run.log({**row, "train/global_step": step})
+    run.finish()
+    assert read_run(root, wait=30).complete
+    return root
+
+
+def test_trainer_run_pairs_by_its_global_step(
+    trainer_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _report_json(trainer_run, capsys)
+    assert data["run"]["step_key"] == "train/global_step"
+    # The target step is the Trainer's global step: the perplexity logged at that step.
+    assert data["links"] == [
+        {
+            "kpi": "kpi/accuracy",
+            "metric": LINK_METRIC,
+            "spearman": -1.0,
+            "points": 6,
+            "target_step": 400,
+            "perplexity_at_target": VAL_PPL[EVAL_STEPS.index(400)],
+        }
+    ]
+
+
+def test_section_says_why_there_is_no_link(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lossplug.loggers import RunData
+    from lossplug.report import format_links
+
+    run = read_run(run_dir)
+    # --keys leaving the KPIs out leaves the section out, and says nothing.
+    assert main(["report", str(run_dir), "--keys", "val/*"]) == 0
+    assert "model ↔ business" not in capsys.readouterr().out
+    assert format_links(link_kpis(run, ["val/*"]), [], run) == ""
+    # A run with KPIs but no val/perplexity; one whose KPIs meet it at 2 steps only.
+    no_val = RunData(path=run.path, history=[r for r in run.history if LINK_METRIC not in r])
+    assert format_links([], [], no_val) == "model ↔ business: no val/perplexity logged"
+    two_steps = [
+        row
+        for row in run.history
+        if LINK_METRIC in row or row["trainer/global_step"] in RARE or "kpi/cost/total" in row
+    ]
+    few = RunData(path=run.path, history=two_steps)
+    assert link_kpis(few) == [] and "kpi/pass_rate" in numeric_keys(few)
+    assert format_links([], [], few) == (
+        "model ↔ business: no KPI has 3 or more values logged at steps with val/perplexity"
+    )

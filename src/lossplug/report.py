@@ -27,7 +27,8 @@ and the KPI runner's ``*/seconds``, ``*/errors``, ``*/timeouts``, ``*/nonfinite`
 
 Each row gives the first and last value with the step they were logged at, the best value and
 its step, and the number of points. The step is ``trainer/global_step`` when the run has it
-(Lightning's x-axis), else W&B's ``_step``.
+(Lightning's x-axis), else ``train/global_step`` (``transformers.Trainer``'s), else W&B's
+``_step``.
 
 The header says how the run ended (:attr:`RunData.state <lossplug.loggers.RunData.state>`):
 ``finished (exit code 0)``, ``CRASHED (exit code N)`` (its exit record has a non-zero code), or
@@ -428,7 +429,7 @@ def summarize(run: RunData, keys: Iterable[str] | None = None) -> list[Row]:
 
 
 def last_step(run: RunData) -> int | float | None:
-    """The step of the last history row that has one (``trainer/global_step`` or ``_step``)."""
+    """The step of the last history row that has one (see :meth:`RunData.step_key`)."""
     step_key = run.step_key()
     for row in reversed(run.history):
         if _is_number(row.get(step_key)):
@@ -478,7 +479,8 @@ def link_kpis(run: RunData, keys: Iterable[str] | None = None) -> list[Link]:
     """Each KPI's Spearman correlation with ``val/perplexity`` and each per-slice perplexity.
 
     Pairing rule: a KPI value pairs with the perplexity logged at the *same step*
-    (``trainer/global_step``, else ``_step``): KPIs run after validation at the same global step,
+    (:meth:`RunData.step_key <lossplug.loggers.RunData.step_key>`, the trainer's global step
+    when logged): KPIs run after validation at the same global step,
     usually in a history row of their own. The last finite value of a key at a step counts; a
     step where either has none is left out. A KPI is linked when it has at least
     :data:`MIN_LINK_POINTS` pairs with ``val/perplexity``; each ``val/perplexity/<slice>`` link
@@ -757,7 +759,8 @@ def format_links(
     Args:
         links: From :func:`link_kpis`.
         costs: From :func:`cost_of_improvement`.
-        run: The run, to say why there is no link when it logged KPIs; ``None`` says nothing.
+        run: The run, to say why there is no link when it logged KPIs and none of them links;
+            ``None`` says nothing.
 
     Returns:
         The text without a trailing newline; ``""`` when there is nothing to say.
@@ -792,7 +795,8 @@ def format_links(
             parts = [values[0].ljust(widths[0]), values[1].rjust(widths[1])]
             parts += [v.ljust(w) for v, w in zip(values[2:], widths[2:], strict=True)]
             lines.append("  ".join(parts).rstrip())
-    elif run is not None and any(key_group(k) == "business" for k in select_keys(run)):
+    elif run is not None and _kpi_keys(run, None) and not link_kpis(run):
+        # Said only when no KPI of the whole run links (not when --keys left them out).
         why = (
             f"no {LINK_METRIC} logged"
             if LINK_METRIC not in numeric_keys(run)
@@ -1051,7 +1055,8 @@ def _draw_curves(
     # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable.
     if positive and (title == "perplexity" or max(drawn) / min(drawn) > 20):
         ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+        if min(drawn) >= 1:
+            _plain_log_ticks(ax.yaxis)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(step_key, fontsize=8)
     ax.tick_params(which="both", labelsize=8)
@@ -1063,7 +1068,7 @@ def _draw_curves(
 def _plain_log_ticks(axis: Any) -> None:
     from matplotlib.ticker import LogFormatter
 
-    # "20" rather than "2x10^1": a perplexity reads as a plain number. LogFormatter still
+    # "20" rather than "2x10^1": a perplexity (>= 1) reads as a plain number. LogFormatter still
     # labels minor ticks only where the axis spans little, as the default one does.
     axis.set_major_formatter(LogFormatter())
     axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
@@ -1085,7 +1090,8 @@ def _draw_scatter(
             )
     if min(xs) > 0:
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        if min(xs) >= 1:
+            _plain_log_ticks(ax.xaxis)
     rho = "n/a" if link.spearman is None else f"{link.spearman:+.2f}"
     ax.set_title(f"{link.kpi} vs {LINK_METRIC}\nSpearman {rho}, {link.points} points", fontsize=9)
     ax.set_xlabel(f"{LINK_METRIC} (labels: step)", fontsize=8)

@@ -160,15 +160,28 @@ class RunData:
         return list(seen)
 
     def step_key(self) -> str:
-        """``"trainer/global_step"`` when the history has it (Lightning runs), else ``"_step"``."""
-        lightning = any("trainer/global_step" in row for row in self.history)
-        return "trainer/global_step" if lightning else "_step"
+        """The run's x-axis: the optimizer step its trainer logged, else W&B's ``_step``.
+
+        ``"trainer/global_step"`` when the history has it (Lightning runs), else
+        ``"train/global_step"`` when it has that (``transformers.Trainer`` runs, whose values
+        logged in separate rows at one step share it), else ``"_step"``.
+
+        Example:
+            >>> RunData(path=Path("run.wandb"), history=[{"_step": 0, "train/global_step": 5}]
+            ...         ).step_key()
+            'train/global_step'
+        """
+        for key in ("trainer/global_step", "train/global_step"):
+            if any(key in row for row in self.history):
+                return key
+        return "_step"
 
     def series(self, key: str) -> list[tuple[int | float, Any]]:
         """The ``(step, value)`` pairs logged for ``key``, in logging order.
 
-        The step is ``trainer/global_step`` when the run has it (Lightning's x-axis), else
-        W&B's own ``_step``. Rows that lack the key, or the step, are skipped.
+        The step is the run's :meth:`step_key`: ``trainer/global_step`` when the run has it
+        (Lightning's x-axis), else ``train/global_step`` (``transformers.Trainer``'s), else W&B's
+        own ``_step``. Rows that lack the key, or the step, are skipped.
 
         Args:
             key: A history key, e.g. ``"train/perplexity"``.
