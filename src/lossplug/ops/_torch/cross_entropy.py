@@ -4,9 +4,21 @@ Rows are processed a chunk at a time through two reusable float32 workspaces, so
 is upcast one chunk at a time (exact, never a full fp32 copy) and the extra memory does not grow
 with the number of tokens. float64 logits are computed in float64 throughout (workspaces and row
 outputs included): whoever passes float64 asks for its precision.
+
+On a CPU with several torch threads the chunks are shared out among that many worker threads,
+each running torch single-threaded with workspaces of its own. Each chunk costs a dozen small ops;
+run with intra-op parallelism, every one of them would end at a barrier that waits for the slowest
+thread, and when other processes load the cores a descheduled thread stalls them all. Workers
+that take the next chunk when they are done only ever wait once, at the end. Each row is computed
+by one thread either way, so the results do not depend on the number of threads.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -33,13 +45,73 @@ def _chunk_rows(vocab: int, n_rows: int, itemsize: int = 4) -> int:
     return max(1, min(n_rows, WORKSPACE_BYTES // (itemsize * vocab)))
 
 
-def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int):
+def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_row, view)`` with ``view`` a 2-D strided view of consecutive rows."""
     n_outer, n_inner, _ = logits3.shape
     for outer in range(n_outer):
         for start in range(0, n_inner, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_inner)
             yield outer * n_inner + start, logits3[outer, start:stop]
+
+
+_Item = TypeVar("_Item")
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads that each run torch single-threaded."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            # torch's thread count is per thread: the caller's stays as it is
+            pool = ThreadPoolExecutor(
+                workers,
+                thread_name_prefix="lossplug-ce",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
+            _POOLS[workers] = pool
+        return pool
+
+
+def _run_chunks(
+    work: Callable[[Iterable[_Item]], None],
+    chunks: list[_Item],
+    device: torch.device,
+) -> None:
+    """``work(chunks)`` here, or on a CPU shared out among ``torch.get_num_threads()`` workers.
+
+    ``work`` allocates its own workspaces and writes only the rows of the chunks it is given, so
+    workers never touch the same memory. A worker takes the next chunk when it is done with one
+    (a descheduled worker delays no one). Autograd and inference mode are thread-local: the
+    workers run under the caller's inference mode, without autograd (every op here is in place or
+    into workspaces, none is differentiated).
+    """
+    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
+    if workers <= 1:
+        work(chunks)
+        return
+    inference = torch.is_inference_mode_enabled()
+    lock = threading.Lock()
+    shared = iter(chunks)
+
+    def next_chunks() -> Iterator[_Item]:
+        while True:
+            with lock:
+                item = next(shared, None)
+            if item is None:
+                return
+            yield item
+
+    def worker() -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            work(next_chunks())
+
+    futures = [_worker_pool(workers).submit(worker) for _ in range(workers)]
+    for future in futures:
+        future.result()  # re-raises a worker's exception here
 
 
 def softcap_(
@@ -130,23 +202,26 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
         return RowOutputs(loss, nll, lse, entropy, correct)
 
     rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
-    log_probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
-    probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
     direct = logits3.dtype == compute and spec.softcap is None
     ignored, invalid, target_safe = spec.target_masks(target, vocab)
 
-    for row0, chunk in _row_chunks(logits3, rows_per_chunk):
-        rows = chunk.shape[0]
-        sl = slice(row0, row0 + rows)
-        if direct:
-            z = chunk
-        else:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
-            z = probs_buf[:rows].copy_(chunk)
-            if spec.softcap is not None:
-                softcap_(z, spec.softcap)
-        loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk(
-            z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
-        )
+    def work(chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
+        log_probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
+        probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
+        for row0, chunk in chunks:
+            rows = chunk.shape[0]
+            sl = slice(row0, row0 + rows)
+            if direct:
+                z = chunk
+            else:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
+                z = probs_buf[:rows].copy_(chunk)
+                if spec.softcap is not None:
+                    softcap_(z, spec.softcap)
+            loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk(
+                z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
+            )
+
+    _run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device)
 
     return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
 
@@ -209,8 +284,6 @@ def backward(
     softcap = spec.softcap
     # a gradient in the compute dtype is computed where it is stored; otherwise via a workspace
     staged = grad3.dtype != compute
-    work_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged or softcap else None
-    dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
 
     ignored, _, target_safe = spec.target_masks(target, vocab)
     g = grad_rows.to(compute).masked_fill(ignored, 0.0)
@@ -219,26 +292,35 @@ def backward(
     shift = lse.masked_fill(ignored, float("inf"))[:, None]
     target_safe = target_safe[:, None]
 
-    grad_chunks = _row_chunks(grad3, rows_per_chunk)
-    for (row0, chunk), (_, out) in zip(
-        _row_chunks(logits3, rows_per_chunk), grad_chunks, strict=True
-    ):
-        rows = chunk.shape[0]
-        sl = slice(row0, row0 + rows)
-        dest = work_buf[:rows] if staged else out
-        if softcap is not None:
-            z = work_buf[:rows].copy_(chunk)
-            dtanh = softcap_(z, softcap, dtanh_buf[:rows])
-        else:
-            z, dtanh = chunk, None
-        probs = torch.sub(z, shift[sl], out=dest).exp_()
-        probs_to_grad_(
-            probs,
-            target_safe[sl],
-            prob_scale[sl],
-            true_delta[sl],
-            None if uniform_delta is None else uniform_delta[sl],
-            dtanh,
+    def work(chunk_pairs: Iterable[tuple[tuple[int, torch.Tensor], torch.Tensor]]) -> None:
+        work_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged or softcap else None
+        dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
+        for (row0, chunk), out in chunk_pairs:
+            rows = chunk.shape[0]
+            sl = slice(row0, row0 + rows)
+            dest = work_buf[:rows] if staged else out
+            if softcap is not None:
+                z = work_buf[:rows].copy_(chunk)
+                dtanh = softcap_(z, softcap, dtanh_buf[:rows])
+            else:
+                z, dtanh = chunk, None
+            probs = torch.sub(z, shift[sl], out=dest).exp_()
+            probs_to_grad_(
+                probs,
+                target_safe[sl],
+                prob_scale[sl],
+                true_delta[sl],
+                None if uniform_delta is None else uniform_delta[sl],
+                dtanh,
+            )
+            if staged:
+                out.copy_(dest)
+
+    # each chunk of the logits with the chunk of the gradient its rows go to
+    chunk_pairs = [
+        (chunk, out)
+        for chunk, (_, out) in zip(
+            _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
         )
-        if staged:
-            out.copy_(dest)
+    ]
+    _run_chunks(work, chunk_pairs, device)
