@@ -591,3 +591,127 @@ def write_json(path: str, info: dict[str, str], results: Sequence[Result]) -> No
     }
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# contention: the same timing quiet and with busy-looping processes on the cores
+
+_BUSY_LOOP = "import os, time\nppid = os.getppid()\nwhile os.getppid() == ppid:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterable[list[subprocess.Popen]]:
+    """``count`` processes that busy-loop until the block is left (or this process dies: each
+    loop ends when its parent changes), stopped on any exit including Ctrl-C."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP]))
+        time.sleep(0.5 if count else 0.0)  # let them reach the scheduler's steady state
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def add_busy_options(parser: argparse.ArgumentParser) -> None:
+    """``--busy N`` and ``--rounds R``: time quiet and with N busy-looping processes."""
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time every group with N busy-looping background processes (started and "
+        "stopped by this script), quiet and busy alternating for --rounds rounds; prints "
+        "lossplug ÷ anchor ratios per round (worst and median) instead of the memory table",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --busy (default 3)")
+
+
+def contention_ratios(
+    group: GroupLike,
+    ctx: multiprocessing.context.BaseContext,
+    measure_times: Callable[[Any, int], dict[str, Any]],
+    pairs: dict[str, tuple[str, ...]],
+    busy: int,
+    rounds: int,
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """lossplug ÷ anchor time ratios of ``group``, quiet and with ``busy`` busy processes.
+
+    Each round times the group once quiet and once busy (each in a fresh child, calls
+    interleaved round-robin), so slow drifts in other load hit both alike. Returns
+    ``{(ours, anchor, n_busy): {"ratios": [...], "ours_ms": [...], "anchor_ms": [...],
+    "load": [...]}}``.
+    """
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for _ in range(max(1, rounds)):
+        for n_busy in (0, busy):
+            with busy_processes(n_busy):
+                timed = run_in_child(measure_times, group, ctx)
+                load = loadavg().split()[0]
+            medians = {impl: statistics.median(ts) for impl, ts in timed["times"].items() if ts}
+            for ours, anchors in pairs.items():
+                for anchor in anchors:
+                    if ours not in medians or anchor not in medians:
+                        continue
+                    row = out.setdefault(
+                        (ours, anchor, n_busy),
+                        {"ratios": [], "ours_ms": [], "anchor_ms": [], "load": []},
+                    )
+                    row["ratios"].append(medians[ours] / medians[anchor])
+                    row["ours_ms"].append(1e3 * medians[ours])
+                    row["anchor_ms"].append(1e3 * medians[anchor])
+                    row["load"].append(load)
+    return out
+
+
+def contention_table(label: str, ratios: dict[tuple[str, str, int], dict[str, Any]]) -> list[str]:
+    """Markdown rows: one per (lossplug impl, anchor, busy count) of :func:`contention_ratios`."""
+    rows = []
+    for (ours, anchor, n_busy), row in ratios.items():
+        ours_ms, anchor_ms = statistics.median(row["ours_ms"]), statistics.median(row["anchor_ms"])
+        rows.append(
+            [
+                label,
+                f"{ours} ÷ {anchor}",
+                str(n_busy),
+                f"{ours_ms:.0f} / {anchor_ms:.0f}",
+                f"{max(row['ratios']):.2f}x",
+                f"{statistics.median(row['ratios']):.2f}x",
+                ", ".join(row["load"]),
+            ]
+        )
+    return rows
+
+
+CONTENTION_HEAD = (
+    "group",
+    "pair",
+    "busy procs",
+    "median ms (ours / anchor)",
+    "worst ratio",
+    "median ratio",
+    "load (1 min) per round",
+)
+
+
+def run_contention(
+    groups: Sequence[GroupLike],
+    ctx: multiprocessing.context.BaseContext,
+    measure_times: Callable[[Any, int], dict[str, Any]],
+    pairs_of: Callable[[Any], dict[str, tuple[str, ...]]],
+    busy: int,
+    rounds: int,
+) -> str:
+    """The ``--busy`` report of a benchmark: ratios of every group quiet and busy, one table."""
+    table: list[list[str]] = []
+    for group in groups:
+        ratios = contention_ratios(group, ctx, measure_times, pairs_of(group), busy, rounds)
+        rows = contention_table(getattr(group, "label", ""), ratios)
+        for row in rows:
+            print("  " + " | ".join(row), flush=True)
+        table += rows
+    title = f"### Contention: quiet and with {busy} busy processes, {rounds} rounds"
+    return "\n".join(["", title, "", *markdown_table(CONTENTION_HEAD, table)])

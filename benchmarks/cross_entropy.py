@@ -40,11 +40,21 @@ from _harness import IGNORE
 PRELOAD = ["torch", "torch.nn.functional", "torchmetrics.text", "lossplug"]
 
 EVAL_IMPLS = ("lossplug", "torchmetrics", "F.cross_entropy")
-TRAIN_IMPLS = ("lossplug", "F.cross_entropy", "lossplug shift=True", "HF shift pattern")
+COMPILED = "torch.compile(F.cross_entropy)"
+TRAIN_IMPLS = (
+    "lossplug",
+    "F.cross_entropy",
+    COMPILED,
+    "lossplug shift=True",
+    "HF shift pattern",
+)
 # lossplug row -> the anchors it is compared with
 PAIRS = {
     "eval": {"lossplug": ("torchmetrics", "F.cross_entropy")},
-    "train": {"lossplug": ("F.cross_entropy",), "lossplug shift=True": ("HF shift pattern",)},
+    "train": {
+        "lossplug": ("F.cross_entropy", COMPILED),
+        "lossplug shift=True": ("HF shift pattern",),
+    },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,6 +97,7 @@ class Result(H.Result):
 
     grad_bytes: int | None = None
     grad_err: float | None = None
+    compile_s: float | None = None  # torch.compile's first call (tracing and code generation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +197,13 @@ def build_call(
             x = logits.float() if upcast else logits
             return F.cross_entropy(x.view(-1, vocab), target.view(-1))
 
+    elif case.impl == COMPILED:
+        compiled = torch.compile(F.cross_entropy)
+
+        def loss_fn() -> torch.Tensor:
+            x = logits.float() if upcast else logits
+            return compiled(x.view(-1, vocab), target.view(-1))
+
     elif case.impl == "HF shift pattern":
 
         def loss_fn() -> torch.Tensor:
@@ -220,6 +238,12 @@ def measure_memory(case: Case, parent_pid: int) -> Result:
         logits, target, labels = make_inputs(case.shape, DTYPES[case.dtype], case.seed)
         logits.requires_grad_(case.task == "train")
         call = build_call(case, logits, target, labels)
+        if case.impl == COMPILED:
+            # compile apart (its memory is the compiler's, not the loss's), then measure a call
+            t0 = time.perf_counter()
+            call()
+            result.compile_s = time.perf_counter() - t0
+            logits.grad = None
         # the cold call: nothing of it is cached anywhere yet
         result.ppl = float(H.cold_call(call, result))
 
@@ -256,6 +280,7 @@ def measure_times(group: Group, parent_pid: int) -> dict[str, Any]:
 def format_tables(results: list[Result]) -> str:
     """Markdown tables: each lossplug row, then its anchors with lossplug ÷ anchor ratios."""
     lines: list[str] = []
+    compile_notes: list[str] = []
     for task, title in (
         ("eval", "Perplexity / eval, forward only under torch.no_grad()"),
         ("train", "Training loss, forward + backward"),
@@ -289,7 +314,13 @@ def format_tables(results: list[Result]) -> str:
                 cells += [H.ratio(ours.median_s, res.median_s), H.ratio(ours.extra_bytes, extra)]
             cells.append(H.fmt(H.pct(res.background_cpu), ".0f") + "%")
             table.append(cells)
+            if res.compile_s is not None:
+                compile_notes.append(
+                    f"- {impl} {cells[0]} {dtype}: compiled in {res.compile_s:.1f} s"
+                )
         lines += ["", f"### {title}", "", *H.markdown_table(head, table)]
+    if compile_notes:
+        lines += ["", "Compile time (first call, not in the medians):", "", *compile_notes]
     return "\n".join(lines)
 
 
@@ -320,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-large", action="store_true", help="leave out the [8, 1024, 32000] training case"
     )
+    H.add_busy_options(parser)
     args = H.parse_common(parser, argv)
+    if args.busy > 0:
+        return contention_main(args)
 
     policy = H.load_policy(args)
     ctx = H.child_context(PRELOAD)
@@ -356,6 +390,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         H.write_json(args.json, info, results)
     return 1 if any(r.error for r in results) else 0
+
+
+def contention_main(args: argparse.Namespace) -> int:
+    """``--busy N``: lossplug ÷ anchor time ratios, quiet and with N busy processes."""
+    ctx = H.child_context(PRELOAD)
+    groups = plan(args)
+    method = (
+        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
+        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
+        f"per impl); ratio = median lossplug ÷ median anchor of one timing; no memory measured"
+    )
+    print(H.header("lossplug cross_entropy CPU contention", H.machine_info(), args.threads, method))
+    print(
+        H.run_contention(
+            groups, ctx, measure_times, lambda g: PAIRS[g.task], args.busy, args.rounds
+        )
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[in
 
 _Item = TypeVar("_Item")
 
+#: Fewest logits for which the chunks are shared out among threads (4 MiB of float32).
+_MIN_PARALLEL_ELEMENTS = 2**20
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -80,17 +83,20 @@ def _run_chunks(
     work: Callable[[Iterable[_Item]], None],
     chunks: list[_Item],
     device: torch.device,
+    n_elements: int,
 ) -> None:
-    """``work(chunks)`` here, or on a CPU shared out among ``torch.get_num_threads()`` workers.
+    """``work(chunks)`` here, or on a CPU shared out among ``torch.get_num_threads()`` threads.
 
     ``work`` allocates its own workspaces and writes only the rows of the chunks it is given, so
-    workers never touch the same memory. A worker takes the next chunk when it is done with one
-    (a descheduled worker delays no one). Autograd and inference mode are thread-local: the
-    workers run under the caller's inference mode, without autograd (every op here is in place or
-    into workspaces, none is differentiated).
+    threads never touch the same memory. Each thread takes the next chunk when it is done with
+    one, and the calling thread is one of them: a descheduled thread holds up at most the chunk
+    it has taken. Autograd and inference mode are thread-local: the pool's threads run under the
+    caller's inference mode, without autograd (every op here is in place or into workspaces,
+    none is differentiated). Inputs of under ``_MIN_PARALLEL_ELEMENTS`` logits stay in the
+    calling thread, where starting the others would cost more than it saves.
     """
-    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
-    if workers <= 1:
+    workers = min(torch.get_num_threads(), len(chunks))
+    if device.type != "cpu" or workers <= 1 or n_elements < _MIN_PARALLEL_ELEMENTS:
         work(chunks)
         return
     inference = torch.is_inference_mode_enabled()
@@ -105,13 +111,21 @@ def _run_chunks(
                 return
             yield item
 
-    def worker() -> None:
+    def helper() -> None:
         with torch.inference_mode(inference), torch.no_grad():
             work(next_chunks())
 
-    futures = [_worker_pool(workers).submit(worker) for _ in range(workers)]
-    for future in futures:
-        future.result()  # re-raises a worker's exception here
+    pool = _worker_pool(workers - 1)
+    futures = [pool.submit(helper) for _ in range(workers - 1)]
+    # the caller works single-threaded too, so that no two thread teams share the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work(next_chunks())
+    finally:
+        torch.set_num_threads(threads)
+        for future in futures:
+            future.result()  # waits for every helper; re-raises a helper's exception here
 
 
 def softcap_(
@@ -221,7 +235,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
                 z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
             )
 
-    _run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device)
+    _run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device, logits3.numel())
 
     return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
 
@@ -323,4 +337,4 @@ def backward(
             _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
         )
     ]
-    _run_chunks(work, chunk_pairs, device)
+    _run_chunks(work, chunk_pairs, device, logits3.numel())
