@@ -671,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the comparison, time F.linear_cross_entropy's explicit options "
         "against each other (the source of BEST_OPTIONS)",
     )
+    H.add_busy_options(parser)
     args = H.parse_common(parser, argv)
     if args.large_repeats < 1:
         parser.error("--large-repeats must be >= 1")
@@ -679,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # one inductor compile worker: no idle pool of processes beside the measured ones
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if args.busy > 0:
+        return contention_main(args)
     policy = H.load_policy(args)
     ctx = H.child_context(PRELOAD)
     info = H.machine_info()
@@ -730,6 +733,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         H.write_json(args.json, info, results)
     return 1 if any(r.error for r in results if r.case.impl != CCE) else 0
+
+
+def contention_main(args: argparse.Namespace) -> int:
+    """``--busy N``: lossplug ÷ each anchor's time, quiet and with N busy processes."""
+    ctx = H.child_context(PRELOAD)
+    method = (
+        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
+        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
+        f"per impl); ratio = median lossplug ÷ median anchor of one timing"
+    )
+    title = "lossplug linear_cross_entropy CPU contention"
+    print(H.header(title, H.machine_info(), args.threads, method), flush=True)
+
+    def pairs(group: Group) -> dict[str, tuple[str, ...]]:
+        timed = [i for i in group.impls if i not in group.untimed]
+        return {LOSSPLUG: tuple(i for i in timed if i != LOSSPLUG)}
+
+    with tempfile.TemporaryDirectory(prefix="lce-bench-") as ref_dir:
+        groups = plan(args, ref_dir)
+        print(H.run_contention(groups, ctx, measure_times, pairs, args.busy, args.rounds))
+    return 0
 
 
 if __name__ == "__main__":

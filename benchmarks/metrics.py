@@ -230,7 +230,10 @@ def plan(args: argparse.Namespace) -> list[Group]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     H.add_common_options(parser, repeats=11, only_example="4x512x32000 fp32")
+    H.add_busy_options(parser)
     args = H.parse_common(parser, argv)
+    if args.busy > 0:
+        return contention_main(args)
 
     policy = H.load_policy(args)
     ctx = H.child_context(PRELOAD)
@@ -262,6 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         H.write_json(args.json, info, results)
     return 1 if any(r.error for r in results) else 0
+
+
+def contention_main(args: argparse.Namespace) -> int:
+    """``--busy N``: lossplug ÷ torchmetrics time ratios, quiet and with N busy processes."""
+    ctx = H.child_context(PRELOAD)
+    method = (
+        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
+        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
+        f"per impl); ratio = median lossplug ÷ median torchmetrics of one timing"
+    )
+    print(H.header("lossplug Perplexity CPU contention", H.machine_info(), args.threads, method))
+    pairs = {"lossplug": ("torchmetrics",)}
+    print(H.run_contention(plan(args), ctx, measure_times, lambda g: pairs, args.busy, args.rounds))
+    return 0
 
 
 if __name__ == "__main__":
