@@ -79,7 +79,7 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _run_chunks(
+def run_chunks(
     work: Callable[[Iterable[_Item]], None],
     chunks: list[_Item],
     device: torch.device,
@@ -235,7 +235,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
                 z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
             )
 
-    _run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device, logits3.numel())
+    run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device, logits3.numel())
 
     return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
 
@@ -337,4 +337,4 @@ def backward(
             _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
         )
     ]
-    _run_chunks(work, chunk_pairs, device, logits3.numel())
+    run_chunks(work, chunk_pairs, device, logits3.numel())

@@ -16,6 +16,7 @@ backward. Per-token losses (``reduction="none"``) recompute the logits in the ba
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 
@@ -24,6 +25,7 @@ from lossplug.ops._torch.cross_entropy import (
     compute_dtype,
     grad_coefficients,
     probs_to_grad_,
+    run_chunks,
     score_chunk,
     softcap_,
 )
@@ -81,6 +83,42 @@ def _score_block(
         prob_scale, true_delta, uniform_delta = grad_coefficients(g, row_lse, spec, z.shape[1])
         probs_to_grad_(z, target[:, None], prob_scale, true_delta, uniform_delta, dtanh)
     return row_loss, row_nll, row_lse, row_entropy, row_correct
+
+
+def _score_blocks(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    g: torch.Tensor | None,
+    spec: LossSpec,
+    bias_z: torch.Tensor | None,
+    chunk_rows: list[torch.Tensor],
+    rows_per_block: int,
+) -> None:
+    """:func:`_score_block` over the chunk ``z`` a block of rows at a time, its row outputs
+    written into ``chunk_rows``; on a CPU the blocks are shared out among torch's threads (see
+    :func:`~lossplug.ops._torch.cross_entropy.run_chunks`), each with workspaces of its own."""
+    rows, vocab = z.shape
+    fp = dict(dtype=z.dtype, device=z.device)
+    with_dtanh = g is not None and spec.softcap is not None
+
+    def work(blocks: Iterable[tuple[int, int]]) -> None:
+        log_probs_buf = torch.empty(rows_per_block, vocab, **fp)
+        dtanh_buf = torch.empty(rows_per_block, vocab, **fp) if with_dtanh else None
+        for b0, b1 in blocks:
+            block_rows = _score_block(
+                z[b0:b1],
+                target[b0:b1],
+                None if g is None else g[b0:b1],
+                spec,
+                bias_z,
+                log_probs_buf[: b1 - b0],
+                None if dtanh_buf is None else dtanh_buf[: b1 - b0],
+            )
+            for out, value in zip(chunk_rows, block_rows, strict=True):
+                out[b0:b1] = value
+
+    blocks = [(b0, min(b0 + rows_per_block, rows)) for b0 in range(0, rows, rows_per_block)]
+    run_chunks(work, blocks, z.device, z.numel())
 
 
 def forward(
@@ -160,12 +198,6 @@ def _run(
     rows_per_chunk = _rows_per_chunk(vocab, n_active, compute.itemsize)
     rows_per_block = _rows_per_block(vocab, rows_per_chunk, compute.itemsize)
     logits_buf = torch.empty(rows_per_chunk, vocab, **fp)
-    log_probs_buf = torch.empty(rows_per_block, vocab, **fp)
-    dtanh_buf = (
-        torch.empty(rows_per_block, vocab, **fp)
-        if with_grads and spec.softcap is not None
-        else None
-    )
     bias_z = None if bias is None else bias.to(compute)
     direct = weight.dtype == compute
     if not direct:
@@ -196,19 +228,7 @@ def _run(
         chunk_rows.append(torch.empty(rows, dtype=torch.int32, device=device))
         # The element-wise work runs a few rows at a time, so its many passes hit the cache
         # while the matmuls get the whole chunk; it leaves the logits' gradient in place.
-        for b0 in range(0, rows, rows_per_block):
-            b1 = min(b0 + rows_per_block, rows)
-            block_rows = _score_block(
-                z[b0:b1],
-                y[b0:b1],
-                None if g is None else g[b0:b1],
-                spec,
-                bias_z,
-                log_probs_buf[: b1 - b0],
-                None if dtanh_buf is None else dtanh_buf[: b1 - b0],
-            )
-            for out, value in zip(chunk_rows, block_rows, strict=True):
-                out[b0:b1] = value
+        _score_blocks(z, y, g, spec, bias_z, chunk_rows, rows_per_block)
         for out, value in zip(_fields(outputs), chunk_rows, strict=True):
             if index is None:
                 out[start:stop] = value
