@@ -15,6 +15,7 @@ by one thread either way, so the results do not depend on the number of threads.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,18 @@ _MIN_PARALLEL_ELEMENTS = 2**20
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child: the pools' threads did not come along (a pool would wait for them
+    forever), and the lock may have been held by a thread that no longer exists."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
