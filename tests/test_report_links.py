@@ -297,8 +297,8 @@ def test_text_section(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert costs[0] == (
         "cost of improvement (kpi/cost/total from each KPI's first value to its best):"
     )
-    assert "kpi/pass_rate: $0.016 per +0.01 (0.125 @ 100 -> 0.75 @ 600, $1 spent)" in costs
-    assert "kpi/error_rate: $0.02286 per -0.01 (0.5 @ 100 -> 0.0625 @ 600, $1 spent)" in costs
+    assert "kpi/pass_rate: 0.016 per +0.01 (0.125 @ 100 -> 0.75 @ 600, 1 spent)" in costs
+    assert "kpi/error_rate: 0.02286 per -0.01 (0.5 @ 100 -> 0.0625 @ 600, 1 spent)" in costs
 
 
 def test_plot(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

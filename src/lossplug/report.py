@@ -83,8 +83,9 @@ Spearman rank correlation with ``val/perplexity`` and with every per-slice perpl
 :func:`cost_of_improvement` prices each KPI's progress with the run's cost, the running total
 that :class:`~lossplug.kpi.builtin.TrainingCost` logs as ``kpi/<name>/total`` (``kpi/cost/total``
 by default): the cost spent between the KPI's first value and its best one, divided by the
-improvement, shown per a round fraction of it (``kpi/pass_rate: $0.06 per +0.01``). The cost
-at a step where it was not logged is interpolated linearly between the steps around it.
+improvement, shown per a round fraction of it (``kpi/pass_rate: 0.06 per +0.01``, in the unit of
+the price the cost KPI was given). The cost at a step where it was not logged is interpolated
+linearly between the steps around it.
 """
 
 from __future__ import annotations
@@ -1243,9 +1244,9 @@ def _fmt_cost(item: CostOfImprovement) -> str:
         return f"n/a ({item.note})"
     sign = "+" if item.direction == "max" else "-"
     return (
-        f"${fmt_number(item.cost_per_unit)} per {sign}{item.unit:g} "
+        f"{fmt_number(item.cost_per_unit)} per {sign}{item.unit:g} "
         f"({_fmt_point(item.first)} -> {_fmt_point(item.best)}, "
-        f"${fmt_number(item.spent)} spent)"
+        f"{fmt_number(item.spent)} spent)"
     )
 
 
