@@ -1,14 +1,23 @@
 """Choose the backend of a fused op: Triton on CUDA when it imports and the cost model favours
-it, chunked PyTorch otherwise."""
+it, chunked PyTorch otherwise.
+
+The backends are modules; :class:`CrossEntropyBackend` and :class:`LinearCrossEntropyBackend`
+state what each provides, and :data:`BACKEND_MODULES` names them with plain imports, so that an
+editor's go-to-definition follows a call from the op into the code that runs.
+"""
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
-from types import ModuleType
+from collections.abc import Callable
+from typing import Literal, NamedTuple, Protocol, overload, runtime_checkable
 
 import torch
+
+from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._torch import cross_entropy as torch_cross_entropy
+from lossplug.ops._torch import linear_cross_entropy as torch_linear_cross_entropy
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -21,11 +30,108 @@ BACKENDS = ("auto", "torch", "triton")
 TORCH_ON_CUDA = frozenset({"linear_cross_entropy"})
 
 
+@runtime_checkable
+class CrossEntropyBackend(Protocol):
+    """What a cross-entropy backend module provides (``ops/_torch`` and ``ops/_triton``)."""
+
+    def forward(self, logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
+        """The per-row outputs of ``logits3 [outer, inner, V]`` (vocabulary stride 1) against
+        ``target [outer * inner]`` (int64)."""
+        ...
+
+    def backward(
+        self,
+        logits3: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_rows: torch.Tensor,
+        spec: LossSpec,
+        grad3: torch.Tensor,
+    ) -> None:
+        """Write the gradient of ``Σ grad_rows * loss_rows`` into ``grad3`` (``logits3``'s shape;
+        it may be ``logits3`` itself, for ``inplace_backward``)."""
+        ...
+
+
+@runtime_checkable
+class LinearCrossEntropyBackend(Protocol):
+    """What a linear cross-entropy backend module provides."""
+
+    #: whether ``forward`` can give the gradients of the summed loss (``needs`` not ``None``),
+    #: which then need only scaling in the backward
+    PRECOMPUTES_GRAD: bool
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        spec: LossSpec,
+        *,
+        needs: tuple[bool, bool, bool] | None,
+    ) -> tuple[RowOutputs, LinearGrads | None]:
+        """The per-row outputs of ``hidden [N, D] @ weight.T [D, V] + bias`` against ``target
+        [N]``, and the gradients (of hidden, weight, bias) of the summed loss where ``needs``
+        asks for them and the backend precomputes."""
+        ...
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_rows: torch.Tensor,
+        spec: LossSpec,
+        needs: tuple[bool, bool, bool],
+    ) -> LinearGrads:
+        """The gradients of ``Σ grad_rows * loss_rows`` that ``needs`` asks for."""
+        ...
+
+
+def _triton_cross_entropy() -> CrossEntropyBackend:
+    # imported when first chosen: Triton is optional, and its modules import it
+    from lossplug.ops._triton import cross_entropy as module
+
+    return module
+
+
+def _triton_linear_cross_entropy() -> LinearCrossEntropyBackend:
+    from lossplug.ops._triton import linear_cross_entropy as module
+
+    return module
+
+
+Backend = CrossEntropyBackend | LinearCrossEntropyBackend
+
+
+class OpBackends(NamedTuple):
+    """The backend modules of one op: PyTorch's, and a function that imports Triton's."""
+
+    torch_module: Backend
+    import_triton: Callable[[], Backend]
+
+
+#: Every op's backend modules, by the op's name.
+BACKEND_MODULES: dict[str, OpBackends] = {
+    "cross_entropy": OpBackends(
+        torch_module=torch_cross_entropy,
+        import_triton=_triton_cross_entropy,
+    ),
+    "linear_cross_entropy": OpBackends(
+        torch_module=torch_linear_cross_entropy,
+        import_triton=_triton_linear_cross_entropy,
+    ),
+}
+
+
 @functools.cache
 def triton_available() -> bool:
     """Whether Triton imports (it is an optional dependency on machines without a GPU)."""
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True
@@ -35,23 +141,38 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, op: str, tensor: torch.Tensor, name: str = "logits") -> ModuleType:
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`; a ``ValueError`` naming it otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@overload
+def resolve(
+    backend: str, op: Literal["cross_entropy"], tensor: torch.Tensor, name: str = ...
+) -> CrossEntropyBackend: ...
+@overload
+def resolve(
+    backend: str, op: Literal["linear_cross_entropy"], tensor: torch.Tensor, name: str = ...
+) -> LinearCrossEntropyBackend: ...
+def resolve(backend: str, op: str, tensor: torch.Tensor, name: str = "logits") -> Backend:
     """The module with ``forward``/``backward`` of ``op`` for ``backend`` and ``tensor``'s device.
 
     Args:
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        op: the op's module name, e.g. ``"cross_entropy"``.
+        op: the op's name, a key of :data:`BACKEND_MODULES`, e.g. ``"cross_entropy"``.
         tensor: the main input; its device and dtype (and ``op``) decide ``"auto"``.
         name: the argument ``tensor`` was passed as, for the error messages.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
+    modules = BACKEND_MODULES[op]
     if backend == "auto":
         # the kernels compute in float32: float64 asks for more, which only PyTorch gives
         triton_fits = tensor.is_cuda and tensor.dtype != torch.float64 and op not in TORCH_ON_CUDA
         backend = "triton" if triton_fits and triton_available() else "torch"
     if backend == "torch":
-        return importlib.import_module(f"lossplug.ops._torch.{op}")
+        return modules.torch_module
     if tensor.dtype == torch.float64:
         raise TypeError(
             f"backend='triton' computes in float32 and does not take float64 {name} "
@@ -65,4 +186,4 @@ def resolve(backend: str, op: str, tensor: torch.Tensor, name: str = "logits") -
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}); "
             "set TRITON_INTERPRET=1 before importing lossplug to run the kernels on the CPU"
         )
-    return importlib.import_module(f"lossplug.ops._triton.{op}")
+    return modules.import_triton()
