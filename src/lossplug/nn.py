@@ -7,30 +7,45 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lossplug.ops._dispatch import BACKENDS
-from lossplug.ops.cross_entropy import AllIgnored, Reduction, _validate_options, cross_entropy
-from lossplug.ops.linear_cross_entropy import linear_cross_entropy
+from lossplug.ops._dispatch import check_backend
+from lossplug.ops._spec import AllIgnored, LossSpec, Reduction
+from lossplug.ops.cross_entropy import _cross_entropy
+from lossplug.ops.linear_cross_entropy import _linear_cross_entropy
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["FusedCrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
 
 
-_OPTION_NAMES = (
-    "ignore_index",
-    "reduction",
-    "label_smoothing",
-    "z_loss",
-    "softcap",
-    "shift",
-    "backend",
-    "all_ignored",
-)
+def _spec_option(name: str) -> property:
+    """An attribute that reads ``spec.<name>``; setting it builds a new, validated spec."""
+
+    def get(self: _FusedLoss) -> Any:
+        return getattr(self.spec, name)
+
+    def set_(self: _FusedLoss, value: Any) -> None:
+        self.spec = self.spec.replace(**{name: value})
+
+    return property(get, set_, doc=f"``{name}`` of :func:`lossplug.cross_entropy`.")
 
 
 class _FusedLoss(nn.Module):
-    """The keywords the fused losses share, validated at construction, and ``last_stats``."""
+    """The keywords the fused losses share, validated at construction into :attr:`spec`, and
+    ``last_stats``.
 
+    The options stay attributes, as in ``torch.nn.CrossEntropyLoss`` (``criterion.ignore_index``
+    reads and sets them): each reads the spec, and setting one validates it into a new spec.
+    """
+
+    spec: LossSpec
     last_stats: TokenStats | None
+
+    ignore_index = _spec_option("ignore_index")
+    reduction = _spec_option("reduction")
+    label_smoothing = _spec_option("label_smoothing")
+    z_loss = _spec_option("z_loss")
+    softcap = _spec_option("softcap")
+    shift = _spec_option("shift")
+    all_ignored = _spec_option("all_ignored")
 
     def __init__(
         self,
@@ -46,8 +61,7 @@ class _FusedLoss(nn.Module):
     ) -> None:
         super().__init__()
         # fail at construction, not at the first batch
-        _validate_options(
-            torch.zeros(1, dtype=torch.long),
+        self.spec = LossSpec.validated(
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
@@ -56,21 +70,8 @@ class _FusedLoss(nn.Module):
             shift=shift,
             all_ignored=all_ignored,
         )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.shift = shift
-        self.backend = backend
-        self.all_ignored = all_ignored
+        self.backend = check_backend(backend)
         self.last_stats = None
-
-    def _op_options(self) -> dict[str, Any]:
-        """The op's keywords, read from the attributes (which may have been changed since)."""
-        return {name: getattr(self, name) for name in _OPTION_NAMES}
 
     def extra_repr(self) -> str:
         return (
@@ -126,12 +127,13 @@ class FusedCrossEntropyLoss(_FusedLoss):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss, stats = cross_entropy(
+        loss, stats = _cross_entropy(
             input,
             target,
+            self.spec,
             return_stats=True,
+            backend=self.backend,
             inplace_backward=self.inplace_backward,
-            **self._op_options(),
         )
         self.last_stats = stats
         return loss
@@ -164,8 +166,14 @@ class FusedLinearCrossEntropyLoss(_FusedLoss):
         target: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        loss, stats = linear_cross_entropy(
-            hidden, weight, target, bias=bias, return_stats=True, **self._op_options()
+        loss, stats = _linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            self.spec,
+            bias=bias,
+            return_stats=True,
+            backend=self.backend,
         )
         self.last_stats = stats
         return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -23,8 +24,9 @@ from lossplug.callbacks._accumulator import (
 )
 from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
 from lossplug.integrations.transformers import patched_models, pop_token_stats
-from lossplug.ops._dispatch import BACKENDS
-from lossplug.ops.cross_entropy import cross_entropy
+from lossplug.ops._dispatch import BACKENDS, check_backend
+from lossplug.ops._spec import LossSpec
+from lossplug.ops.cross_entropy import _cross_entropy
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["LossMonitor"]
@@ -135,21 +137,17 @@ class LossMonitor(*CALLBACK_BASES):
             raise ValueError(f"stages must name at least one of {_STAGES}, got {stages!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract must be callable(outputs, batch), got {extract!r}")
-        ignore_index = _as_int("ignore_index", ignore_index)
+        # the options of the logits/labels form; the monitor reads the sums, never the loss
+        spec = LossSpec.validated(
+            ignore_index=ignore_index, reduction="sum", softcap=softcap, shift=shift
+        )
         for name, flag in (
             ("prog_bar", prog_bar),
             ("log_epoch", log_epoch),
-            ("shift", shift),
             ("check_loss", check_loss),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if softcap is not None:
-            if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-                raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}")
-            if not (softcap > 0 and math.isfinite(softcap)):
-                raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-            softcap = float(softcap)
         if slice_by is not None and not callable(slice_by):
             if not isinstance(slice_by, str):
                 raise TypeError(
@@ -164,8 +162,7 @@ class LossMonitor(*CALLBACK_BASES):
             )
         if not isinstance(backend, str):
             raise TypeError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.log_every_n_steps = log_every_n_steps
         self.metrics = metrics
         self.train_prefix = train_prefix
@@ -174,7 +171,7 @@ class LossMonitor(*CALLBACK_BASES):
         self.log_epoch = log_epoch
         self.stages = stages
         self.extract = extract
-        self.op_kwargs = dict(ignore_index=ignore_index, shift=shift, softcap=softcap)
+        self.spec = spec
         self.backend = backend
         self.check_loss = check_loss
         self.slice_by = slice_by
@@ -193,6 +190,12 @@ class LossMonitor(*CALLBACK_BASES):
         self._patched: list[Any] | None = None  # models patched by patch_causal_lm, found lazily
         self._checks = {stage: LossCheck() for stage in _STAGES}
         self._windows_to_check = dict(_CHECKED_WINDOWS)
+
+    @property
+    def op_kwargs(self) -> dict[str, Any]:
+        """``ignore_index``, ``shift`` and ``softcap`` of the ``logits``/``labels`` form."""
+        spec = self.spec
+        return {"ignore_index": spec.ignore_index, "shift": spec.shift, "softcap": spec.softcap}
 
     # ----------------------------------------------------------------------------------- keys
     def keys(self, stage: str) -> list[str]:
@@ -487,20 +490,27 @@ class LossMonitor(*CALLBACK_BASES):
         loss_scale: float = 1.0,
         per_sequence: bool = False,
     ) -> TokenStats:
+        # per-token NLL only while checking: it gives the other shift convention for free
+        spec = self.spec if check is None else dataclasses.replace(self.spec, reduction="none")
         with torch.no_grad():
-            # per-token NLL only while checking: it gives the other shift convention for free
-            per_token, stats = cross_entropy(
+            per_token, stats = _cross_entropy(
                 logits.detach(),
                 labels,
-                reduction="sum" if check is None else "none",
+                spec,
                 return_stats=True,
                 backend=self.backend,
                 per_sequence_stats=per_sequence,
-                **self.op_kwargs,
             )
             if check is not None:
                 accumulated, loss = check
-                other = other_shift_nll(logits, labels, per_token, **self.op_kwargs)
+                other = other_shift_nll(
+                    logits,
+                    labels,
+                    per_token,
+                    shift=spec.shift,
+                    ignore_index=spec.ignore_index,
+                    softcap=spec.softcap,
+                )
                 accumulated.add(loss.detach() * loss_scale, stats.sum(), other)
         return stats
 
@@ -533,7 +543,7 @@ class LossMonitor(*CALLBACK_BASES):
     def _mismatch_message(self, result: LossComparison, stage: str) -> str:
         hook = "training_step" if stage == "train" else "validation_step"
         prefix = self.train_prefix if stage == "train" else self.val_prefix
-        shift, ignore_index = self.op_kwargs["shift"], self.op_kwargs["ignore_index"]
+        shift, ignore_index = self.spec.shift, self.spec.ignore_index
         gap = abs(result.loss - result.cross_entropy) / max(abs(result.loss), _LOSS_ATOL)
         message = (
             f"LossMonitor: the loss {hook} returned ({result.loss:.4f}, mean over "

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lossplug.ops.linear_cross_entropy import linear_cross_entropy
+from lossplug.ops._dispatch import check_backend
+from lossplug.ops._spec import LossSpec
+from lossplug.ops.linear_cross_entropy import _linear_cross_entropy
 from lossplug.ops.stats import TokenStats
 
 __all__ = [
@@ -47,15 +49,27 @@ _ATTR = "_lossplug_patch"
 class _Patch:
     """What a patched model keeps: the originals, the fused-loss options and the last stats.
 
+    ``spec`` holds the options given to :func:`patch_causal_lm`, validated; each call fills in
+    what the model's forward passes (``ignore_index``, the reduction, the shift).
+
     The patch and the forwards it installs are plain objects that reach the model and its output
     layer through attributes, never through closures, so that ``pickle`` (``ddp_spawn`` sends the
     model to its workers that way) and ``copy.deepcopy`` copy them with the model and point the
     copy's at the copy's own modules.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Linear, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Linear,
+        spec: LossSpec,
+        backend: str,
+        check_target: bool | None,
+    ) -> None:
         self.head = head
-        self.options = options
+        self.spec = spec
+        self.backend = backend
+        self.check_target = check_target
         self.had_loss_function = "_loss_function" in vars(model)
         self.original_loss_function = vars(model).get("_loss_function")
         # a forward already set on the instance (a wrapper of someone else's): run inside ours and
@@ -133,8 +147,9 @@ def patch_causal_lm(
         >>> out.logits is None, int(out.token_stats.tokens)
         (True, 16)
     """
-    if isinstance(backend, str) is False or backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    # every option is checked now, not at the first batch
+    check_backend(backend)
+    spec = LossSpec.validated(label_smoothing=label_smoothing, z_loss=z_loss)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, "get_base_model"):
@@ -160,22 +175,7 @@ def patch_causal_lm(
             f"patch_causal_lm needs the output layer to be a plain torch.nn.Linear, got "
             f"{type(head).__name__}; a LoRA or otherwise wrapped output layer is not supported"
         )
-    # fail now, not at the first batch
-    linear_cross_entropy(
-        torch.zeros(1, 1, 1),
-        torch.zeros(1, 1),
-        torch.zeros(1, 1, dtype=torch.long),
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        backend="torch",
-    )
-    options = dict(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        backend=backend,
-        check_target=check_target,
-    )
-    patch = _Patch(model, head, options)
+    patch = _Patch(model, head, spec, backend, check_target)
     setattr(model, _ATTR, patch)
     head.forward = _DeferringHeadForward(patch)
     model.loss_function = functools.partial(_fused_loss, patch)
@@ -323,18 +323,22 @@ def _fused_loss(
         )
     head = patch.head
     target = labels if shift_labels is None else shift_labels
-    loss, stats = linear_cross_entropy(
-        hidden,
-        head.weight,
-        target.to(hidden.device),
-        bias=head.bias,
+    spec = patch.spec.replace(
         ignore_index=ignore_index,
         reduction="mean" if num_items_in_batch is None else "sum",
         shift=shift_labels is None,
+    )
+    loss, stats = _linear_cross_entropy(
+        hidden,
+        head.weight,
+        target.to(hidden.device),
+        spec,
+        bias=head.bias,
         return_stats=True,
+        backend=patch.backend,
+        check_target=patch.check_target,
         # one sum per sequence costs nothing more and lets monitors split them by slice
         per_sequence_stats=target.dim() >= 1,
-        **patch.options,
     )
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):

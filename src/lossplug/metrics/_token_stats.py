@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from lossplug.ops._dispatch import BACKENDS
+from lossplug.ops._dispatch import check_backend
+from lossplug.ops._spec import LossSpec
 from lossplug.ops.cross_entropy import _cross_entropy
 from lossplug.ops.stats import TokenStats
 
@@ -21,23 +22,43 @@ _STATE_FIELDS = {
 }
 
 
+def _metric_spec(
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: float | None = None,
+    needs_predictions: bool = False,
+) -> LossSpec:
+    """The spec of a metric's forward-only pass: the options the metrics take, validated.
+
+    The loss itself is not read (a sum, no smoothing, no z-loss), and ``full_stats`` says
+    whether the argmax and entropy are (``needs_predictions``): the NLL alone is much cheaper on
+    the CPU.
+    """
+    return LossSpec.validated(
+        ignore_index=ignore_index,
+        reduction="sum",
+        softcap=softcap,
+        shift=shift,
+        full_stats=needs_predictions,
+    )
+
+
 def _token_stats_update(
     preds: torch.Tensor | TokenStats,
     target: torch.Tensor | None = None,
     *,
     mask: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    softcap: float | None = None,
-    backend: str = "auto",
-    needs_predictions: bool = False,
+    spec: LossSpec,
+    backend: str,
     per_sequence: bool = False,
 ) -> TokenStats:
     """The :class:`~lossplug.TokenStats` of one update, from whichever form the caller has.
 
-    Forms: ``(logits, target)`` runs the fused op forward-only (no autograd graph kept);
-    ``(stats,)`` takes a ``TokenStats`` already computed by the training loss; ``(losses, mask)``
-    takes per-token negative log-likelihoods and a bool mask of the scored tokens.
+    Forms: ``(logits, target)`` runs the fused op forward-only with ``spec`` (no autograd graph
+    kept); ``(stats,)`` takes a ``TokenStats`` already computed by the training loss;
+    ``(losses, mask)`` takes per-token negative log-likelihoods and a bool mask of the scored
+    tokens, which carry no predictions (refused when ``spec.full_stats`` asks for them).
     ``per_sequence`` asks for one sum per sequence (the last axis of the target), as
     ``per_sequence_stats`` in the ops; a ``TokenStats`` is then returned as given.
     """
@@ -53,7 +74,7 @@ def _token_stats_update(
     if mask is not None or (target is not None and target.dtype == torch.bool):
         if mask is not None and target is not None:
             raise ValueError("pass either target (with logits) or mask (with losses), not both")
-        if needs_predictions:
+        if spec.full_stats:
             raise ValueError(
                 "per-token losses carry no predictions: this metric needs update(logits, target) "
                 "or update(stats)"
@@ -67,19 +88,9 @@ def _token_stats_update(
         _, stats = _cross_entropy(
             preds.detach(),
             target,
-            ignore_index=ignore_index,
-            reduction="sum",
-            label_smoothing=0.0,
-            z_loss=0.0,
-            softcap=softcap,
-            shift=shift,
+            spec,
             return_stats=True,
             backend=backend,
-            inplace_backward=False,
-            all_ignored="zero",
-            check_target=None,
-            # the NLL alone is much cheaper on the CPU; argmax and entropy only when used
-            full_stats=needs_predictions,
             per_sequence_stats=per_sequence,
         )
     return stats
@@ -113,21 +124,13 @@ def _stats_from_losses(
     )
 
 
-def _state_suffix(
-    ignore_index: int, shift: bool, softcap: float | None, needs_predictions: bool
-) -> str:
+def _state_suffix(spec: LossSpec) -> str:
     # Metrics whose configuration changes the sums get different state names, so that a
     # MetricCollection never puts them in one compute group; equal configurations share states.
     # NLL-only metrics (perplexity, cross-entropy) leave the accuracy and entropy sums empty, so
-    # they never share states with the metrics that read those.
-    key = repr(
-        (
-            int(ignore_index),
-            bool(shift),
-            None if softcap is None else float(softcap),
-            bool(needs_predictions),
-        )
-    )
+    # they never share states with the metrics that read those. The key is that of the first
+    # releases: the state names are in saved checkpoints.
+    key = repr((spec.ignore_index, spec.shift, spec.softcap, spec.full_stats))
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
@@ -148,23 +151,14 @@ class _TokenStatsMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if not isinstance(shift, bool):
-            raise TypeError(f"shift must be a bool, got {shift!r}")
-        if softcap is not None and (
-            isinstance(softcap, bool)
-            or not isinstance(softcap, (int, float))
-            or not 0 < softcap < float("inf")
-        ):
-            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.ignore_index = ignore_index
-        self.shift = shift
-        self.softcap = softcap
-        self.backend = backend
-        self._suffix = _state_suffix(ignore_index, shift, softcap, self._needs_predictions)
+        self.spec = _metric_spec(
+            ignore_index=ignore_index,
+            shift=shift,
+            softcap=softcap,
+            needs_predictions=self._needs_predictions,
+        )
+        self.backend = check_backend(backend)
+        self._suffix = _state_suffix(self.spec)
         self._warned_empty = False
         for field, dtype in _STATE_FIELDS.items():
             self.add_state(
@@ -173,6 +167,21 @@ class _TokenStatsMetric(Metric):
                 dist_reduce_fx="sum",
                 persistent=True,
             )
+
+    @property
+    def ignore_index(self) -> int:
+        """The target value that is not scored."""
+        return self.spec.ignore_index
+
+    @property
+    def shift(self) -> bool:
+        """Whether position ``t`` is scored against ``target[..., t + 1]``."""
+        return self.spec.shift
+
+    @property
+    def softcap(self) -> float | None:
+        """The soft-cap applied to the logits before the softmax (``None``: none)."""
+        return self.spec.softcap
 
     def _state_name(self, field: str) -> str:
         return f"{field}_{self._suffix}"
@@ -190,16 +199,7 @@ class _TokenStatsMetric(Metric):
         path; ``backend="auto"`` picks it, ``"triton"`` refuses float64). The states stay the
         float64/int64 sums of :class:`~lossplug.TokenStats` whatever the dtype.
         """
-        stats = _token_stats_update(
-            preds,
-            target,
-            mask=mask,
-            ignore_index=self.ignore_index,
-            shift=self.shift,
-            softcap=self.softcap,
-            backend=self.backend,
-            needs_predictions=self._needs_predictions,
-        )
+        stats = _token_stats_update(preds, target, mask=mask, spec=self.spec, backend=self.backend)
         for field in _STATE_FIELDS:
             name = self._state_name(field)
             setattr(self, name, getattr(self, name) + getattr(stats, field).to(self.device))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import _metric_spec, _token_stats_update, _TokenStatsMetric
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["CrossEntropy", "cross_entropy"]
@@ -40,16 +40,9 @@ def cross_entropy(
         >>> round(float(cross_entropy(logits, torch.tensor([0, 0]))), 4)
         1.1269
     """
+    spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap)
     return _cross_entropy_compute(
-        _cross_entropy_update(
-            preds,
-            target,
-            mask=mask,
-            ignore_index=ignore_index,
-            shift=shift,
-            softcap=softcap,
-            backend=backend,
-        )
+        _cross_entropy_update(preds, target, mask=mask, spec=spec, backend=backend)
     )
 
 

@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from lossplug.metrics._token_stats import _STATE_FIELDS, _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import (
+    _STATE_FIELDS,
+    _metric_spec,
+    _token_stats_update,
+    _TokenStatsMetric,
+)
 from lossplug.metrics.cross_entropy import _cross_entropy_compute
 from lossplug.metrics.perplexity import _perplexity_compute
 from lossplug.metrics.predictive_entropy import _predictive_entropy_compute
@@ -45,15 +50,10 @@ def language_model_metrics(
         >>> round(float(values["perplexity"]), 6), int(values["tokens"])
         (2.0, 3)
     """
-    stats = _token_stats_update(
-        preds,
-        target,
-        ignore_index=ignore_index,
-        shift=shift,
-        softcap=softcap,
-        backend=backend,
-        needs_predictions=True,
+    spec = _metric_spec(
+        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
     )
+    stats = _token_stats_update(preds, target, spec=spec, backend=backend)
     return _language_model_metrics_compute(stats)
 
 
@@ -131,15 +131,7 @@ class LanguageModelMetrics(_TokenStatsMetric):
             super().update(preds, target, mask=mask)
             return
         stats = _token_stats_update(
-            preds,
-            target,
-            mask=mask,
-            ignore_index=self.ignore_index,
-            shift=self.shift,
-            softcap=self.softcap,
-            backend=self.backend,
-            needs_predictions=True,
-            per_sequence=True,
+            preds, target, mask=mask, spec=self.spec, backend=self.backend, per_sequence=True
         )
         if stats.shape == ():
             raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import _metric_spec, _token_stats_update, _TokenStatsMetric
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["Perplexity", "perplexity"]
@@ -43,16 +43,9 @@ def perplexity(
         >>> round(float(perplexity(uniform, torch.tensor([0, 1, 2]))), 6)
         4.0
     """
+    spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap)
     return _perplexity_compute(
-        _perplexity_update(
-            preds,
-            target,
-            mask=mask,
-            ignore_index=ignore_index,
-            shift=shift,
-            softcap=softcap,
-            backend=backend,
-        )
+        _perplexity_update(preds, target, mask=mask, spec=spec, backend=backend)
     )
 
 

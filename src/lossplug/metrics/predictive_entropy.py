@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import _metric_spec, _token_stats_update, _TokenStatsMetric
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["PredictiveEntropy", "predictive_entropy"]
@@ -13,7 +13,7 @@ __all__ = ["PredictiveEntropy", "predictive_entropy"]
 def _predictive_entropy_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
 ) -> TokenStats:
-    return _token_stats_update(preds, target, needs_predictions=True, **kwargs)
+    return _token_stats_update(preds, target, **kwargs)
 
 
 def _predictive_entropy_compute(stats: TokenStats) -> torch.Tensor:
@@ -39,10 +39,11 @@ def predictive_entropy(
         >>> round(float(predictive_entropy(uniform, torch.tensor([0, 3]))), 6)  # log 4
         1.386294
     """
+    spec = _metric_spec(
+        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
+    )
     return _predictive_entropy_compute(
-        _predictive_entropy_update(
-            preds, target, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend
-        )
+        _predictive_entropy_update(preds, target, spec=spec, backend=backend)
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lossplug.metrics._token_stats import _token_stats_update, _TokenStatsMetric
+from lossplug.metrics._token_stats import _metric_spec, _token_stats_update, _TokenStatsMetric
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["TokenAccuracy", "token_accuracy"]
@@ -13,7 +13,7 @@ __all__ = ["TokenAccuracy", "token_accuracy"]
 def _token_accuracy_update(
     preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
 ) -> TokenStats:
-    return _token_stats_update(preds, target, needs_predictions=True, **kwargs)
+    return _token_stats_update(preds, target, **kwargs)
 
 
 def _token_accuracy_compute(stats: TokenStats) -> torch.Tensor:
@@ -39,10 +39,11 @@ def token_accuracy(
         >>> float(token_accuracy(logits, torch.tensor([0, 0, -100])))
         0.5
     """
+    spec = _metric_spec(
+        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
+    )
     return _token_accuracy_compute(
-        _token_accuracy_update(
-            preds, target, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend
-        )
+        _token_accuracy_update(preds, target, spec=spec, backend=backend)
     )
 
 

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import ModuleType
 from typing import Literal
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
-from lossplug.ops._spec import LossSpec, RowOutputs
+from lossplug.ops._dispatch import CrossEntropyBackend
+from lossplug.ops._spec import AllIgnored, LossSpec, Reduction, RowOutputs
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["cross_entropy"]
 
-Reduction = Literal["mean", "sum", "none"]
-AllIgnored = Literal["zero", "nan"]
-_REDUCTIONS = ("mean", "sum", "none")
-_ALL_IGNORED = ("zero", "nan")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -96,21 +92,23 @@ def cross_entropy(
         >>> bool(torch.isclose(stats.perplexity, loss.double().exp()))
         True
     """
-    return _cross_entropy(
-        logits,
-        target,
+    spec = LossSpec.validated(
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
         shift=shift,
+        all_ignored=all_ignored,
+    )
+    return _cross_entropy(
+        logits,
+        target,
+        spec,
         return_stats=return_stats,
         backend=backend,
         inplace_backward=inplace_backward,
-        all_ignored=all_ignored,
         check_target=check_target,
-        full_stats=True,
         per_sequence_stats=per_sequence_stats,
     )
 
@@ -118,45 +116,31 @@ def cross_entropy(
 def _cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
+    spec: LossSpec,
     *,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    shift: bool,
     return_stats: bool,
     backend: str,
-    inplace_backward: bool,
-    all_ignored: str,
-    check_target: bool | None,
-    full_stats: bool,
+    inplace_backward: bool = False,
+    check_target: bool | None = None,
     per_sequence_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
-    """:func:`cross_entropy`, and with ``full_stats=False`` the NLL-only statistics."""
+    """:func:`cross_entropy` with its options in ``spec`` (validated by the caller);
+    ``spec.full_stats=False`` gives the NLL-only statistics (the metrics' cheaper pass)."""
     _check_per_sequence(per_sequence_stats, target)
-    spec = _validate(
-        logits,
-        target,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        shift=shift,
-        all_ignored=all_ignored,
-    )
-    # no statistics wanted, none computed: the argmax and entropy cost as much as the rest on
-    # the CPU (on a GPU they are free)
-    spec = dataclasses.replace(spec, full_stats=full_stats and return_stats)
-    loss_shape = _loss_shape(target, shift)
+    _check_logits_and_target(logits, target)
+    _check_shift(spec, target)
+    if spec.full_stats and not return_stats:
+        # no statistics wanted, none computed: the argmax and entropy cost as much as the rest
+        # on the CPU (on a GPU they are free)
+        spec = dataclasses.replace(spec, full_stats=False)
+    loss_shape = _loss_shape(target, spec.shift)
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
-    if shift:
-        target = _shift_left(target, ignore_index)
+    if spec.shift:
+        target = _shift_left(target, spec.ignore_index)
     vocab = logits.shape[-1]
     if check_target or (check_target is None and target.device.type == "cpu"):
-        _check_target_values(target, vocab, ignore_index, shifted=shift)
+        _check_target_values(target, vocab, spec.ignore_index, shifted=spec.shift)
 
     impl = _dispatch.resolve(backend, "cross_entropy", logits, "logits")
     logits3 = _as_rows(logits)
@@ -169,29 +153,28 @@ def _cross_entropy(
     else:
         rows = impl.forward(logits3.detach(), target_rows, spec)
 
-    tokens = (target_rows != ignore_index).sum()
-    loss = _reduce(rows.loss, tokens, reduction, all_ignored)
-    if reduction == "none":
-        loss = _unshift(loss, target.shape, shift, loss_shape)
+    tokens = (target_rows != spec.ignore_index).sum()
+    loss = _reduce(rows.loss, tokens, spec)
+    if spec.reduction == "none":
+        loss = _unshift(loss, target.shape, spec.shift, loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
 
 
-def _reduce(
-    loss_rows: torch.Tensor, tokens: torch.Tensor, reduction: str, all_ignored: str
-) -> torch.Tensor:
-    """The loss of a reduction in the rows' dtype (sums in float64); ``"none"`` returns the rows.
+def _reduce(loss_rows: torch.Tensor, tokens: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The loss of ``spec.reduction`` in the rows' dtype (sums in float64); ``"none"`` returns
+    the rows.
 
     The rows are float32 for every input dtype except float64, so the loss is float32 or float64
     as ``torch.nn.functional.cross_entropy`` would give.
     """
-    if reduction == "none":
+    if spec.reduction == "none":
         return loss_rows
     total = loss_rows.sum(dtype=torch.float64)
-    if reduction == "sum":
+    if spec.reduction == "sum":
         return total.to(loss_rows.dtype)
-    denominator = tokens.clamp(min=1) if all_ignored == "zero" else tokens
+    denominator = tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
     return (total / denominator).to(loss_rows.dtype)
 
 
@@ -248,7 +231,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """Per-row loss with a gradient; the statistics ride along as non-differentiable outputs."""
 
     @staticmethod
-    def forward(ctx, logits3, target_rows, spec: LossSpec, impl: ModuleType, inplace: bool):
+    def forward(
+        ctx, logits3, target_rows, spec: LossSpec, impl: CrossEntropyBackend, inplace: bool
+    ):
         rows = impl.forward(logits3, target_rows, spec)
         ctx.save_for_backward(logits3, target_rows, rows.lse)
         ctx.spec, ctx.impl, ctx.inplace = spec, impl, inplace
@@ -303,18 +288,8 @@ def _shift_left(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([target[..., 1:], pad], dim=-1)
 
 
-def _validate(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    shift: bool,
-    all_ignored: str,
-) -> LossSpec:
+def _check_logits_and_target(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """The tensors of :func:`cross_entropy`: types, dtypes, shapes and device."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -344,59 +319,15 @@ def _validate(
         raise ValueError(
             f"target is on {target.device} but logits are on {logits.device}: use one device"
         )
-    return _validate_options(
-        target,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        shift=shift,
-        all_ignored=all_ignored,
-    )
 
 
-def _validate_options(
-    target: torch.Tensor,
-    *,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    shift: bool,
-    all_ignored: str,
-) -> LossSpec:
-    """Check the keywords every fused loss shares (the tensors are checked by each op)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if all_ignored not in _ALL_IGNORED:
-        raise ValueError(f"all_ignored must be one of {_ALL_IGNORED}, got {all_ignored!r}")
-    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not _is_real(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and (
-        not _is_real(softcap) or not (softcap > 0.0 and math.isfinite(softcap))
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if shift and target.dim() < 1:
+def _check_shift(spec: LossSpec, target: torch.Tensor) -> None:
+    """The one check of the options that needs the target: ``shift=True`` needs a sequence axis."""
+    if spec.shift and target.dim() < 1:
         raise ValueError(
             f"shift=True needs a sequence axis: target must have at least one dimension, "
             f"got shape {tuple(target.shape)}"
         )
-    return LossSpec(
-        ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-    )
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _check_target_values(

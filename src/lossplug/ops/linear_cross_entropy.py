@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 from typing import Literal
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
-from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._dispatch import LinearCrossEntropyBackend
+from lossplug.ops._spec import AllIgnored, LinearGrads, LossSpec, Reduction, RowOutputs
 from lossplug.ops.cross_entropy import (
     _FLOAT_DTYPES,
-    AllIgnored,
-    Reduction,
     _check_per_sequence,
+    _check_shift,
     _check_target_values,
     _loss_shape,
     _reduce,
     _row_stats,
     _shift_left,
     _unshift,
-    _validate_options,
 )
 from lossplug.ops.stats import TokenStats
 
@@ -103,11 +101,7 @@ def linear_cross_entropy(
         >>> bool(torch.allclose(loss, reference))
         True
     """
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_tensors(hidden, weight, target, bias)
-    _check_per_sequence(per_sequence_stats, target)
-    spec = _validate_options(
-        target,
+    spec = LossSpec.validated(
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
@@ -116,29 +110,58 @@ def linear_cross_entropy(
         shift=shift,
         all_ignored=all_ignored,
     )
-    # as in cross_entropy: no statistics wanted, no argmax or entropy computed
-    spec = dataclasses.replace(spec, full_stats=return_stats)
-    loss_shape = _loss_shape(target, shift)
-    if shift:
-        target = _shift_left(target, ignore_index)
+    return _linear_cross_entropy(
+        hidden,
+        weight,
+        target,
+        spec,
+        bias=bias,
+        return_stats=return_stats,
+        backend=backend,
+        check_target=check_target,
+        per_sequence_stats=per_sequence_stats,
+    )
+
+
+def _linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    spec: LossSpec,
+    *,
+    bias: torch.Tensor | None,
+    return_stats: bool,
+    backend: str,
+    check_target: bool | None = None,
+    per_sequence_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """:func:`linear_cross_entropy` with its options in ``spec`` (validated by the caller)."""
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    _check_tensors(hidden, weight, target, bias)
+    _check_per_sequence(per_sequence_stats, target)
+    _check_shift(spec, target)
+    if spec.full_stats and not return_stats:
+        # as in cross_entropy: no statistics wanted, no argmax or entropy computed
+        spec = dataclasses.replace(spec, full_stats=False)
+    loss_shape = _loss_shape(target, spec.shift)
+    if spec.shift:
+        target = _shift_left(target, spec.ignore_index)
     vocab, dim = weight.shape
     if check_target or (check_target is None and target.device.type == "cpu"):
         _check_target_values(
-            target, vocab, ignore_index, shifted=shift, vocab_from="weight.shape[0]"
+            target, vocab, spec.ignore_index, shifted=spec.shift, vocab_from="weight.shape[0]"
         )
 
     impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden, "hidden")
     # the row count is given, not inferred (-1): with D = 0 there would be nothing to infer from
     hidden2 = hidden.reshape(target.numel(), dim)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
-    tokens = (target_rows != ignore_index).sum()
+    tokens = (target_rows != spec.ignore_index).sum()
     # the backends choose their own precisions; autocast would reroute their matmuls
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, rows = _loss_and_rows(
-            hidden2, weight, bias, target_rows, tokens, spec, impl, reduction, all_ignored
-        )
-    if reduction == "none":
-        loss = _unshift(loss, target.shape, shift, loss_shape)
+        loss, rows = _loss_and_rows(hidden2, weight, bias, target_rows, tokens, spec, impl)
+    if spec.reduction == "none":
+        loss = _unshift(loss, target.shape, spec.shift, loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
@@ -151,21 +174,19 @@ def _loss_and_rows(
     target_rows: torch.Tensor,
     tokens: torch.Tensor,
     spec: LossSpec,
-    impl: ModuleType,
-    reduction: str,
-    all_ignored: str,
+    impl: LinearCrossEntropyBackend,
 ) -> tuple[torch.Tensor, RowOutputs]:
     """The (reduced) loss, with a gradient when one is wanted, and the per-row outputs."""
     differentiable = any(t is not None and t.requires_grad for t in (hidden2, weight, bias))
     if torch.is_grad_enabled() and differentiable:
         loss, *row_stats = _FusedLinearCrossEntropy.apply(
-            hidden2, weight, bias, target_rows, tokens, spec, impl, reduction, all_ignored
+            hidden2, weight, bias, target_rows, tokens, spec, impl
         )
         # only the statistics are read from the rows; their loss field is not per row here
         return loss, RowOutputs(loss, *row_stats)
     detached = [None if t is None else t.detach() for t in (hidden2, weight, bias)]
     rows, _ = impl.forward(*detached, target_rows, spec, needs=None)
-    return _reduce(rows.loss, tokens, reduction, all_ignored), rows
+    return _reduce(rows.loss, tokens, spec), rows
 
 
 def _autocast_inputs(
@@ -203,18 +224,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         target_rows: torch.Tensor,
         tokens: torch.Tensor,
         spec: LossSpec,
-        impl: ModuleType,
-        reduction: str,
-        all_ignored: str,
+        impl: LinearCrossEntropyBackend,
     ):
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
-        precompute = reduction != "none" and impl.PRECOMPUTES_GRAD
+        precompute = spec.reduction != "none" and impl.PRECOMPUTES_GRAD
         rows, grads = impl.forward(
             hidden2, weight, bias, target_rows, spec, needs=needs if precompute else None
         )
-        loss = _reduce(rows.loss, tokens, reduction, all_ignored)
+        loss = _reduce(rows.loss, tokens, spec)
         ctx.save_for_backward(hidden2, weight, bias, target_rows, rows.lse, tokens)
-        ctx.spec, ctx.impl, ctx.reduction, ctx.needs = spec, impl, reduction, needs
+        ctx.spec, ctx.impl, ctx.needs = spec, impl, needs
         ctx.precomputed = grads
         ctx.mark_non_differentiable(rows.nll, rows.lse, rows.entropy, rows.correct)
         return loss, rows.nll, rows.lse, rows.entropy, rows.correct
@@ -225,7 +244,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden2, weight, bias, target_rows, lse, tokens = ctx.saved_tensors
         # float32 arithmetic, float64 for float64 inputs (their rows and gradients are float64)
         grad_loss = grad_loss.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        if ctx.reduction == "mean":
+        if ctx.spec.reduction == "mean":
             # the gradient is 0 when nothing is scored, whatever all_ignored made of the loss
             grad_loss = grad_loss / tokens.clamp(min=1)
         grads: LinearGrads | None = ctx.precomputed
@@ -241,8 +260,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             _cast(grads.hidden, hidden2),
             _cast(grads.weight, weight),
             _cast(grads.bias, bias),
-            None,
-            None,
             None,
             None,
             None,
