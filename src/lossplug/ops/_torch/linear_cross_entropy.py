@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -162,98 +163,186 @@ def _run(
     grad_rows: torch.Tensor | None,
     needs: tuple[bool, bool, bool] | None,
 ) -> tuple[RowOutputs, LinearGrads | None]:
-    n_rows, dim = hidden.shape
+    """The row outputs of ``hidden [N, D] @ weight.T [D, V] (+ bias)`` and, when ``needs`` asks,
+    the gradients of ``Σ grad_rows * loss_rows`` (``grad_rows`` ``None``: all ones).
+
+    A chunk of active rows at a time: its logits by one matmul (:func:`_chunk_logits`), scored
+    and turned into their gradient in place a block of rows at a time (:func:`_score_blocks`),
+    then multiplied back out into the gradients (:func:`_accumulate_grads`).
+    """
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
-    device = hidden.device
     compute = compute_dtype(weight.dtype)
-    fp = dict(dtype=compute, device=device)
+    fp = dict(dtype=compute, device=hidden.device)
     outputs = RowOutputs(
         loss=torch.zeros(n_rows, **fp),
         nll=torch.zeros(n_rows, **fp),
         lse=torch.zeros(n_rows, **fp),
         entropy=torch.zeros(n_rows, **fp),
-        correct=torch.zeros(n_rows, dtype=torch.int32, device=device),
+        correct=torch.zeros(n_rows, dtype=torch.int32, device=hidden.device),
     )
-    want_h, want_w, want_b = needs if needs is not None else (False, False, False)
-    want_b = want_b and bias is not None
-    grad_h = torch.zeros_like(hidden) if want_h else None
-    grad_w = torch.zeros(vocab, dim, **fp) if want_w else None
-    grad_b = torch.zeros(vocab, **fp) if want_b else None
-    with_grads = want_h or want_w or want_b
-
+    grads = _zero_grads(hidden, weight, bias, needs, compute)
     ignored, invalid, target_safe = spec.target_masks(target, vocab)
-    # Ignored tokens never reach a matmul. Finding them costs a host sync, free on the CPU; on
-    # other devices they are computed and zeroed instead, so the path stays sync-free there.
-    if device.type == "cpu":
-        active = torch.nonzero(~ignored).squeeze(1)
-        if active.numel() == n_rows:
-            active = None
-    else:
-        active = None
+    active = _active_rows(ignored)
     n_active = n_rows if active is None else active.numel()
-    grads = LinearGrads(grad_h, grad_w, grad_b) if with_grads else None
     if n_active == 0 or n_rows == 0:
         return outputs, grads
 
-    rows_per_chunk = _rows_per_chunk(vocab, n_active, compute.itemsize)
-    rows_per_block = _rows_per_block(vocab, rows_per_chunk, compute.itemsize)
-    logits_buf = torch.empty(rows_per_chunk, vocab, **fp)
+    work = _Workspace.allocate(weight, n_active, compute)
     bias_z = None if bias is None else bias.to(compute)
-    direct = weight.dtype == compute
-    if not direct:
-        lowp_buf = torch.empty(rows_per_chunk, vocab, dtype=weight.dtype, device=device)
-        slice_rows = max(1, min(vocab, SLICE_BYTES // (weight.element_size() * dim)))
-        slice_buf = torch.empty(slice_rows, dim, dtype=weight.dtype, device=device)
-    if with_grads:
+    g_rows = None
+    if grads is not None:  # the weight of each row's loss; 0 at ignored rows
         g_rows = (
             torch.ones(n_rows, **fp) if grad_rows is None else grad_rows.to(compute)
         ).masked_fill(ignored, 0.0)
 
-    for start in range(0, n_active, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_active)
-        rows = stop - start
-        index = None if active is None else active[start:stop]
-        h = hidden[start:stop] if index is None else hidden.index_select(0, index)
-        y = target_safe[start:stop] if index is None else target_safe.index_select(0, index)
-        g = None
-        if with_grads:
-            g = g_rows[start:stop] if index is None else g_rows.index_select(0, index)
-
-        z = logits_buf[:rows]
-        if direct:
-            torch.mm(h, weight.t(), out=z)
-        else:  # the matmul in the input dtype (as the model's own head), scored in float32
-            z.copy_(torch.mm(h, weight.t(), out=lowp_buf[:rows]))
-        chunk_rows = [torch.empty(rows, **fp) for _ in range(4)]
-        chunk_rows.append(torch.empty(rows, dtype=torch.int32, device=device))
+    for start in range(0, n_active, work.rows_per_chunk):
+        stop = min(start + work.rows_per_chunk, n_active)
+        chunk = _ChunkRows(start, stop, None if active is None else active[start:stop])
+        h = chunk.take(hidden)
+        y = chunk.take(target_safe)
+        g = None if g_rows is None else chunk.take(g_rows)
+        z = _chunk_logits(h, weight, work)
+        chunk_rows = [torch.empty(chunk.count, **fp) for _ in range(4)]
+        chunk_rows.append(torch.empty(chunk.count, dtype=torch.int32, device=hidden.device))
         # The element-wise work runs a few rows at a time, so its many passes hit the cache
         # while the matmuls get the whole chunk; it leaves the logits' gradient in place.
-        _score_blocks(z, y, g, spec, bias_z, chunk_rows, rows_per_block)
+        _score_blocks(z, y, g, spec, bias_z, chunk_rows, work.rows_per_block)
         for out, value in zip(_fields(outputs), chunk_rows, strict=True):
-            if index is None:
-                out[start:stop] = value
-            else:
-                out.index_copy_(0, index, value)
-        if not with_grads:
-            continue
-
-        # half-precision inputs: both gradient matmuls in their dtype (as the model's own head's
-        # backward), the weight gradient added up in float32 a slice of the vocabulary at a time
-        grad_z = z if direct else lowp_buf[:rows].copy_(z)
-        if grad_h is not None:
-            chunk_grad_h = torch.mm(grad_z, weight)
-            if index is None:
-                grad_h[start:stop] = chunk_grad_h
-            else:
-                grad_h.index_copy_(0, index, chunk_grad_h)
-        if grad_w is not None and direct:
-            grad_w.addmm_(grad_z.t(), h)
-        elif grad_w is not None:
-            for v0 in range(0, vocab, slice_rows):
-                v1 = min(v0 + slice_rows, vocab)
-                part = torch.mm(grad_z[:, v0:v1].t(), h, out=slice_buf[: v1 - v0])
-                grad_w[v0:v1].add_(part)
-        if grad_b is not None:
-            grad_b.add_(z.sum(dim=0))
+            chunk.put(out, value)
+        if grads is not None:
+            _accumulate_grads(grads, z, h, weight, chunk, work)
 
     return outputs.mask_(ignored, invalid), grads
+
+
+def _zero_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    needs: tuple[bool, bool, bool] | None,
+    compute: torch.dtype,
+) -> LinearGrads | None:
+    """Zeroed gradients of hidden, weight and bias where ``needs`` asks (``None`` if nowhere):
+    hidden's in its dtype, the weight's and the bias's accumulated in ``compute``."""
+    want_h, want_w, want_b = needs if needs is not None else (False, False, False)
+    want_b = want_b and bias is not None
+    if not (want_h or want_w or want_b):
+        return None
+    vocab, dim = weight.shape
+    fp = dict(dtype=compute, device=hidden.device)
+    return LinearGrads(
+        hidden=torch.zeros_like(hidden) if want_h else None,
+        weight=torch.zeros(vocab, dim, **fp) if want_w else None,
+        bias=torch.zeros(vocab, **fp) if want_b else None,
+    )
+
+
+def _active_rows(ignored: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the rows that are not ignored, or ``None`` for "all of them".
+
+    Ignored tokens never reach a matmul. Finding them costs a host sync, free on the CPU; on
+    other devices they are computed and zeroed instead, so the path stays sync-free there.
+    """
+    if ignored.device.type != "cpu":
+        return None
+    active = torch.nonzero(~ignored).squeeze(1)
+    return None if active.numel() == ignored.numel() else active
+
+
+class _ChunkRows(NamedTuple):
+    """Rows ``start:stop`` of the active rows: of all rows when ``index`` is ``None``, else the
+    rows ``index`` names."""
+
+    start: int
+    stop: int
+    index: torch.Tensor | None
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The chunk's rows of ``rows`` (a view, or a copy when gathered)."""
+        if self.index is None:
+            return rows[self.start : self.stop]
+        return rows.index_select(0, self.index)
+
+    def put(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` into the chunk's rows of ``rows``."""
+        if self.index is None:
+            rows[self.start : self.stop] = values
+        else:
+            rows.index_copy_(0, self.index, values)
+
+
+@dataclasses.dataclass
+class _Workspace:
+    """The buffers every chunk reuses.
+
+    ``logits`` holds a chunk's logits in the compute dtype, then their gradient. For inputs in
+    another dtype (half precision), ``lowp`` holds them in the input dtype (the matmuls' output
+    and input) and ``grad_w_slice`` a slice of the vocabulary's weight gradient; both are
+    ``None`` when the inputs are in the compute dtype.
+    """
+
+    logits: torch.Tensor  # [rows_per_chunk, V], compute dtype
+    lowp: torch.Tensor | None  # [rows_per_chunk, V], the inputs' dtype
+    grad_w_slice: torch.Tensor | None  # [slice_rows, D], the inputs' dtype
+    rows_per_chunk: int
+    rows_per_block: int
+
+    @classmethod
+    def allocate(cls, weight: torch.Tensor, n_active: int, compute: torch.dtype) -> _Workspace:
+        vocab, dim = weight.shape
+        rows_per_chunk = _rows_per_chunk(vocab, n_active, compute.itemsize)
+        rows_per_block = _rows_per_block(vocab, rows_per_chunk, compute.itemsize)
+        logits = torch.empty(rows_per_chunk, vocab, dtype=compute, device=weight.device)
+        lowp = grad_w_slice = None
+        if weight.dtype != compute:
+            lowp = torch.empty(rows_per_chunk, vocab, dtype=weight.dtype, device=weight.device)
+            slice_rows = max(1, min(vocab, SLICE_BYTES // (weight.element_size() * dim)))
+            grad_w_slice = torch.empty(slice_rows, dim, dtype=weight.dtype, device=weight.device)
+        return cls(logits, lowp, grad_w_slice, rows_per_chunk, rows_per_block)
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, work: _Workspace) -> torch.Tensor:
+    """The logits ``h @ weight.T`` of a chunk of rows, in the compute dtype, in ``work.logits``."""
+    z = work.logits[: h.shape[0]]
+    if work.lowp is None:
+        torch.mm(h, weight.t(), out=z)
+    else:  # the matmul in the input dtype (as the model's own head), scored in float32
+        z.copy_(torch.mm(h, weight.t(), out=work.lowp[: h.shape[0]]))
+    return z
+
+
+def _accumulate_grads(
+    grads: LinearGrads,
+    grad_z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    chunk: _ChunkRows,
+    work: _Workspace,
+) -> None:
+    """Add a chunk's share to the gradients, from the logits' gradient ``grad_z`` (compute
+    dtype): the chunk's rows of the hidden gradient, and its sums into the weight's and bias's.
+
+    Half-precision inputs: both gradient matmuls in their dtype (as the model's own head's
+    backward), the weight gradient added up in float32 a slice of the vocabulary at a time.
+    """
+    grad_h, grad_w, grad_b = grads
+    z = grad_z
+    if work.lowp is not None:
+        grad_z = work.lowp[: chunk.count].copy_(z)
+    if grad_h is not None:
+        chunk.put(grad_h, torch.mm(grad_z, weight))
+    if grad_w is not None and work.grad_w_slice is None:
+        grad_w.addmm_(grad_z.t(), h)
+    elif grad_w is not None:
+        vocab, slice_rows = weight.shape[0], work.grad_w_slice.shape[0]
+        for v0 in range(0, vocab, slice_rows):
+            v1 = min(v0 + slice_rows, vocab)
+            part = torch.mm(grad_z[:, v0:v1].t(), h, out=work.grad_w_slice[: v1 - v0])
+            grad_w[v0:v1].add_(part)
+    if grad_b is not None:
+        grad_b.add_(z.sum(dim=0))
