@@ -145,16 +145,18 @@ def _cross_entropy(
     impl = _dispatch.resolve(backend, "cross_entropy", logits, "logits")
     logits3 = _as_rows(logits)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
-    if torch.is_grad_enabled() and logits3.requires_grad:
-        loss_rows, nll, lse, entropy, correct = _FusedCrossEntropy.apply(
-            logits3, target_rows, spec, impl, inplace_backward
-        )
-        rows = RowOutputs(loss_rows, nll, lse, entropy, correct)
-    else:
-        rows = impl.forward(logits3.detach(), target_rows, spec)
-
     tokens = (target_rows != spec.ignore_index).sum()
-    loss = _reduce(rows.loss, tokens, spec)
+    if not (torch.is_grad_enabled() and logits3.requires_grad):
+        rows = impl.forward(logits3.detach(), target_rows, spec)
+        loss = _reduce(rows.loss, tokens, spec)
+    elif spec.reduction != "none" and not inplace_backward and hasattr(impl, "forward_with_grad"):
+        loss, *outputs = _GradInForwardCrossEntropy.apply(logits3, target_rows, tokens, spec, impl)
+        rows = RowOutputs(*outputs)
+    else:
+        rows = RowOutputs(
+            *_FusedCrossEntropy.apply(logits3, target_rows, spec, impl, inplace_backward)
+        )
+        loss = _reduce(rows.loss, tokens, spec)
     if spec.reduction == "none":
         loss = _unshift(loss, target.shape, spec.shift, loss_shape)
     if not return_stats:
@@ -250,6 +252,48 @@ class _FusedCrossEntropy(torch.autograd.Function):
             else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
         )
         ctx.impl.backward(logits3, target_rows, lse, grad_loss_rows, ctx.spec, grad3)
+        return grad3, None, None, None, None
+
+
+class _GradInForwardCrossEntropy(torch.autograd.Function):
+    """A loss reduced to a scalar, whose gradient the forward sweep computes.
+
+    The gradient each row gets from a ``"mean"`` or ``"sum"`` loss is known before
+    ``backward()`` (``1 / tokens`` or 1, times the incoming scalar): the backend writes it while
+    each chunk of logits is in the cache, so backward() reads no logits and computes no
+    exponential; it only scales the buffer when the incoming gradient is not 1, and hands the
+    buffer over (the graph keeps no reference, so autograd does not copy it). The peak memory is
+    the same, logits plus one gradient buffer, held from the forward call instead.
+    """
+
+    @staticmethod
+    def forward(ctx, logits3, target_rows, tokens, spec: LossSpec, impl):
+        if spec.reduction == "mean":
+            denominator = tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
+            # the float64 quotient cast once, as autograd's gradient of _reduce would be
+            weight = 1.0 / denominator.to(torch.float64)
+        else:
+            weight = torch.ones((), dtype=torch.float64, device=tokens.device)
+        grad3 = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+        rows = impl.forward_with_grad(logits3, target_rows, spec, weight, grad3)
+        ctx.save_for_backward(logits3, target_rows, rows.lse, weight)
+        ctx.spec, ctx.impl, ctx.grad3 = spec, impl, grad3
+        ctx.mark_non_differentiable(rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct)
+        loss = _reduce(rows.loss, tokens, spec)
+        return loss, rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_unused):
+        logits3, target_rows, lse, weight = ctx.saved_tensors
+        grad3, ctx.grad3 = ctx.grad3, None
+        if grad3 is None:  # a second backward() through a retained graph: recompute it
+            grad3 = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+            grad_rows = (grad_loss.to(torch.float64) * weight).to(lse.dtype).expand(lse.shape)
+            ctx.impl.backward(logits3, target_rows, lse, grad_rows, ctx.spec, grad3)
+        elif grad_loss.device.type != "cpu" or bool(grad_loss != 1):
+            # on the CPU the comparison costs nothing; elsewhere it would be a host sync
+            grad3.mul_(grad_loss)
         return grad3, None, None, None, None
 
 

@@ -253,6 +253,119 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
     return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
 
 
+def score_chunk_with_grad(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    spec: LossSpec,
+    shifted_buf: torch.Tensor,
+    grad_out: torch.Tensor,
+    dtanh: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`score_chunk` and the gradient of ``Σ weight * loss_row`` in the same sweep.
+
+    One exponential per logit serves the log-sum-exp, the entropy and the gradient: with
+    ``d = z - max`` and ``e = exp(d)``, ``lse = max + log Σe``, the softmax is ``e / Σe`` and the
+    entropy ``log Σe - Σ e·d / Σe``, a sum of two non-negative terms (``d <= 0``), so it loses
+    nothing to cancellation however peaked the distribution. ``shifted_buf`` is a ``z``-shaped
+    workspace for ``d``; ``grad_out`` (``z``'s dtype, may not be ``z``) receives the gradient;
+    ``weight`` is ``[n]`` (0 at rows that are not scored) and ``dtanh`` the softcap's derivative.
+    """
+    y = target[:, None]
+    z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
+    if spec.full_stats:
+        argmax = _first_argmax(z)
+        z_max = z.gather(1, argmax[:, None])[:, 0]
+        row_correct = argmax == target
+    else:
+        z_max = z.amax(dim=1)
+        row_correct = torch.zeros_like(target, dtype=torch.bool)
+    row_nll = z.gather(1, y)[:, 0].neg_()  # -z_y here, lse - z_y below
+    d = torch.sub(z, z_max[:, None], out=shifted_buf)  # z is not needed any more
+    if spec.full_stats:  # e = 0 either way; keeps 0 * (-inf) out of Σ e·d at masked logits
+        d.clamp_(min=_LOG_FLOOR[z.dtype])
+    e = torch.exp(d, out=grad_out)
+    sum_e = e.sum(dim=1)
+    log_sum_e = sum_e.log()
+    row_lse = z_max + log_sum_e
+    row_nll.add_(row_lse)
+    if spec.full_stats:
+        e_dot_d = d.mul_(e).sum(dim=1)  # d is not needed any more
+        row_entropy = log_sum_e - e_dot_d / sum_e
+    else:
+        row_entropy = torch.zeros_like(row_nll)
+    row_loss = spec.training_loss(row_nll, row_lse, z_mean)
+    prob_scale, true_delta, uniform_delta = grad_coefficients(weight, row_lse, spec, z.shape[1])
+    probs_to_grad_(e, y, prob_scale / sum_e[:, None], true_delta, uniform_delta, dtanh)
+    return row_loss, row_nll, row_lse, row_entropy, row_correct
+
+
+def forward_with_grad(
+    logits3: torch.Tensor,
+    target: torch.Tensor,
+    spec: LossSpec,
+    weight: torch.Tensor,
+    grad3: torch.Tensor,
+) -> RowOutputs:
+    """:func:`forward`, and the gradient of ``weight * Σ loss_row`` written into ``grad3``.
+
+    For a loss reduced to a scalar (``"mean"``: ``weight = 1 / tokens``; ``"sum"``: 1) the gradient
+    each row gets is known before ``backward()``: computing it while the chunk is in the cache
+    saves the second sweep over the logits and its exponentials. ``backward()`` then only scales
+    it when the incoming gradient is not 1. ``grad3`` has the logits' shape and dtype and must not
+    be ``logits3``.
+    """
+    n_outer, n_inner, vocab = logits3.shape
+    n_rows = n_outer * n_inner
+    device = logits3.device
+    compute = compute_dtype(logits3.dtype)
+    fp = dict(dtype=compute, device=device)
+    loss = torch.empty(n_rows, **fp)
+    nll = torch.empty(n_rows, **fp)
+    lse = torch.empty(n_rows, **fp)
+    entropy = torch.empty(n_rows, **fp)
+    correct = torch.empty(n_rows, dtype=torch.int32, device=device)
+    if n_rows == 0:
+        return RowOutputs(loss, nll, lse, entropy, correct)
+
+    rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
+    ignored, invalid, target_safe = spec.target_masks(target, vocab)
+    row_weight = weight.to(compute).expand(n_rows).masked_fill(ignored, 0.0)
+    softcap = spec.softcap
+    # the gradient is computed where it is stored when it has the compute dtype
+    staged = grad3.dtype != compute
+    upcast = logits3.dtype != compute or softcap is not None
+
+    def work(chunk_pairs: Iterable[tuple[tuple[int, torch.Tensor], torch.Tensor]]) -> None:
+        shifted_buf = torch.empty(rows_per_chunk, vocab, **fp)
+        z_buf = torch.empty(rows_per_chunk, vocab, **fp) if upcast else None
+        grad_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged else None
+        dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
+        for (row0, chunk), out in chunk_pairs:
+            rows = chunk.shape[0]
+            sl = slice(row0, row0 + rows)
+            dtanh = None
+            if upcast:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
+                z = z_buf[:rows].copy_(chunk)
+                if softcap is not None:
+                    dtanh = softcap_(z, softcap, dtanh_buf[:rows])
+            else:
+                z = chunk
+            dest = grad_buf[:rows] if staged else out
+            loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk_with_grad(
+                z, target_safe[sl], row_weight[sl], spec, shifted_buf[:rows], dest, dtanh
+            )
+            if staged:
+                out.copy_(dest)
+
+    chunk_pairs = list(
+        zip(_row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True)
+    )
+    chunk_pairs = [(chunk, out) for chunk, (_, out) in chunk_pairs]
+    run_chunks(work, chunk_pairs, device, logits3.numel())
+    return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
+
+
 def grad_coefficients(
     g: torch.Tensor, lse: torch.Tensor, spec: LossSpec, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
