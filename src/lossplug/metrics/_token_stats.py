@@ -27,12 +27,12 @@ def _metric_spec(
     ignore_index: int = -100,
     shift: bool = False,
     softcap: float | None = None,
-    needs_predictions: bool = False,
+    full_stats: bool = False,
 ) -> LossSpec:
     """The spec of a metric's forward-only pass: the options the metrics take, validated.
 
     The loss itself is not read (a sum, no smoothing, no z-loss), and ``full_stats`` says
-    whether the argmax and entropy are (``needs_predictions``): the NLL alone is much cheaper on
+    whether the argmax and entropy are (accuracy, entropy): the NLL alone is much cheaper on
     the CPU.
     """
     return LossSpec.validated(
@@ -40,7 +40,7 @@ def _metric_spec(
         reduction="sum",
         softcap=softcap,
         shift=shift,
-        full_stats=needs_predictions,
+        full_stats=full_stats,
     )
 
 
@@ -139,7 +139,8 @@ class _TokenStatsMetric(Metric):
 
     is_differentiable = False
     full_state_update = False
-    _needs_predictions = False
+    # whether the metric reads the accuracy or entropy sums (LossSpec.full_stats)
+    _full_stats = False
 
     def __init__(
         self,
@@ -155,7 +156,7 @@ class _TokenStatsMetric(Metric):
             ignore_index=ignore_index,
             shift=shift,
             softcap=softcap,
-            needs_predictions=self._needs_predictions,
+            full_stats=self._full_stats,
         )
         self.backend = check_backend(backend)
         self._suffix = _state_suffix(self.spec)

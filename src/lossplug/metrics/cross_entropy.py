@@ -10,17 +10,6 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["CrossEntropy", "cross_entropy"]
 
 
-def _cross_entropy_update(
-    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> TokenStats:
-    return _token_stats_update(preds, target, **kwargs)
-
-
-def _cross_entropy_compute(stats: TokenStats) -> torch.Tensor:
-    # the formula lives in TokenStats, the one home of every derived value
-    return stats.mean_nll
-
-
 def cross_entropy(
     preds: torch.Tensor | TokenStats,
     target: torch.Tensor | None = None,
@@ -41,9 +30,8 @@ def cross_entropy(
         1.1269
     """
     spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap)
-    return _cross_entropy_compute(
-        _cross_entropy_update(preds, target, mask=mask, spec=spec, backend=backend)
-    )
+    # the formula lives in TokenStats, the one home of every derived value
+    return _token_stats_update(preds, target, mask=mask, spec=spec, backend=backend).mean_nll
 
 
 class CrossEntropy(_TokenStatsMetric):
@@ -72,5 +60,4 @@ class CrossEntropy(_TokenStatsMetric):
     plot_lower_bound = 0.0
 
     def compute(self) -> torch.Tensor:
-        stats = self._checked_stats()
-        return _cross_entropy_compute(stats)
+        return self._checked_stats().mean_nll

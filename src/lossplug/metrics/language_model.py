@@ -13,21 +13,19 @@ from lossplug.metrics._token_stats import (
     _token_stats_update,
     _TokenStatsMetric,
 )
-from lossplug.metrics.cross_entropy import _cross_entropy_compute
-from lossplug.metrics.perplexity import _perplexity_compute
-from lossplug.metrics.predictive_entropy import _predictive_entropy_compute
-from lossplug.metrics.token_accuracy import _token_accuracy_compute
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["LanguageModelMetrics", "language_model_metrics"]
 
 
 def _language_model_metrics_compute(stats: TokenStats) -> dict[str, torch.Tensor]:
+    # each value by its key (the name it is logged under), read from the TokenStats property
+    # that is its formula
     return {
-        "cross_entropy": _cross_entropy_compute(stats),
-        "perplexity": _perplexity_compute(stats),
-        "token_accuracy": _token_accuracy_compute(stats),
-        "entropy": _predictive_entropy_compute(stats),
+        "cross_entropy": stats.mean_nll,
+        "perplexity": stats.perplexity,
+        "token_accuracy": stats.accuracy,
+        "entropy": stats.entropy,
         "tokens": stats.tokens,
     }
 
@@ -50,9 +48,7 @@ def language_model_metrics(
         >>> round(float(values["perplexity"]), 6), int(values["tokens"])
         (2.0, 3)
     """
-    spec = _metric_spec(
-        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
-    )
+    spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap, full_stats=True)
     stats = _token_stats_update(preds, target, spec=spec, backend=backend)
     return _language_model_metrics_compute(stats)
 
@@ -96,7 +92,7 @@ class LanguageModelMetrics(_TokenStatsMetric):
     """
 
     higher_is_better = None
-    _needs_predictions = True
+    _full_stats = True
 
     def __init__(self, *, slices: Sequence[str | int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -10,17 +10,6 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["Perplexity", "perplexity"]
 
 
-def _perplexity_update(
-    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> TokenStats:
-    return _token_stats_update(preds, target, **kwargs)
-
-
-def _perplexity_compute(stats: TokenStats) -> torch.Tensor:
-    # the formula lives in TokenStats, the one home of every derived value
-    return stats.perplexity
-
-
 def perplexity(
     preds: torch.Tensor | TokenStats,
     target: torch.Tensor | None = None,
@@ -44,9 +33,8 @@ def perplexity(
         4.0
     """
     spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap)
-    return _perplexity_compute(
-        _perplexity_update(preds, target, mask=mask, spec=spec, backend=backend)
-    )
+    # the formula lives in TokenStats, the one home of every derived value
+    return _token_stats_update(preds, target, mask=mask, spec=spec, backend=backend).perplexity
 
 
 class Perplexity(_TokenStatsMetric):
@@ -78,5 +66,4 @@ class Perplexity(_TokenStatsMetric):
     plot_lower_bound = 1.0
 
     def compute(self) -> torch.Tensor:
-        stats = self._checked_stats()
-        return _perplexity_compute(stats)
+        return self._checked_stats().perplexity

@@ -10,17 +10,6 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["PredictiveEntropy", "predictive_entropy"]
 
 
-def _predictive_entropy_update(
-    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> TokenStats:
-    return _token_stats_update(preds, target, **kwargs)
-
-
-def _predictive_entropy_compute(stats: TokenStats) -> torch.Tensor:
-    # the formula lives in TokenStats, the one home of every derived value
-    return stats.entropy
-
-
 def predictive_entropy(
     preds: torch.Tensor | TokenStats,
     target: torch.Tensor | None = None,
@@ -39,12 +28,9 @@ def predictive_entropy(
         >>> round(float(predictive_entropy(uniform, torch.tensor([0, 3]))), 6)  # log 4
         1.386294
     """
-    spec = _metric_spec(
-        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
-    )
-    return _predictive_entropy_compute(
-        _predictive_entropy_update(preds, target, spec=spec, backend=backend)
-    )
+    spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap, full_stats=True)
+    # the formula lives in TokenStats, the one home of every derived value
+    return _token_stats_update(preds, target, spec=spec, backend=backend).entropy
 
 
 class PredictiveEntropy(_TokenStatsMetric):
@@ -63,8 +49,7 @@ class PredictiveEntropy(_TokenStatsMetric):
 
     higher_is_better = None
     plot_lower_bound = 0.0
-    _needs_predictions = True
+    _full_stats = True
 
     def compute(self) -> torch.Tensor:
-        stats = self._checked_stats()
-        return _predictive_entropy_compute(stats)
+        return self._checked_stats().entropy

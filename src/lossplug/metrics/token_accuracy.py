@@ -10,17 +10,6 @@ from lossplug.ops.stats import TokenStats
 __all__ = ["TokenAccuracy", "token_accuracy"]
 
 
-def _token_accuracy_update(
-    preds: torch.Tensor | TokenStats, target: torch.Tensor | None = None, **kwargs
-) -> TokenStats:
-    return _token_stats_update(preds, target, **kwargs)
-
-
-def _token_accuracy_compute(stats: TokenStats) -> torch.Tensor:
-    # the formula lives in TokenStats, the one home of every derived value
-    return stats.accuracy
-
-
 def token_accuracy(
     preds: torch.Tensor | TokenStats,
     target: torch.Tensor | None = None,
@@ -39,12 +28,9 @@ def token_accuracy(
         >>> float(token_accuracy(logits, torch.tensor([0, 0, -100])))
         0.5
     """
-    spec = _metric_spec(
-        ignore_index=ignore_index, shift=shift, softcap=softcap, needs_predictions=True
-    )
-    return _token_accuracy_compute(
-        _token_accuracy_update(preds, target, spec=spec, backend=backend)
-    )
+    spec = _metric_spec(ignore_index=ignore_index, shift=shift, softcap=softcap, full_stats=True)
+    # the formula lives in TokenStats, the one home of every derived value
+    return _token_stats_update(preds, target, spec=spec, backend=backend).accuracy
 
 
 class TokenAccuracy(_TokenStatsMetric):
@@ -62,8 +48,7 @@ class TokenAccuracy(_TokenStatsMetric):
     higher_is_better = True
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
-    _needs_predictions = True
+    _full_stats = True
 
     def compute(self) -> torch.Tensor:
-        stats = self._checked_stats()
-        return _token_accuracy_compute(stats)
+        return self._checked_stats().accuracy
