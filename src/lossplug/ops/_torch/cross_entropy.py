@@ -258,7 +258,7 @@ def score_chunk_with_grad(
     target: torch.Tensor,
     weight: torch.Tensor,
     spec: LossSpec,
-    shifted_buf: torch.Tensor,
+    shifted_out: torch.Tensor,
     grad_out: torch.Tensor,
     dtanh: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
@@ -267,9 +267,11 @@ def score_chunk_with_grad(
     One exponential per logit serves the log-sum-exp, the entropy and the gradient: with
     ``d = z - max`` and ``e = exp(d)``, ``lse = max + log Σe``, the softmax is ``e / Σe`` and the
     entropy ``log Σe - Σ e·d / Σe``, a sum of two non-negative terms (``d <= 0``), so it loses
-    nothing to cancellation however peaked the distribution. ``shifted_buf`` is a ``z``-shaped
-    workspace for ``d``; ``grad_out`` (``z``'s dtype, may not be ``z``) receives the gradient;
-    ``weight`` is ``[n]`` (0 at rows that are not scored) and ``dtanh`` the softcap's derivative.
+    nothing to cancellation however peaked the distribution. ``d`` is written to
+    ``shifted_out``, which may be ``z`` itself (a workspace) and, when no statistics are wanted,
+    ``grad_out``: the plain loss then needs no workspace at all. ``grad_out`` (``z``'s dtype)
+    receives the gradient; ``weight`` is ``[n]`` (0 at rows that are not scored) and ``dtanh``
+    the softcap's derivative.
     """
     y = target[:, None]
     z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
@@ -281,7 +283,7 @@ def score_chunk_with_grad(
         z_max = z.amax(dim=1)
         row_correct = torch.zeros_like(target, dtype=torch.bool)
     row_nll = z.gather(1, y)[:, 0].neg_()  # -z_y here, lse - z_y below
-    d = torch.sub(z, z_max[:, None], out=shifted_buf)  # z is not needed any more
+    d = torch.sub(z, z_max[:, None], out=shifted_out)  # z is not needed any more
     if spec.full_stats:  # e = 0 either way; keeps 0 * (-inf) out of Σ e·d at masked logits
         d.clamp_(min=_LOG_FLOOR[z.dtype])
     e = torch.exp(d, out=grad_out)
@@ -336,11 +338,18 @@ def forward_with_grad(
     staged = grad3.dtype != compute
     upcast = logits3.dtype != compute or softcap is not None
 
+    full = spec.full_stats
+    # workspaces only where a value must outlive the next one: an upcast chunk is shifted and
+    # exponentiated in place, and without statistics d is not needed after e (written over it)
+    need_shifted = full and not upcast
+    need_grad_buf = staged and full
+
     def work(chunk_pairs: Iterable[tuple[tuple[int, torch.Tensor], torch.Tensor]]) -> None:
-        shifted_buf = torch.empty(rows_per_chunk, vocab, **fp)
-        z_buf = torch.empty(rows_per_chunk, vocab, **fp) if upcast else None
-        grad_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged else None
-        dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
+        def workspace(needed: bool) -> torch.Tensor | None:
+            return torch.empty(rows_per_chunk, vocab, **fp) if needed else None
+
+        shifted_buf, z_buf = workspace(need_shifted), workspace(upcast)
+        grad_buf, dtanh_buf = workspace(need_grad_buf), workspace(softcap is not None)
         for (row0, chunk), out in chunk_pairs:
             rows = chunk.shape[0]
             sl = slice(row0, row0 + rows)
@@ -351,9 +360,10 @@ def forward_with_grad(
                     dtanh = softcap_(z, softcap, dtanh_buf[:rows])
             else:
                 z = chunk
-            dest = grad_buf[:rows] if staged else out
+            dest = (grad_buf[:rows] if full else z) if staged else out
+            shifted = z if upcast else (shifted_buf[:rows] if full else dest)
             loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk_with_grad(
-                z, target_safe[sl], row_weight[sl], spec, shifted_buf[:rows], dest, dtanh
+                z, target_safe[sl], row_weight[sl], spec, shifted, dest, dtanh
             )
             if staged:
                 out.copy_(dest)
