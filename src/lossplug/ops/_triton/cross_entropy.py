@@ -7,7 +7,8 @@ Backward, one program per row: recomputes the softmax from the saved log-sum-exp
 ``softmax - onehot`` (with smoothing, z-loss and softcap terms) scaled by the incoming gradient.
 
 Offsets are int64, so tensors with more than 2**31 elements work. Values are converted to float32
-right after loading and back only when stored.
+right after loading and back only when stored. The math (online log-sum-exp, the row gradient, the
+softcap) is in ``_math.py``, derived there and shared with the linear kernels.
 """
 
 from __future__ import annotations
@@ -19,20 +20,12 @@ import triton
 import triton.language as tl
 
 from lossplug.ops._spec import LossSpec, RowOutputs
+from lossplug.ops._triton._math import _lse_entropy, _lse_update, _row_grad, _softcap
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
 MAX_BLOCK_V_INTERPRETED, MAX_BLOCK_V_GPU = 16384, 4096
 NUM_WARPS = 8
-
-
-@triton.jit
-def _softcap(x, cap):
-    # cap * tanh(x / cap) from exp alone (exact to float32 rounding, and interpretable on CPU)
-    u = x / cap
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return cap * tl.where(u < 0, -t, t)
 
 
 @triton.jit
@@ -85,26 +78,15 @@ def _ce_forward_kernel(
             if HAS_SMOOTHING:
                 run_zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             z = tl.where(mask, z, -float("inf"))
-            block_max = tl.max(z, axis=0)
-            block_arg = tl.argmax(z, axis=0).to(tl.int64) + start
-            new_max = tl.maximum(run_max, block_max)
-            run_arg = tl.where(block_max > run_max, block_arg, run_arg)
-            # 0 on the first block (run_max = -inf), where the rescale would be 0 * -inf
-            delta = tl.where(run_sum > 0, run_max - new_max, 0.0)
-            scale = tl.exp(delta)
-            e = tl.exp(z - new_max)
-            ez = e * tl.where(e > 0, z - new_max, 0.0)
-            run_ent = scale * (run_ent + run_sum * delta) + tl.sum(ez, axis=0)
-            run_sum = run_sum * scale + tl.sum(e, axis=0)
-            run_max = new_max
-        log_sum = tl.log(run_sum)
-        lse = run_max + log_sum
+            run_max, run_sum, run_ent, run_arg = _lse_update(
+                run_max, run_sum, run_ent, run_arg, z, start
+            )
+        lse, entropy = _lse_entropy(run_max, run_sum, run_ent)
         nll = lse - z_true
         loss = nll
         if HAS_SMOOTHING:
             loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - run_zsum / vocab)
         loss = loss + z_loss * lse * lse
-        entropy = log_sum - run_ent / run_sum
         correct = tl.where((run_arg == y) & ~invalid, 1, 0)
         nll = tl.where(invalid, float("nan"), nll)
         loss = tl.where(invalid, float("nan"), loss)
@@ -150,22 +132,15 @@ def _ce_backward_kernel(
     else:
         g = tl.load(grad_rows_ptr + row).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        prob_scale = g * (1.0 + 2.0 * z_loss * lse)
-        true_delta = g * (1.0 - label_smoothing)
-        uniform_delta = g * label_smoothing / vocab
         for start in range(0, vocab, BLOCK_V):
             cols = start + offs
             mask = cols < vocab
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:  # noqa: SIM108 (a compile-time branch of the kernel)
-                z = _softcap(x, softcap)
-            else:
-                z = x
-            grad = tl.exp(z - lse) * prob_scale - uniform_delta
-            grad = tl.where(cols == y, grad - true_delta, grad)
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                t = z / softcap
-                grad = grad * (1.0 - t * t)
+                z = _softcap(z, softcap)
+            grad = _row_grad(
+                z, cols, y, lse, g, label_smoothing, z_loss, vocab, softcap, HAS_SOFTCAP
+            )
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -14,7 +14,9 @@ buffer whatever the weight's dtype).
 Ignored tokens are moved behind the scored ones by a stable sort on the device and the number of
 scored tokens is read by the kernels, so blocks of ignored tokens exit at once and no host sync
 is needed. Values are float32 after loading; the matmuls run in the inputs' dtype on a GPU (full
-float32 precision for float32 inputs) and in float32 under the interpreter.
+float32 precision for float32 inputs) and in float32 under the interpreter. The math (online
+log-sum-exp, the row gradient, the softcap) is in ``_math.py``, derived there and shared with the
+cross-entropy kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import triton
 import triton.language as tl
 
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
-from lossplug.ops._triton.cross_entropy import INTERPRETED, _softcap, warps
+from lossplug.ops._triton._math import _lse_update, _row_grad, _softcap
+from lossplug.ops._triton.cross_entropy import INTERPRETED, warps
 
 PRECOMPUTES_GRAD = False
 
@@ -186,18 +189,9 @@ def _lce_forward_kernel(
             z_true += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
             run_zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
             z = tl.where(col_mask[None, :], z, -float("inf"))
-            block_max = tl.max(z, axis=1)
-            block_arg = tl.argmax(z, axis=1).to(tl.int64) + start
-            new_max = tl.maximum(run_max, block_max)
-            run_arg = tl.where(block_max > run_max, block_arg, run_arg)
-            # 0 on the first block (run_max = -inf), where the rescale would be 0 * -inf
-            delta = tl.where(run_sum > 0, run_max - new_max, 0.0)
-            scale = tl.exp(delta)
-            e = tl.exp(z - new_max[:, None])
-            ez = e * tl.where(e > 0, z - new_max[:, None], 0.0)
-            run_ent = scale * (run_ent + run_sum * delta) + tl.sum(ez, axis=1)
-            run_sum = run_sum * scale + tl.sum(e, axis=1)
-            run_max = new_max
+            run_max, run_sum, run_ent, run_arg = _lse_update(
+                run_max, run_sum, run_ent, run_arg, z, start
+            )
         plane = tl.num_programs(1).to(tl.int64) * n_rows
         out = part_ptr + split * n_rows + rows
         tl.store(out, run_max, mask=row_mask)
@@ -282,16 +276,7 @@ def _lce_backward_kernel(
             BLOCK_V,
             BLOCK_D,
         )
-        prob_scale = g * (1.0 + 2.0 * z_loss * lse)
-        grad = (
-            tl.exp(z - lse[:, None]) * prob_scale[:, None] - (g * label_smoothing / vocab)[:, None]
-        )
-        grad = tl.where(
-            cols[None, :] == y[:, None], grad - (g * (1.0 - label_smoothing))[:, None], grad
-        )
-        if HAS_SOFTCAP:
-            t = z / softcap
-            grad = grad * (1.0 - t * t)
+        grad = _row_grad(z, cols, y, lse, g, label_smoothing, z_loss, vocab, softcap, HAS_SOFTCAP)
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
         if WANT_B:
             tl.atomic_add(grad_b_ptr + cols, tl.sum(grad, axis=0), mask=col_mask)
