@@ -23,12 +23,20 @@ import argparse
 import ast
 import io
 import math
+import os
 import sys
 import sysconfig
 import time
 import tokenize
 import warnings
 from pathlib import Path
+
+# Torch's OpenMP threads spin while they wait for the next parallel region. When other processes
+# load the cores (DataLoader workers, a second run, a neighbour on a shared machine), a spinning
+# thread holds a core that a descheduled one needs, and each of the small model's thousands of
+# parallel regions waits for the slowest: on 2 cores beside two busy processes, 80 steps took 77 s
+# instead of 25 s waiting passively. OpenMP reads this once, when torch loads; yours wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import lightning.pytorch as L
 import torch
