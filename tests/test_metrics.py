@@ -152,7 +152,9 @@ def test_three_update_forms_agree():
         by_losses.update(per_token, mask)
         ce_by_losses.update(per_token, mask=mask)
     values = [float(m.compute()) for m in (by_logits, by_stats, by_losses)]
-    assert values[0] == values[1]
+    # the training pass computes its gradient from one exponential per logit, the eval pass from
+    # a log-softmax: the same sums to rounding
+    assert math.isclose(values[0], values[1], rel_tol=1e-7)
     assert math.isclose(values[0], values[2], rel_tol=1e-6)
     assert math.isclose(float(ce_by_losses.compute()), math.log(values[0]), rel_tol=1e-6)
 
