@@ -15,6 +15,7 @@ from lossplug.ops import _dispatch
 from lossplug.ops._dispatch import (
     BACKEND_MODULES,
     CrossEntropyBackend,
+    GradInForwardBackend,
     LinearCrossEntropyBackend,
 )
 from lossplug.ops._spec import LossSpec
@@ -158,6 +159,9 @@ def test_the_backend_table_names_modules_that_provide_the_protocol(op, protocol)
             assert list(got.parameters) == list(want.parameters), (module.__name__, name)
             kinds = [p.kind for p in got.parameters.values()]
             assert kinds == [p.kind for p in want.parameters.values()], (module.__name__, name)
+        if op == "cross_entropy":  # the flag says whether the forward-gradient sweep exists
+            assert isinstance(module, GradInForwardBackend) == module.PRECOMPUTES_GRAD
+    assert BACKEND_MODULES["cross_entropy"].torch_module.PRECOMPUTES_GRAD
 
 
 def test_resolve_gives_the_table_s_modules_and_keeps_its_errors():

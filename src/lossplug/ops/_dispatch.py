@@ -34,6 +34,10 @@ TORCH_ON_CUDA = frozenset({"linear_cross_entropy"})
 class CrossEntropyBackend(Protocol):
     """What a cross-entropy backend module provides (``ops/_torch`` and ``ops/_triton``)."""
 
+    #: whether the module also provides ``forward_with_grad`` (:class:`GradInForwardBackend`):
+    #: a loss reduced to a scalar then gets its gradient in the forward sweep
+    PRECOMPUTES_GRAD: bool
+
     def forward(self, logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
         """The per-row outputs of ``logits3 [outer, inner, V]`` (vocabulary stride 1) against
         ``target [outer * inner]`` (int64)."""
@@ -50,6 +54,23 @@ class CrossEntropyBackend(Protocol):
     ) -> None:
         """Write the gradient of ``Σ grad_rows * loss_rows`` into ``grad3`` (``logits3``'s shape;
         it may be ``logits3`` itself, for ``inplace_backward``)."""
+        ...
+
+
+@runtime_checkable
+class GradInForwardBackend(CrossEntropyBackend, Protocol):
+    """A cross-entropy backend with ``PRECOMPUTES_GRAD = True``."""
+
+    def forward_with_grad(
+        self,
+        logits3: torch.Tensor,
+        target: torch.Tensor,
+        spec: LossSpec,
+        weight: torch.Tensor,
+        grad3: torch.Tensor,
+    ) -> RowOutputs:
+        """:meth:`forward`, and the gradient of ``weight * Σ loss_rows`` written into ``grad3``
+        (``logits3``'s shape and dtype, never ``logits3`` itself)."""
         ...
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
-from lossplug.ops._dispatch import CrossEntropyBackend
+from lossplug.ops._dispatch import CrossEntropyBackend, GradInForwardBackend
 from lossplug.ops._spec import AllIgnored, LossSpec, Reduction, RowOutputs
 from lossplug.ops.stats import TokenStats
 
@@ -149,7 +149,7 @@ def _cross_entropy(
     if not (torch.is_grad_enabled() and logits3.requires_grad):
         rows = impl.forward(logits3.detach(), target_rows, spec)
         loss = _reduce(rows.loss, tokens, spec)
-    elif spec.reduction != "none" and not inplace_backward and hasattr(impl, "forward_with_grad"):
+    elif spec.reduction != "none" and not inplace_backward and impl.PRECOMPUTES_GRAD:
         loss, *outputs = _GradInForwardCrossEntropy.apply(logits3, target_rows, tokens, spec, impl)
         rows = RowOutputs(*outputs)
     else:
@@ -267,7 +267,7 @@ class _GradInForwardCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits3, target_rows, tokens, spec: LossSpec, impl):
+    def forward(ctx, logits3, target_rows, tokens, spec: LossSpec, impl: GradInForwardBackend):
         if spec.reduction == "mean":
             denominator = tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
             # the float64 quotient cast once, as autograd's gradient of _reduce would be

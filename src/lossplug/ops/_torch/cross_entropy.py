@@ -25,6 +25,9 @@ import torch
 
 from lossplug.ops._spec import LossSpec, RowOutputs
 
+#: ``forward_with_grad`` exists: a scalar loss gets its gradient in the forward sweep.
+PRECOMPUTES_GRAD = True
+
 #: Bytes of one workspace (two are used, three for a soft-capped backward). Chunks of this size
 #: stay in the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
 WORKSPACE_BYTES = 8 * 2**20

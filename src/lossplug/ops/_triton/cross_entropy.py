@@ -23,6 +23,10 @@ from lossplug.ops._spec import LossSpec, RowOutputs
 from lossplug.ops._triton._math import _lse_entropy, _lse_update, _row_grad, _softcap
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The backward recomputes the softmax from the saved log-sum-exp. Writing a scalar loss's
+# gradient in the forward kernel instead would save one read of the logits (the cost model's
+# design change for CE, benchmarks/RESULTS.md); it waits for a GPU to measure it on.
+PRECOMPUTES_GRAD = False
 # The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
 MAX_BLOCK_V_INTERPRETED, MAX_BLOCK_V_GPU = 16384, 4096
 NUM_WARPS = 8
