@@ -24,10 +24,9 @@ import torch
 from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
 from lossplug.ops._torch.cross_entropy import (
     compute_dtype,
-    grad_coefficients,
-    probs_to_grad_,
     run_chunks,
     score_chunk,
+    score_chunk_with_grad,
     softcap_,
 )
 
@@ -76,14 +75,12 @@ def _score_block(
     dtanh = None
     if spec.softcap is not None:
         dtanh = softcap_(z, spec.softcap, dtanh_buf if g is not None else None)
-    # the softmax lands back in the logits' memory
-    row_loss, row_nll, row_lse, row_entropy, row_correct = score_chunk(
-        z, target, spec, log_probs_buf, z, want_probs=g is not None
-    )
-    if g is not None:
-        prob_scale, true_delta, uniform_delta = grad_coefficients(g, row_lse, spec, z.shape[1])
-        probs_to_grad_(z, target[:, None], prob_scale, true_delta, uniform_delta, dtanh)
-    return row_loss, row_nll, row_lse, row_entropy, row_correct
+    if g is None:
+        return score_chunk(z, target, spec, log_probs_buf, z)
+    # one exponential per logit for the statistics and the gradient, which lands back in the
+    # logits' memory (z - max too, when no statistics need it beside the exponentials)
+    shifted = log_probs_buf if spec.full_stats else z
+    return score_chunk_with_grad(z, target, g, spec, shifted, z, dtanh)
 
 
 def _score_blocks(
