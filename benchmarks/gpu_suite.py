@@ -55,6 +55,12 @@ import torch.nn.functional as F
 
 import lossplug
 
+# the float64 references live with the tests (tests/_reference.py); the benchmarks import them
+_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+import _reference  # noqa: E402
+
 IGNORE = -100
 MiB = 2**20
 HBM_BYTES_PER_S = 3.0e12  # DESIGN.md floor: H100 SXM memory bandwidth
@@ -141,43 +147,18 @@ def reference_rows(
     float32 -> bf16 instead of rounding to nearest (whatever ``fp_downcast_rounding`` says), so
     there ``u`` is one ulp, ``2**-7``.
     """
-    rows, vocab = logits2d.shape
-    valid_all = target != IGNORE
-    count = int(valid_all.sum())
-    step = max(1, (512 * MiB) // (8 * vocab))
-    acc = dict(nll_sum=0.0, entropy_sum=0.0, lse_sq_sum=0.0, correct=0.0)
-    worst_ratio, worst_abs = 0.0, 0.0
-    scale = 1.0 / max(count, 1)  # the largest |g_ref| is at most this (a true class, p -> 0)
-    for start in range(0, rows, step):
-        sl = slice(start, min(start + step, rows))
-        z = logits2d[sl].double()
-        y, ok = target[sl], valid_all[sl]
-        y_safe = y.clamp(min=0)
-        lse = torch.logsumexp(z, dim=1)
-        p = torch.exp(z - lse[:, None])
-        nll = lse - z.gather(1, y_safe[:, None]).squeeze(1)
-        entropy = lse - (p * z).sum(dim=1)
-        acc["nll_sum"] += float(nll[ok].sum())
-        acc["entropy_sum"] += float(entropy[ok].sum())
-        acc["lse_sq_sum"] += float(lse[ok].square().sum())
-        # torch.argmax returns the first maximum, the documented tie rule of TokenStats.correct
-        acc["correct"] += float(((z.argmax(dim=1) == y) & ok).sum())
-        if grad2d is not None:
-            g_ref = p
-            g_ref[torch.arange(z.shape[0], device=z.device), y_safe] -= 1.0
-            g_ref.mul_(ok[:, None].double() * scale)
-            diff = (grad2d[sl].double() - g_ref).abs_()
-            worst_abs = max(worst_abs, float(diff.max()))
-            bound = g_ref.abs_().mul_(BF16_ROUNDOFF + 2.0**-14).add_(1e-6 * scale)
-            worst_ratio = max(worst_ratio, float((diff / bound).max()))
-            del g_ref, diff, bound
-        del z, p
-    out = {**acc, "tokens": float(count)}
-    out["loss"] = acc["nll_sum"] / max(count, 1)
+    ref = _reference.reference_cross_entropy_rows(
+        logits2d,
+        target,
+        grad2d,
+        ignore_index=IGNORE,
+        block_bytes=512 * MiB,
+        grad_rtol=BF16_ROUNDOFF + 2.0**-14,
+        grad_atol=1e-6,
+    )
     if grad2d is not None:
-        out["grad_excess"] = worst_ratio
-        out["grad_max_abs_err"] = worst_abs
-    return out
+        del ref["grad_max_ref"]
+    return ref
 
 
 def check_case(
@@ -511,54 +492,21 @@ def lce_reference(
     """Float64 statistics of the logits ``hidden @ weight.T``, materialised in float64 a slice of
     rows at a time, and the gradient errors ``max |g - g_ref| / max |g_ref|`` of the mean loss
     for ``hidden`` and ``weight`` (``nan`` when that gradient is missing)."""
-    rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    w64 = weight.double()
-    valid_all = target != IGNORE
-    count = int(valid_all.sum())
-    acc = dict(nll_sum=0.0, entropy_sum=0.0, lse_sq_sum=0.0, correct=0.0)
-    g_w_ref = torch.zeros_like(w64)
-    err_h, top_h = 0.0, 0.0
-    step = max(1, (512 * MiB) // (8 * vocab))
-    for start in range(0, rows, step):
-        sl = slice(start, min(start + step, rows))
-        h64 = hidden[sl].double()
-        y, ok = target[sl], valid_all[sl]
-        y_safe = y.clamp(min=0)
-        z = h64 @ w64.T
-        lse = torch.logsumexp(z, dim=1)
-        p = torch.exp(z - lse[:, None])
-        nll = lse - z.gather(1, y_safe[:, None]).squeeze(1)
-        entropy = lse - (p * z).sum(dim=1)
-        acc["nll_sum"] += float(nll[ok].sum())
-        acc["entropy_sum"] += float(entropy[ok].sum())
-        acc["lse_sq_sum"] += float(lse[ok].square().sum())
-        acc["correct"] += float(((z.argmax(dim=1) == y) & ok).sum())
-        del z
-        g = p  # the gradient of the mean loss w.r.t. the logits, in place
-        g[torch.arange(g.shape[0], device=g.device), y_safe] -= 1.0
-        g.mul_(ok[:, None].double() / max(count, 1))
-        g_h_ref = g @ w64
-        if grad_h is not None:
-            err_h = max(err_h, float((grad_h[sl].double() - g_h_ref).abs_().max()))
-        top_h = max(top_h, float(g_h_ref.abs().max()))
-        g_w_ref.addmm_(g.T, h64)
-        del p, g, g_h_ref
-    err_w, top_w = 0.0, 0.0
-    step_w = max(1, (512 * MiB) // (8 * weight.shape[1]))
-    for start in range(0, vocab, step_w):
-        ref = g_w_ref[start : start + step_w]
-        if grad_w is not None:
-            err_w = max(err_w, float((grad_w[start : start + step_w].double() - ref).abs_().max()))
-        top_w = max(top_w, float(ref.abs().max()))
-    nan = float("nan")
-    return {
-        **acc,
-        "tokens": float(count),
-        "loss": acc["nll_sum"] / max(count, 1),
-        "grad_h_err": nan if grad_h is None else err_h / max(top_h, 1e-300),
-        "grad_w_err": nan if grad_w is None else err_w / max(top_w, 1e-300),
-    }
+    ref = _reference.reference_linear_cross_entropy_rows(
+        hidden, weight, target, ignore_index=IGNORE, block_bytes=512 * MiB
+    )
+    errors = {}
+    for key, grad, grad_ref in (
+        ("grad_h_err", grad_h, ref.pop("grad_hidden")),
+        ("grad_w_err", grad_w, ref.pop("grad_weight")),
+    ):
+        if grad is None:
+            errors[key] = float("nan")
+        else:
+            err, top = _reference.max_abs_errors(grad, grad_ref, block_bytes=512 * MiB)
+            errors[key] = err / max(top, 1e-300)
+        del grad_ref
+    return {**ref, **errors}
 
 
 def _lce_tolerances(backend: str, dtype: torch.dtype) -> dict[str, float]:
