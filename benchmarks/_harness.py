@@ -9,8 +9,11 @@ Children are forked from a forkserver that has only imported the modules named i
 starting a case costs milliseconds instead of a fresh interpreter, and no thread pool exists yet
 in the server (forking after OpenMP has started its threads can hang the child).
 
-Used by ``cross_entropy.py`` and ``metrics.py`` in this folder (run as ``python benchmarks/X.py``,
-which puts this folder on ``sys.path``).
+Used by ``cross_entropy.py``, ``metrics.py`` and ``linear_cross_entropy.py`` in this folder (run as
+``python benchmarks/X.py``, which puts this folder on ``sys.path``): each describes itself in a
+:class:`BenchmarkSpec` (its cases, anchors and tables) and :func:`run_benchmark` does the rest
+(options, groups, child processes, ``--busy`` contention, report, ``--json``). The float64
+references are the tests' own, ``tests/_reference.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -39,8 +43,15 @@ from typing import Any, Protocol
 
 import torch
 
-IGNORE = -100
-MiB = 2**20
+# the float64 references live with the tests (tests/_reference.py); the benchmarks import them
+_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+
+import _reference  # noqa: E402
+
+IGNORE = _reference.IGNORE
+MiB = _reference.MiB
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,32 +198,17 @@ def reference(
     """Float64 perplexity of ``logits`` against per-row ``target`` and the gradient error.
 
     Computed from the very values given (bf16 logits are compared with their own rounded
-    values), a few rows at a time so the float64 copy never exists whole. The gradient error is
-    ``max |grad - grad_ref| / max |grad_ref|`` of the mean loss (``None`` without ``grad``).
+    values), a few rows at a time so the float64 copy never exists whole
+    (:func:`_reference.reference_cross_entropy_rows`, the tests' reference). The gradient error
+    is ``max |grad - grad_ref| / max |grad_ref|`` of the mean loss (``None`` without ``grad``).
     """
-    vocab = logits.shape[-1]
-    flat, y = logits.reshape(-1, vocab), target.reshape(-1)
-    valid = y != IGNORE
-    count = int(valid.sum())
-    rows = max(1, (16 * MiB) // (8 * vocab))
-    nll_sum = 0.0
-    err_max, ref_max = 0.0, 0.0
-    g_flat = grad.reshape(-1, vocab) if grad is not None else None
-    for start in range(0, flat.shape[0], rows):
-        sl = slice(start, min(start + rows, flat.shape[0]))
-        z = flat[sl].double()
-        yv, ok = y[sl].clamp(min=0), valid[sl]
-        lse = torch.logsumexp(z, dim=1)
-        nll = lse - z.gather(1, yv[:, None]).squeeze(1)
-        nll_sum += float(nll[ok].sum())
-        if g_flat is not None:
-            g_ref = torch.exp(z - lse[:, None])
-            g_ref[torch.arange(z.shape[0]), yv] -= 1.0
-            g_ref.mul_(ok[:, None].double() / count)
-            err_max = max(err_max, float((g_flat[sl].double() - g_ref).abs().max()))
-            ref_max = max(ref_max, float(g_ref.abs().max()))
-    ppl = float(torch.tensor(nll_sum / count, dtype=torch.float64).exp())
-    return ppl, (err_max / ref_max if g_flat is not None else None)
+    ref = _reference.reference_cross_entropy_rows(
+        logits, target, grad, block_bytes=16 * MiB, stats=False
+    )
+    ppl = float(torch.tensor(ref["loss"], dtype=torch.float64).exp())
+    if grad is None:
+        return ppl, None
+    return ppl, ref["grad_max_abs_err"] / ref["grad_max_ref"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,3 +711,111 @@ def run_contention(
         table += rows
     title = f"### Contention: quiet and with {busy} busy processes, {rounds} rounds"
     return "\n".join(["", title, "", *markdown_table(CONTENTION_HEAD, table)])
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line of a CPU benchmark: what is the same in every script
+
+
+@dataclass
+class BenchmarkSpec:
+    """What one CPU benchmark script adds to the shared command line of :func:`run_benchmark`.
+
+    The callables run in the parent process only (the children get the module-level
+    ``measure_memory`` and ``measure_times``, which pickle).
+    """
+
+    title: str  # "lossplug X CPU": the reports are "<title> benchmark" and "<title> contention"
+    description: str  # the --help line
+    preload: Sequence[str]  # modules the forkserver imports once (see :func:`child_context`)
+    repeats: int  # default of --repeats
+    only_example: str  # an --only value for the help text
+    plan: Callable[[argparse.Namespace, str], list[Any]]  # (args, scratch folder) -> groups
+    measure_memory: Callable[[Any, int], Result]
+    measure_times: Callable[[Any, int], dict[str, Any]]
+    method: Callable[[argparse.Namespace, list[Any], dict[str, Any]], str]  # (args, groups, policy)
+    progress: Callable[[Result], str]  # one line per measured case
+    notes: Sequence[str]  # lines printed after the footer, before the tables
+    report: Callable[[list[Result], list[Any]], str]  # the tables: (results, groups) -> markdown
+    pairs: Callable[[Any], dict[str, tuple[str, ...]]]  # group -> {lossplug impl: its anchors}
+    make_result: Callable[..., Result] = Result  # the row of a case whose child died
+    anchor_name: str = "anchor"  # in the --busy method line: "median lossplug ÷ median ..."
+    contention_note: str = ""  # appended to the --busy method line
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    check_arguments: Callable[[argparse.ArgumentParser, argparse.Namespace], None] = (
+        lambda parser, args: None
+    )
+    extend_info: Callable[[dict[str, str]], None] = lambda info: None  # benchmark report only
+    before_group: Callable[[Any, multiprocessing.context.BaseContext], None] = lambda group, ctx: (
+        None
+    )
+    after_group: Callable[[Any], None] = lambda group: None
+    errors_allowed: tuple[str, ...] = ()  # impls whose failure does not fail the run
+
+
+def run_benchmark(spec: BenchmarkSpec, argv: list[str] | None = None) -> int:
+    """Parse the command line, run the groups of ``spec.plan``, print the report; exit status.
+
+    The options are :func:`add_common_options`, the script's own (``spec.add_arguments``) and
+    :func:`add_busy_options`; ``--busy N`` runs :func:`contention_main` instead. A scratch folder
+    (removed at the end) is handed to ``spec.plan`` for files the children share.
+    """
+    parser = argparse.ArgumentParser(description=spec.description)
+    add_common_options(parser, repeats=spec.repeats, only_example=spec.only_example)
+    spec.add_arguments(parser)
+    add_busy_options(parser)
+    args = parse_common(parser, argv)
+    spec.check_arguments(parser, args)
+    with tempfile.TemporaryDirectory(prefix="lossplug-bench-") as workdir:
+        if args.busy > 0:
+            return contention_main(spec, args, workdir)
+        return _benchmark_main(spec, args, workdir)
+
+
+def _benchmark_main(spec: BenchmarkSpec, args: argparse.Namespace, workdir: str) -> int:
+    policy = load_policy(args)
+    ctx = child_context(spec.preload)
+    info = machine_info()
+    spec.extend_info(info)
+    groups = spec.plan(args, workdir)
+    method = spec.method(args, groups, policy)
+    print(header(f"{spec.title} benchmark", info, args.threads, method), flush=True)
+    results: list[Result] = []
+    load_before = loadavg()
+    t_start = time.perf_counter()
+    for group in groups:
+        spec.before_group(group, ctx)
+        for res in run_group(
+            group, ctx, spec.measure_memory, spec.measure_times, spec.make_result, **policy
+        ):
+            results.append(res)
+            print(spec.progress(res), flush=True)
+        spec.after_group(group)
+    # other processes on a small machine inflate wall times: say how busy it was
+    print(footer(results, load_before, time.perf_counter() - t_start))
+    for line in spec.notes:
+        print(line)
+    print(spec.report(results, groups))
+    if args.json:
+        write_json(args.json, info, results)
+    failed = any(r.error for r in results if r.case.impl not in spec.errors_allowed)
+    return 1 if failed else 0
+
+
+def contention_main(spec: BenchmarkSpec, args: argparse.Namespace, workdir: str) -> int:
+    """``--busy N``: lossplug ÷ anchor time ratios, quiet and with N busy processes."""
+    ctx = child_context(spec.preload)
+    method = (
+        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
+        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
+        f"per impl); ratio = median lossplug ÷ median {spec.anchor_name} of one timing"
+        f"{spec.contention_note}"
+    )
+    title = f"{spec.title} contention"
+    print(header(title, machine_info(), args.threads, method), flush=True)
+    groups = spec.plan(args, workdir)
+    print(
+        run_contention(groups, ctx, spec.measure_times, spec.pairs, args.busy, args.rounds),
+        flush=True,
+    )
+    return 0

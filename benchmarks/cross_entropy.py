@@ -13,7 +13,8 @@ the perplexity (and gradient) error against a float64 reference computed from th
 the case saw (bf16 inputs are compared with their own rounded values). Times are the median of
 ``--repeats`` calls, lossplug and its anchors interleaved round-robin in one child process per
 group, so load from other processes hits all of them alike; that load is reported too. The
-measuring machinery is shared with ``metrics.py`` in ``_harness.py``.
+measuring machinery and the command line are shared with the other CPU benchmarks
+(``_harness.py``).
 
 Usage::
 
@@ -345,69 +346,55 @@ def plan(args: argparse.Namespace) -> list[Group]:
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_options(parser, repeats=5, only_example="train 8x1024x32000 fp32")
-    parser.add_argument(
-        "--skip-large", action="store_true", help="leave out the [8, 1024, 32000] training case"
-    )
-    H.add_busy_options(parser)
-    args = H.parse_common(parser, argv)
-    if args.busy > 0:
-        return contention_main(args)
-
-    policy = H.load_policy(args)
-    ctx = H.child_context(PRELOAD)
-    info = H.machine_info()
-    groups = plan(args)
+def _method(args: argparse.Namespace, groups: list[Group], policy: dict[str, Any]) -> str:
     n_cases = sum(len(g.impls) for g in groups)
-    method = (
+    return (
         f"{n_cases} cases; peak extra memory and error from one cold call, each case in its own "
         f"process; time = median of {args.repeats} calls per case, lossplug and its anchors "
         f"interleaved in one process per group after a warm-up call each; "
         f"{H.describe_policy(policy)}"
     )
-    print(H.header("lossplug cross_entropy CPU benchmark", info, args.threads, method), flush=True)
-    results: list[Result] = []
-    load_before = H.loadavg()
-    t_start = time.perf_counter()
-    for group in groups:
-        for res in H.run_group(group, ctx, measure_memory, measure_times, Result, **policy):
-            results.append(res)
-            case = res.case
-            shape = "x".join(map(str, case.shape))
-            label = f"{case.task:5s} {shape:>14s} {case.dtype} {case.impl:22s}"
-            print(H.progress_line(res, label), flush=True)
-    # other processes on a small machine inflate wall times: say how busy it was
-    print(H.footer(results, load_before, time.perf_counter() - t_start))
-    print(
+
+
+def _progress(res: H.Result) -> str:
+    case = res.case
+    shape = "x".join(map(str, case.shape))
+    return H.progress_line(res, f"{case.task:5s} {shape:>14s} {case.dtype} {case.impl:22s}")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-large", action="store_true", help="leave out the [8, 1024, 32000] training case"
+    )
+
+
+SPEC = H.BenchmarkSpec(
+    title="lossplug cross_entropy CPU",
+    description=__doc__.splitlines()[0],
+    preload=PRELOAD,
+    repeats=5,
+    only_example="train 8x1024x32000 fp32",
+    plan=lambda args, _workdir: plan(args),
+    measure_memory=measure_memory,
+    measure_times=measure_times,
+    method=_method,
+    progress=_progress,
+    notes=(
         "- ratios are lossplug ÷ anchor (below 1 = lossplug faster / leaner); "
         "extra MiB = peak RSS above the inputs; grad err = max|g - g_ref| / max|g_ref|; "
         "ppl rel err against float64 on the same (rounded) values; bg CPU = share of all "
-        "cores used by other processes while the group was timed"
-    )
-    print(format_tables(results))
-    if args.json:
-        H.write_json(args.json, info, results)
-    return 1 if any(r.error for r in results) else 0
+        "cores used by other processes while the group was timed",
+    ),
+    report=lambda results, _groups: format_tables(results),
+    pairs=lambda group: PAIRS[group.task],
+    make_result=Result,
+    contention_note="; no memory measured",
+    add_arguments=_add_arguments,
+)
 
 
-def contention_main(args: argparse.Namespace) -> int:
-    """``--busy N``: lossplug ÷ anchor time ratios, quiet and with N busy processes."""
-    ctx = H.child_context(PRELOAD)
-    groups = plan(args)
-    method = (
-        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
-        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
-        f"per impl); ratio = median lossplug ÷ median anchor of one timing; no memory measured"
-    )
-    print(H.header("lossplug cross_entropy CPU contention", H.machine_info(), args.threads, method))
-    print(
-        H.run_contention(
-            groups, ctx, measure_times, lambda g: PAIRS[g.task], args.busy, args.rounds
-        )
-    )
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return H.run_benchmark(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ import _harness as H
 import torch
 import torch.nn.functional as F
 from _harness import IGNORE, MiB
+
+from _reference import max_rel_err, reference_linear_cross_entropy_rows
 
 PRELOAD = ["torch", "torch.nn.functional", "lossplug"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -252,50 +253,22 @@ def compute_reference(group: Group, parent_pid: int) -> dict[str, float]:
     """Child-process body: float64 loss and gradients of ``group``'s inputs, saved to its
     ``ref_path``; returns the loss and the seconds it took.
 
-    The logits are materialised in float64 a block of rows at a time (ignored rows skipped, as
-    their gradient is 0); the gradient is that of the mean loss over the scored tokens.
+    The logits are materialised in float64 a block of rows at a time, ignored rows skipped
+    (:func:`_reference.reference_linear_cross_entropy_rows`, the tests' reference); the gradient
+    is that of the mean loss over the scored tokens.
     """
     H.child_setup(parent_pid, group.threads)
     t0 = time.perf_counter()
     hidden, weight, target = make_inputs(
         group.shape, DTYPES[group.dtype], group.prompt_share, group.seed
     )
-    h64, w64 = hidden.double(), weight.double()
-    n, vocab = hidden.shape[0], weight.shape[0]
-    active = torch.nonzero(target != IGNORE).squeeze(1)
-    count = active.numel()
-    grad_h = torch.zeros_like(h64)
-    grad_w = torch.zeros_like(w64)
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    rows = max(1, (256 * MiB) // (8 * vocab))
-    for start in range(0, count, rows):
-        index = active[start : start + rows]
-        h_rows, y = h64.index_select(0, index), target.index_select(0, index)
-        z = h_rows @ w64.t()
-        lse = torch.logsumexp(z, dim=1)
-        nll_sum += (lse - z.gather(1, y[:, None])[:, 0]).sum()
-        p = z.sub_(lse[:, None]).exp_()
-        p[torch.arange(p.shape[0]), y] -= 1.0
-        p.div_(count)
-        grad_h.index_copy_(0, index, p @ w64)
-        grad_w.addmm_(p.t(), h_rows)
-        del z, p
-    loss = float(nll_sum / max(count, 1))
-    torch.save({"loss": loss, "grad_h": grad_h, "grad_w": grad_w, "rows": n}, group.ref_path)
+    ref = reference_linear_cross_entropy_rows(
+        hidden, weight, target, block_bytes=256 * MiB, stats=False
+    )
+    loss = ref["loss"]
+    grads = {"grad_h": ref["grad_hidden"], "grad_w": ref["grad_weight"]}
+    torch.save({"loss": loss, **grads, "rows": hidden.shape[0]}, group.ref_path)
     return {"loss": loss, "seconds": time.perf_counter() - t0}
-
-
-def max_rel_err(grad: torch.Tensor | None, ref: torch.Tensor) -> float | None:
-    """``max |grad - ref| / max |ref|``, a block of rows at a time (no whole float64 copy)."""
-    if grad is None:
-        return None
-    err, top = 0.0, 0.0
-    rows = max(1, (64 * MiB) // (8 * ref.shape[-1]))
-    for start in range(0, ref.shape[0], rows):
-        r = ref[start : start + rows]
-        err = max(err, float((grad[start : start + rows].double() - r).abs_().max()))
-        top = max(top, float(r.abs().max()))
-    return err / top if top > 0 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,9 +623,7 @@ def plan(args: argparse.Namespace, ref_dir: str) -> list[Group]:
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_options(parser, repeats=5, only_example="main")
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--large-repeats",
         type=int,
@@ -671,89 +642,95 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the comparison, time F.linear_cross_entropy's explicit options "
         "against each other (the source of BEST_OPTIONS)",
     )
-    H.add_busy_options(parser)
-    args = H.parse_common(parser, argv)
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.large_repeats < 1:
         parser.error("--large-repeats must be >= 1")
     if not 0.0 <= args.prompt_share < 1.0:
         parser.error("--prompt-share must be in [0, 1)")
-
     # one inductor compile worker: no idle pool of processes beside the measured ones
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    if args.busy > 0:
-        return contention_main(args)
-    policy = H.load_policy(args)
-    ctx = H.child_context(PRELOAD)
-    info = H.machine_info()
+
+
+def _extend_info(info: dict[str, str]) -> None:
     try:
         from importlib.metadata import version
 
         info["lossplug"] += f", cut-cross-entropy {version('cut-cross-entropy')}"
     except Exception:
         info["lossplug"] += ", cut-cross-entropy not installed"
-    with tempfile.TemporaryDirectory(prefix="lce-bench-") as ref_dir:
-        groups = plan(args, ref_dir)
-        n_cases = sum(len(g.impls) for g in groups)
-        method = (
-            f"{n_cases} cases; fwd + bwd w.r.t. h and W, reduction mean; peak extra memory "
-            f"(RSS above the inputs, gradients included) and errors from one cold call, each "
-            f"case in its own process; time = median of {args.repeats} calls per case "
-            f"({args.large_repeats} in the large group), lossplug and its anchors interleaved "
-            f"in one process per group after a full-size warm-up call each; "
-            f"{H.describe_policy(policy)}"
-        )
-        title = "lossplug linear_cross_entropy CPU benchmark"
-        print(H.header(title, info, args.threads, method), flush=True)
-        results: list[Result] = []
-        load_before = H.loadavg()
-        t_start = time.perf_counter()
-        for group in groups:
-            print(f"{group.label}", flush=True)
-            try:
-                ref = H.run_in_child(compute_reference, group, ctx)
-                print(f"  float64 reference: loss {ref['loss']:.6f} ({ref['seconds']:.0f} s)")
-            except Exception as exc:
-                print(f"  float64 reference failed: {type(exc).__name__}: {exc}")
-            for res in H.run_group(group, ctx, measure_memory, measure_times, Result, **policy):
-                results.append(res)
-                print(progress_line(res), flush=True)
-            if os.path.exists(group.ref_path):
-                os.remove(group.ref_path)
-    print(H.footer(results, load_before, time.perf_counter() - t_start))
-    print(
+
+
+def _method(args: argparse.Namespace, groups: list[Group], policy: dict[str, Any]) -> str:
+    n_cases = sum(len(g.impls) for g in groups)
+    return (
+        f"{n_cases} cases; fwd + bwd w.r.t. h and W, reduction mean; peak extra memory "
+        f"(RSS above the inputs, gradients included) and errors from one cold call, each "
+        f"case in its own process; time = median of {args.repeats} calls per case "
+        f"({args.large_repeats} in the large group), lossplug and its anchors interleaved "
+        f"in one process per group after a full-size warm-up call each; "
+        f"{H.describe_policy(policy)}"
+    )
+
+
+def _before_group(group: Group, ctx: Any) -> None:
+    """The group's float64 reference, in a child of its own (its memory is not the cases')."""
+    print(f"{group.label}", flush=True)
+    try:
+        ref = H.run_in_child(compute_reference, group, ctx)
+        print(f"  float64 reference: loss {ref['loss']:.6f} ({ref['seconds']:.0f} s)")
+    except Exception as exc:
+        print(f"  float64 reference failed: {type(exc).__name__}: {exc}")
+
+
+def _after_group(group: Group) -> None:
+    if os.path.exists(group.ref_path):
+        os.remove(group.ref_path)
+
+
+def _pairs(group: Group) -> dict[str, tuple[str, ...]]:
+    timed = [i for i in group.impls if i not in group.untimed]
+    return {LOSSPLUG: tuple(i for i in timed if i != LOSSPLUG)}
+
+
+def _report(results: list[H.Result], groups: list[Group]) -> str:
+    return format_tables(results, groups) + "\n\n" + verdict_line(results, groups)
+
+
+SPEC = H.BenchmarkSpec(
+    title="lossplug linear_cross_entropy CPU",
+    description=__doc__.splitlines()[0],
+    preload=PRELOAD,
+    repeats=5,
+    only_example="main",
+    plan=plan,
+    measure_memory=measure_memory,
+    measure_times=measure_times,
+    method=_method,
+    progress=progress_line,
+    notes=(
         "- ratios are lossplug ÷ anchor (below 1 = lossplug faster / leaner); extra MiB = peak "
         "RSS above the inputs during the call, the gradients of h and W included; extra / grads "
         "= that over the bytes of those two gradients; grad err = max|g - g_ref| / max|g_ref| "
         "per tensor, loss rel err against float64 on the same (rounded) inputs; bg CPU = share "
-        "of all cores used by other processes while the group was timed"
-    )
-    print(f"- {DESIGN_ANCHORS}")
-    print(format_tables(results, groups))
-    print("\n" + verdict_line(results, groups))
-    if args.json:
-        H.write_json(args.json, info, results)
-    return 1 if any(r.error for r in results if r.case.impl != CCE) else 0
+        "of all cores used by other processes while the group was timed",
+        f"- {DESIGN_ANCHORS}",
+    ),
+    report=_report,
+    pairs=_pairs,
+    make_result=Result,
+    add_arguments=_add_arguments,
+    check_arguments=_check_arguments,
+    extend_info=_extend_info,
+    before_group=_before_group,
+    after_group=_after_group,
+    errors_allowed=(CCE,),  # an optional anchor: not installed, or no compiler
+)
 
 
-def contention_main(args: argparse.Namespace) -> int:
-    """``--busy N``: lossplug ÷ each anchor's time, quiet and with N busy processes."""
-    ctx = H.child_context(PRELOAD)
-    method = (
-        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
-        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
-        f"per impl); ratio = median lossplug ÷ median anchor of one timing"
-    )
-    title = "lossplug linear_cross_entropy CPU contention"
-    print(H.header(title, H.machine_info(), args.threads, method), flush=True)
-
-    def pairs(group: Group) -> dict[str, tuple[str, ...]]:
-        timed = [i for i in group.impls if i not in group.untimed]
-        return {LOSSPLUG: tuple(i for i in timed if i != LOSSPLUG)}
-
-    with tempfile.TemporaryDirectory(prefix="lce-bench-") as ref_dir:
-        groups = plan(args, ref_dir)
-        print(H.run_contention(groups, ctx, measure_times, pairs, args.busy, args.rounds))
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return H.run_benchmark(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -227,58 +226,45 @@ def plan(args: argparse.Namespace) -> list[Group]:
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_options(parser, repeats=11, only_example="4x512x32000 fp32")
-    H.add_busy_options(parser)
-    args = H.parse_common(parser, argv)
-    if args.busy > 0:
-        return contention_main(args)
-
-    policy = H.load_policy(args)
-    ctx = H.child_context(PRELOAD)
-    info = H.machine_info()
-    groups = plan(args)
+def _method(args: argparse.Namespace, groups: list[Group], policy: dict[str, Any]) -> str:
     n_cases = sum(len(g.impls) for g in groups)
-    method = (
+    return (
         f"{n_cases} cases; targets ~{IGNORED_SHARE:.0%} ignored (-100); peak extra memory and "
         f"error from one cold call, each case in its own process; time = median of "
         f"{args.repeats} calls per case, both metrics interleaved in one process per group "
         f"after a warm-up call each; {H.describe_policy(policy)}"
     )
-    print(H.header("lossplug Perplexity CPU benchmark", info, args.threads, method), flush=True)
-    results: list[H.Result] = []
-    load_before = H.loadavg()
-    t_start = time.perf_counter()
-    for group in groups:
-        for res in H.run_group(group, ctx, measure_memory, measure_times, **policy):
-            results.append(res)
-            shape = "x".join(map(str, res.case.shape))
-            print(H.progress_line(res, f"{shape:>14s} {res.case.dtype} {res.case.impl:12s}"))
-    print(H.footer(results, load_before, time.perf_counter() - t_start))
-    print(
+
+
+def _progress(res: H.Result) -> str:
+    shape = "x".join(map(str, res.case.shape))
+    return H.progress_line(res, f"{shape:>14s} {res.case.dtype} {res.case.impl:12s}")
+
+
+SPEC = H.BenchmarkSpec(
+    title="lossplug Perplexity CPU",
+    description=__doc__.splitlines()[0],
+    preload=PRELOAD,
+    repeats=11,
+    only_example="4x512x32000 fp32",
+    plan=lambda args, _workdir: plan(args),
+    measure_memory=measure_memory,
+    measure_times=measure_times,
+    method=_method,
+    progress=_progress,
+    notes=(
         "- ratios are lossplug ÷ torchmetrics (below 1 = lossplug faster / leaner); extra MiB = "
         "peak RSS above the inputs; ppl rel err against float64 on the same (rounded) values; "
-        "bg CPU = share of all cores used by other processes while the group was timed"
-    )
-    print(format_tables(results))
-    if args.json:
-        H.write_json(args.json, info, results)
-    return 1 if any(r.error for r in results) else 0
+        "bg CPU = share of all cores used by other processes while the group was timed",
+    ),
+    report=lambda results, _groups: format_tables(results),
+    pairs=lambda group: {"lossplug": ("torchmetrics",)},
+    anchor_name="torchmetrics",
+)
 
 
-def contention_main(args: argparse.Namespace) -> int:
-    """``--busy N``: lossplug ÷ torchmetrics time ratios, quiet and with N busy processes."""
-    ctx = H.child_context(PRELOAD)
-    method = (
-        f"--busy {args.busy}: each group timed {args.rounds} rounds, each round quiet then with "
-        f"{args.busy} busy-looping processes (fresh child each, {args.repeats} interleaved calls "
-        f"per impl); ratio = median lossplug ÷ median torchmetrics of one timing"
-    )
-    print(H.header("lossplug Perplexity CPU contention", H.machine_info(), args.threads, method))
-    pairs = {"lossplug": ("torchmetrics",)}
-    print(H.run_contention(plan(args), ctx, measure_times, lambda g: pairs, args.busy, args.rounds))
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return H.run_benchmark(SPEC, argv)
 
 
 if __name__ == "__main__":
