@@ -548,3 +548,19 @@ def test_scalar_loss_gradient_is_not_left_in_the_graph():
     loss.backward()
     assert node.grad3 is None
     assert x.grad.data_ptr() == held  # the leaf took the buffer, no copy
+
+
+def test_scalar_loss_gradient_keeps_autograd_s_guards():
+    """The forward-sweep gradient still refuses logits changed in place before backward() and a
+    second backward() through a freed graph, as F.cross_entropy does."""
+    target = make_target((2, 5), 11, seed=108)
+    leaf = make_logits((2, 5, 11), torch.float32, seed=107).requires_grad_()
+    logits = leaf * 1
+    loss = lossplug.cross_entropy(logits, target, backend="torch")
+    logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = lossplug.cross_entropy(leaf, target, backend="torch")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()

@@ -176,8 +176,12 @@ def _reduce(loss_rows: torch.Tensor, tokens: torch.Tensor, spec: LossSpec) -> to
     total = loss_rows.sum(dtype=torch.float64)
     if spec.reduction == "sum":
         return total.to(loss_rows.dtype)
-    denominator = tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
-    return (total / denominator).to(loss_rows.dtype)
+    return (total / _mean_denominator(tokens, spec)).to(loss_rows.dtype)
+
+
+def _mean_denominator(tokens: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """What the ``"mean"`` loss divides by: 0 tokens give 0 (``"zero"``) or ``nan``."""
+    return tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
 
 
 def _loss_shape(target: torch.Tensor, shift: bool) -> tuple[int, ...]:
@@ -269,9 +273,8 @@ class _GradInForwardCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits3, target_rows, tokens, spec: LossSpec, impl: GradInForwardBackend):
         if spec.reduction == "mean":
-            denominator = tokens.clamp(min=1) if spec.all_ignored == "zero" else tokens
             # the float64 quotient cast once, as autograd's gradient of _reduce would be
-            weight = 1.0 / denominator.to(torch.float64)
+            weight = 1.0 / _mean_denominator(tokens, spec).to(torch.float64)
         else:
             weight = torch.ones((), dtype=torch.float64, device=tokens.device)
         grad3 = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)

@@ -179,16 +179,14 @@ def score_chunk(
     spec: LossSpec,
     log_probs_buf: torch.Tensor,
     probs_buf: torch.Tensor,
-    *,
-    want_probs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, nll, lse, entropy, correct)`` of the (soft-capped) logits ``z``.
 
     ``z`` is float32, or float64 for float64 inputs; the results have its dtype. ``target`` must
     be a valid class for every row (callers mask ignored rows afterwards). ``log_probs_buf`` and
     ``probs_buf`` are ``z``-shaped workspaces of ``z``'s dtype; ``probs_buf`` may be
-    ``z`` itself. With ``spec.full_stats`` or ``want_probs`` it holds the softmax of ``z`` on
-    return, which the fused linear path turns into the gradient without another exponential.
+    ``z`` itself (it holds the softmax on return when ``spec.full_stats``). The pass without a
+    gradient; :func:`score_chunk_with_grad` is the one with.
     """
     y = target[:, None]
     z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
@@ -209,12 +207,26 @@ def score_chunk(
         row_entropy = log_p.mul_(p).sum(dim=1).neg_()
         row_correct = argmax == y[:, 0]
     else:
-        if want_probs:
-            torch.exp(log_p, out=probs_buf)
         row_entropy = torch.zeros_like(row_nll)
         row_correct = torch.zeros_like(row_nll, dtype=torch.bool)
     row_loss = spec.training_loss(row_nll, row_lse, z_mean)
     return row_loss, row_nll, row_lse, row_entropy, row_correct
+
+
+def _empty_rows(n_rows: int, compute: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialised ``loss, nll, lse, entropy`` (``compute``) and ``correct`` (int32), ``[n]``."""
+    rows = [torch.empty(n_rows, dtype=compute, device=device) for _ in range(4)]
+    return [*rows, torch.empty(n_rows, dtype=torch.int32, device=device)]
+
+
+def _chunk_pairs(
+    logits3: torch.Tensor, grad3: torch.Tensor, rows_per_chunk: int
+) -> list[tuple[tuple[int, torch.Tensor], torch.Tensor]]:
+    """Each ``(first_row, chunk)`` of the logits with the chunk of ``grad3`` its rows go to."""
+    pairs = zip(
+        _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
+    )
+    return [(chunk, out) for chunk, (_, out) in pairs]
 
 
 def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
@@ -223,13 +235,9 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
     device = logits3.device
     compute = compute_dtype(logits3.dtype)
     fp = dict(dtype=compute, device=device)
-    loss = torch.empty(n_rows, **fp)
-    nll = torch.empty(n_rows, **fp)
-    lse = torch.empty(n_rows, **fp)
-    entropy = torch.empty(n_rows, **fp)
-    correct = torch.empty(n_rows, dtype=torch.int32, device=device)
+    loss, nll, lse, entropy, correct = outputs = _empty_rows(n_rows, compute, device)
     if n_rows == 0:
-        return RowOutputs(loss, nll, lse, entropy, correct)
+        return RowOutputs(*outputs)
 
     rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
     direct = logits3.dtype == compute and spec.softcap is None
@@ -253,7 +261,7 @@ def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowO
 
     run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device, logits3.numel())
 
-    return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
+    return RowOutputs(*outputs).mask_(ignored, invalid)
 
 
 def score_chunk_with_grad(
@@ -325,13 +333,9 @@ def forward_with_grad(
     device = logits3.device
     compute = compute_dtype(logits3.dtype)
     fp = dict(dtype=compute, device=device)
-    loss = torch.empty(n_rows, **fp)
-    nll = torch.empty(n_rows, **fp)
-    lse = torch.empty(n_rows, **fp)
-    entropy = torch.empty(n_rows, **fp)
-    correct = torch.empty(n_rows, dtype=torch.int32, device=device)
+    loss, nll, lse, entropy, correct = outputs = _empty_rows(n_rows, compute, device)
     if n_rows == 0:
-        return RowOutputs(loss, nll, lse, entropy, correct)
+        return RowOutputs(*outputs)
 
     rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
     ignored, invalid, target_safe = spec.target_masks(target, vocab)
@@ -371,12 +375,8 @@ def forward_with_grad(
             if staged:
                 out.copy_(dest)
 
-    chunk_pairs = list(
-        zip(_row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True)
-    )
-    chunk_pairs = [(chunk, out) for chunk, (_, out) in chunk_pairs]
-    run_chunks(work, chunk_pairs, device, logits3.numel())
-    return RowOutputs(loss, nll, lse, entropy, correct).mask_(ignored, invalid)
+    run_chunks(work, _chunk_pairs(logits3, grad3, rows_per_chunk), device, logits3.numel())
+    return RowOutputs(*outputs).mask_(ignored, invalid)
 
 
 def grad_coefficients(
@@ -469,11 +469,4 @@ def backward(
             if staged:
                 out.copy_(dest)
 
-    # each chunk of the logits with the chunk of the gradient its rows go to
-    chunk_pairs = [
-        (chunk, out)
-        for chunk, (_, out) in zip(
-            _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
-        )
-    ]
-    run_chunks(work, chunk_pairs, device, logits3.numel())
+    run_chunks(work, _chunk_pairs(logits3, grad3, rows_per_chunk), device, logits3.numel())
