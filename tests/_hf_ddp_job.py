@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lossplug
 from lossplug.integrations.transformers import LossplugCallback
+from test_hf_slices import DDP_SOURCES, keep_strings, with_sources
 from test_hf_trainer_callback import make_trainer, rows
 
 
@@ -29,12 +30,14 @@ def main(out: Path) -> None:
     kpi = lossplug.KPI("steps", which_rank, every_n_steps=3, timeout_s=60)
     trainer = make_trainer(
         out,
-        LossplugCallback([kpi]),
+        LossplugCallback([kpi], slice_by="source"),
+        collator=keep_strings,
         per_device_train_batch_size=2,
         per_device_eval_batch_size=3,
         ddp_backend="gloo",
     )
-    trainer.eval_dataset = rows(12, seed=2, uneven=True)  # 2 batches of 3 on each rank
+    # 2 batches of 3 on each rank: rank 0 reads the "a" rows, rank 1 the "b" and "c" ones
+    trainer.eval_dataset = with_sources(rows(12, seed=2, uneven=True), DDP_SOURCES)
     trainer.train()
     rank = trainer.args.process_index
     payload = {"history": trainer.state.log_history, "ran_on": ran_on}

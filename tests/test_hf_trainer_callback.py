@@ -45,7 +45,7 @@ def rows(n: int, seed: int, *, uneven: bool = False) -> list[dict[str, torch.Ten
     return [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels, strict=True)]
 
 
-def make_trainer(tmp_path, callback, *, model=None, patched=True, **overrides):
+def make_trainer(tmp_path, callback, *, model=None, patched=True, collator=None, **overrides):
     model = model if model is not None else tiny_llama()
     if patched:
         patch_causal_lm(model)
@@ -73,6 +73,7 @@ def make_trainer(tmp_path, callback, *, model=None, patched=True, **overrides):
         train_dataset=rows(40, seed=1),
         eval_dataset=rows(7, seed=2, uneven=True),  # batches of 3, 3, 1 rows, unequal tokens
         callbacks=[callback],
+        data_collator=collator,
     )
 
 
@@ -242,14 +243,17 @@ def test_ddp_with_torchrun_gives_the_single_process_values(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     # one process with twice the batch reads the same rows at each step
+    from test_hf_slices import DDP_SOURCES, keep_strings, per_slice_reference, with_sources
+
     same_schedule = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=3)
     single = make_trainer(
         tmp_path / "single",
-        LossplugCallback([same_schedule]),
+        LossplugCallback([same_schedule], slice_by="source"),
+        collator=keep_strings,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=6,
     )
-    single.eval_dataset = rows(12, seed=2, uneven=True)
+    single.eval_dataset = with_sources(rows(12, seed=2, uneven=True), DDP_SOURCES)
     single.train()
     reference = single.state.log_history
     ref_val = reference_val(single.model, single.eval_dataset)
@@ -272,6 +276,13 @@ def test_ddp_with_torchrun_gives_the_single_process_values(tmp_path):
             (6, 6.0),
         ]
     assert ranks[0]["ran_on"] == [0, 0] and ranks[1]["ran_on"] == []  # run once, broadcast
+    # per slice, each seen on one rank only: summed over both, equal to a float64 reference
+    per_slice = per_slice_reference(single.model, single.eval_dataset, DDP_SOURCES)
+    for got in ranks:
+        last = rows_with(got["history"], "val/perplexity")[-1]
+        for name, ref in per_slice.items():
+            assert last[f"val/perplexity/{name}"] == pytest.approx(ref["perplexity"], rel=1e-4)
+            assert last[f"val/tokens/{name}"] == ref["tokens"]
 
 
 def test_resume_from_checkpoint_continues_the_window_tokens_and_kpi_state(tmp_path):

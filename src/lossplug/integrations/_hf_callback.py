@@ -10,14 +10,25 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
-from lossplug.callbacks._accumulator import METRIC_NAMES, SUMMARIES, StatsAccumulator
-from lossplug.integrations.transformers import patched_models, pop_token_stats
+from lossplug.callbacks._accumulator import (
+    METRIC_NAMES,
+    SUMMARIES,
+    SliceAccumulator,
+    StatsAccumulator,
+    check_slice_by,
+    slice_labels,
+)
+from lossplug.integrations.transformers import (
+    _pop_stats_with_inputs,
+    _read_slices_from,
+    patched_models,
+)
 from lossplug.kpi._core import KPI, KPIContext
 from lossplug.kpi._runner import KPIRunner
 
@@ -64,9 +75,20 @@ class LossplugCallback(TrainerCallback):
     Args:
         kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
         metrics: which of ``cross_entropy``, ``perplexity``, ``token_accuracy``, ``entropy``.
+        slice_by: also log every evaluation value per slice of the eval data, as
+            ``val/<metric>/<slice>`` (and ``val/tokens/<slice>``) beside the overall
+            ``val/<metric>``: the name of a key of the batch holding one label per sequence
+            (ints, or strings with a data collator that keeps them), or a function
+            ``inputs -> labels`` given the named inputs of the model's call. The values are
+            exact and token-weighted like the overall one (the slices' sums add up to it) and
+            summed over processes. The patched model takes the key out of the call before its
+            own forward runs, and shows it in its signature so that the Trainer's
+            ``remove_unused_columns`` keeps the column; the labels are read at the first
+            evaluation (``eval_on_start=True`` checks them before training).
 
     Raises:
-        TypeError: ``kpis`` is not a list of KPIs, or ``metrics`` is not a sequence of names.
+        TypeError: ``kpis`` is not a list of KPIs, ``metrics`` is not a sequence of names, or
+            ``slice_by`` is neither a key nor a function.
         ValueError: two KPIs share a name, or ``metrics`` is empty, repeats or names an unknown
             metric.
 
@@ -75,10 +97,19 @@ class LossplugCallback(TrainerCallback):
         >>> callback = LossplugCallback(metrics=("perplexity",))
         >>> callback.keys("val")
         ['val/perplexity', 'val/tokens']
+        >>> LossplugCallback(metrics=("perplexity",), slice_by="source").slice_keys("code")
+        ['val/perplexity/code', 'val/tokens/code']
     """
 
-    def __init__(self, kpis: Sequence[KPI] | KPI = (), *, metrics: Sequence[str] = METRIC_NAMES):
+    def __init__(
+        self,
+        kpis: Sequence[KPI] | KPI = (),
+        *,
+        metrics: Sequence[str] = METRIC_NAMES,
+        slice_by: str | Callable[[Any], Any] | None = None,
+    ):
         self.runner = KPIRunner(kpis)
+        check_slice_by(slice_by)
         if isinstance(metrics, str) or not isinstance(metrics, Sequence):
             raise TypeError(
                 f"metrics must be a sequence of names from {METRIC_NAMES}, got {metrics!r}"
@@ -91,8 +122,10 @@ class LossplugCallback(TrainerCallback):
                 f"got {metrics!r}"
             )
         self.metrics = metrics
+        self.slice_by = slice_by
         self._window = StatsAccumulator()
         self._val = StatsAccumulator()
+        self._val_slices = SliceAccumulator()
         self._tokens_total = 0
         self._in_eval = False
         self._expect_train_log = False  # the flow callback asked the Trainer to log this step
@@ -121,9 +154,14 @@ class LossplugCallback(TrainerCallback):
             raise ValueError(f"stage must be 'train' or 'val', got {stage!r}")
         return [f"{stage}/{name}" for name in self.metrics] + [f"{stage}/tokens"]
 
+    def slice_keys(self, slice_name: str) -> list[str]:
+        """The evaluation keys logged for one slice (``slice_by``)."""
+        return [f"{key}/{slice_name}" for key in self.keys("val")]
+
     # ---------------------------------------------------------------------------------- hooks
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._place(sys._getframe(1))
+        self._see(kwargs.get("model"))  # before any batch: the slice key must reach the patch
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._place(sys._getframe(1))  # added with trainer.add_callback, after __init__
@@ -136,6 +174,7 @@ class LossplugCallback(TrainerCallback):
             self._load(saved, is_rank_zero=state.is_world_process_zero)
         self._restored = True
         self._check_patched(kwargs.get("model"))
+        self._see(kwargs.get("model"))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._restored = False  # a later trainer.train() starts from its own state
@@ -161,12 +200,14 @@ class LossplugCallback(TrainerCallback):
         if not self._in_eval:
             self._in_eval = True
             self._val.reset()
+            self._val_slices.reset()
             self._check_patched(kwargs.get("model"))
-        self._collect(self._val, kwargs.get("model"))
+        self._collect(self._val, kwargs.get("model"), self._val_slices)
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_eval = False  # trainer.predict() logs nothing: its batches are no evaluation
         self._val.reset()
+        self._val_slices.reset()
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._expect_train_log = control.should_log  # logging_strategy="epoch"
@@ -187,6 +228,8 @@ class LossplugCallback(TrainerCallback):
             ours.update(self._named("val", values))
             if values["tokens"] > 0:
                 ours["val/tokens"] = values["tokens"]
+            if self.slice_by is not None:
+                ours.update(self._read_slices())
             self._learn(logs, ours)
             self._run("validation_end", state, model)
         elif self._expect_train_log and "loss" in logs and "learning_rate" in logs:
@@ -261,15 +304,54 @@ class LossplugCallback(TrainerCallback):
             stacklevel=3,
         )
 
-    def _collect(self, acc: StatsAccumulator, model: Any) -> None:
+    def _see(self, model: Any) -> None:
+        """Find the patched models in ``model`` (once per model, not at every micro-batch) and
+        tell them what ``slice_by`` needs."""
+        if model is None or model is self._model:
+            return
+        self._model, self._patched = model, patched_models(model)
+        _read_slices_from(self._patched, self.slice_by)
+
+    def _collect(
+        self, acc: StatsAccumulator, model: Any, slices: SliceAccumulator | None = None
+    ) -> None:
         # taken after every forward with labels: the patch keeps only the last call's stats
         if model is None:
             return
-        if model is not self._model:  # walked once per model, not at every micro-batch
-            self._model, self._patched = model, patched_models(model)
-        stats = pop_token_stats(self._patched)
-        if stats is not None:
-            acc.add(stats)
+        self._see(model)
+        for stats, inputs in _pop_stats_with_inputs(self._patched):
+            acc.add(stats.sum())
+            if slices is not None and self.slice_by is not None:
+                slices.add(stats, self._slice_labels(stats, inputs))
+
+    def _slice_labels(self, stats: Any, inputs: Mapping[str, Any] | None) -> Any:
+        if inputs is None:
+            raise RuntimeError(
+                "LossplugCallback(slice_by=...) met an evaluation batch that the model ran "
+                "before the callback could tell it to keep the slice labels: give the callback "
+                "to Trainer(callbacks=[...]) or add it before trainer.train()"
+            )
+        try:
+            return slice_labels(self.slice_by, inputs, stats.shape, owner="LossplugCallback")
+        except KeyError as error:
+            raise KeyError(
+                f"{error.args[0]}. The Trainer's data collator drops a key it cannot batch "
+                "(transformers' default collator drops strings: use int labels or a collator "
+                "that keeps them), and its column filter drops a dataset column the model does "
+                "not take when the callback is added after the Trainer is built "
+                "(remove_unused_columns=False keeps it)"
+            ) from None
+
+    def _read_slices(self) -> dict[str, float]:
+        """``val/<metric>/<slice>`` of every slice seen on any process (a collective)."""
+        per_slice = self._val_slices.read(_all_reduce, _gather_names)
+        self._val_slices.reset()
+        return {
+            f"val/{metric}/{name}": values[metric]
+            for name, values in per_slice.items()
+            for metric in (*self.metrics, "tokens")
+            if metric in values
+        }
 
     def _named(self, stage: str, values: Mapping[str, float]) -> dict[str, float]:
         return {f"{stage}/{name}": values[name] for name in self.metrics if name in values}
@@ -308,7 +390,8 @@ class LossplugCallback(TrainerCallback):
             )
             self._pending.update(outcome.metrics)
         if model is not None:
-            pop_token_stats(model)  # a KPI's own forward with labels is not training data
+            # a KPI's own forward with labels is not training data
+            _pop_stats_with_inputs(patched_models(model))
 
     def _log_to_wandb(self, metrics: Mapping[str, float], step: int) -> None:
         import wandb
@@ -334,7 +417,7 @@ class LossplugCallback(TrainerCallback):
         """W&B's summary of ``key``: its best value, or its last for totals and counters."""
         stage, _, name = key.partition("/")
         if stage in ("train", "val"):
-            return SUMMARIES.get(name)
+            return SUMMARIES.get(name.split("/", 1)[0])  # val/perplexity/<slice> as val/perplexity
         for item in self.kpis:
             if key == item.key or key.startswith(item.key + "/"):
                 if key.rsplit("/", 1)[-1] in _BOOKKEEPING:
@@ -409,6 +492,16 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.to(_collective_device())
     torch.distributed.all_reduce(tensor)
     return tensor
+
+
+def _gather_names(names: list[str]) -> list[list[str]]:
+    """Every process's list of names (identity on one); every process must call it together."""
+    world = _world_size()
+    if world <= 1:
+        return [names]
+    everyone: list[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, names)
+    return everyone
 
 
 def _broadcast(obj: Any) -> Any:

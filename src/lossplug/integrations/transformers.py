@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -78,17 +78,35 @@ class _Patch:
         self.deferring = False
         self.hidden: torch.Tensor | None = None
         self.last_stats: TokenStats | None = None
+        # set by LossplugCallback(slice_by=...): a call with labels keeps its inputs (the slice
+        # labels are read from them), and a key named here is taken out of the call before the
+        # model's forward sees it, should the forward not take it
+        self.slice_by: str | Callable[[Any], Any] | None = None
+        self.last_inputs: dict[str, Any] | None = None
 
     def pop_token_stats(self) -> TokenStats | None:
         """The statistics of the last call with labels, once (``None`` if already taken)."""
         stats, self.last_stats = self.last_stats, None
         return stats
 
+    def pop_inputs(self) -> dict[str, Any] | None:
+        """The named inputs of the last call with labels while ``slice_by`` is set, once."""
+        inputs, self.last_inputs = self.last_inputs, None
+        return inputs
+
     def __getstate__(self) -> dict[str, Any]:
         # A copy has run no call yet: the statistics are handed out once, by the model that
         # computed them (a copy handing them out again would count those tokens twice), and the
-        # hidden states of a call in flight belong to that call's graph.
-        return {**vars(self), "deferring": False, "hidden": None, "last_stats": None}
+        # hidden states of a call in flight belong to that call's graph. slice_by belongs to the
+        # callback that set it (and may be a lambda, which does not pickle).
+        return {
+            **vars(self),
+            "deferring": False,
+            "hidden": None,
+            "last_stats": None,
+            "slice_by": None,
+            "last_inputs": None,
+        }
 
 
 def __getattr__(name: str) -> Any:
@@ -245,6 +263,27 @@ def pop_token_stats(
     )
 
 
+def _read_slices_from(models: Iterable[nn.Module], slice_by: Any) -> None:
+    """Make the patched ``models`` keep each labelled call's inputs for ``slice_by`` (and take
+    a key it names out of the call); ``None`` stops it."""
+    for model in models:
+        getattr(model, _ATTR).slice_by = slice_by
+
+
+def _pop_stats_with_inputs(
+    models: Iterable[nn.Module],
+) -> list[tuple[TokenStats, dict[str, Any] | None]]:
+    """Per patched model that computed a loss since the last pop: its per-sequence statistics
+    and the named inputs of that call (``None`` unless it was told to keep them)."""
+    found = []
+    for model in models:
+        patch = getattr(model, _ATTR)
+        stats, inputs = patch.pop_token_stats(), patch.pop_inputs()
+        if stats is not None:
+            found.append((stats, inputs))
+    return found
+
+
 class _DeferringHeadForward:
     """The output layer's ``forward`` while patched: in a call with labels it hands its input (the
     last hidden states) to the fused loss instead of building the logits."""
@@ -279,18 +318,38 @@ class _ForwardWithFusedLoss:
         model = self.model
         return type(model).forward.__get__(model, type(model))
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The model's own signature, plus the key ``slice_by`` names (when the forward does not
+        take it), so that the Trainer's column filter (``remove_unused_columns``) keeps it."""
+        signature = inspect.signature(self.__wrapped__)
+        key = self.patch.slice_by
+        if not isinstance(key, str) or key in signature.parameters:
+            return signature
+        params = list(signature.parameters.values())
+        # keyword-only parameters go before a **kwargs
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None))
+        return signature.replace(parameters=params)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward, patch = self.__wrapped__, self.patch
         if self._signature is None:
             self._signature = inspect.signature(forward)
+        slice_by, taken = patch.slice_by, {}
+        own_key = isinstance(slice_by, str) and slice_by in self._signature.parameters
+        if isinstance(slice_by, str) and not own_key and slice_by in kwargs:
+            taken[slice_by] = kwargs.pop(slice_by)
         try:
-            labels = self._signature.bind_partial(*args, **kwargs).arguments.get("labels")
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:  # let the model's own forward raise its own error
-            labels = None
+            bound = {}
+        labels = bound.get("labels")
         if labels is None:
             return forward(*args, **kwargs)
         # a call's statistics are its own: never the last call's, should its loss not run
         patch.deferring, patch.hidden, patch.last_stats = True, None, None
+        patch.last_inputs = None if slice_by is None else {**_flat(bound, self._signature), **taken}
         try:
             output = forward(*args, **kwargs)
         finally:
@@ -303,6 +362,17 @@ class _ForwardWithFusedLoss:
     def __getstate__(self) -> dict[str, Any]:
         # read again from the model in the copy; a signature's defaults need not pickle
         return {**vars(self), "_signature": None}
+
+
+def _flat(arguments: Mapping[str, Any], signature: inspect.Signature) -> dict[str, Any]:
+    """Bound arguments by name, a ``**kwargs`` parameter's entries spread among them."""
+    flat: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
 
 
 def _fused_loss(
