@@ -275,41 +275,46 @@ def score_chunk_with_grad(
 ) -> tuple[torch.Tensor, ...]:
     """:func:`score_chunk` and the gradient of ``Σ weight * loss_row`` in the same sweep.
 
-    One exponential per logit serves the log-sum-exp, the entropy and the gradient: with
-    ``d = z - max`` and ``e = exp(d)``, ``lse = max + log Σe``, the softmax is ``e / Σe`` and the
-    entropy ``log Σe - Σ e·d / Σe``, a sum of two non-negative terms (``d <= 0``), so it loses
-    nothing to cancellation however peaked the distribution. ``d`` is written to
-    ``shifted_out``, which may be ``z`` itself (a workspace) and, when no statistics are wanted,
-    ``grad_out``: the plain loss then needs no workspace at all. ``grad_out`` (``z``'s dtype)
+    One exponential per logit serves the log-sum-exp, the entropy and the gradient. Without
+    statistics, torch's softmax kernel makes the sweep: max, exponentials, sum and scaling in one
+    call, with its faster vectorised exponential (a third quicker than separate ops); ``Σe`` comes
+    back as ``1 / p`` at the largest logit, whose ``e`` is ``exp(0) = 1``, so ``lse = max - log
+    p_max``, as in :func:`score_chunk`. With statistics, ``d = z - max`` and ``e = exp(d)`` give
+    ``lse = max + log Σe``, the softmax ``e / Σe`` and the entropy ``log Σe - Σ e·d / Σe``, a sum
+    of two non-negative terms (``d <= 0``), so it loses nothing to cancellation however peaked
+    the distribution; ``d`` is written to ``shifted_out``, which may be ``z`` itself (a
+    workspace). ``grad_out`` (``z``'s dtype, possibly ``z`` itself when no statistics are wanted)
     receives the gradient; ``weight`` is ``[n]`` (0 at rows that are not scored) and ``dtanh``
     the softcap's derivative.
     """
     y = target[:, None]
     z_mean = z.mean(dim=1) if spec.label_smoothing > 0 else None
+    row_nll = z.gather(1, y)[:, 0].neg_()  # -z_y here, lse - z_y below
     if spec.full_stats:
         argmax = _first_argmax(z)
         z_max = z.gather(1, argmax[:, None])[:, 0]
+        d = torch.sub(z, z_max[:, None], out=shifted_out)  # z is not needed any more
+        d.clamp_(min=_LOG_FLOOR[z.dtype])  # e = 0 either way; keeps 0 * (-inf) out of Σ e·d
+        p = torch.exp(d, out=grad_out)
+        sum_e = p.sum(dim=1)
+        log_sum_e = sum_e.log()
+        row_lse = z_max + log_sum_e
+        e_dot_d = d.mul_(p).sum(dim=1)  # d is not needed any more
+        row_entropy = log_sum_e - e_dot_d / sum_e
         row_correct = argmax == target
     else:
         z_max = z.amax(dim=1)
-        row_correct = torch.zeros_like(target, dtype=torch.bool)
-    row_nll = z.gather(1, y)[:, 0].neg_()  # -z_y here, lse - z_y below
-    d = torch.sub(z, z_max[:, None], out=shifted_out)  # z is not needed any more
-    if spec.full_stats:  # e = 0 either way; keeps 0 * (-inf) out of Σ e·d at masked logits
-        d.clamp_(min=_LOG_FLOOR[z.dtype])
-    e = torch.exp(d, out=grad_out)
-    sum_e = e.sum(dim=1)
-    log_sum_e = sum_e.log()
-    row_lse = z_max + log_sum_e
-    row_nll.add_(row_lse)
-    if spec.full_stats:
-        e_dot_d = d.mul_(e).sum(dim=1)  # d is not needed any more
-        row_entropy = log_sum_e - e_dot_d / sum_e
-    else:
+        p = torch.softmax(z, 1, out=grad_out)  # z is not needed any more
+        row_lse = z_max - p.amax(dim=1).log_()
         row_entropy = torch.zeros_like(row_nll)
+        row_correct = torch.zeros_like(target, dtype=torch.bool)
+        sum_e = None  # p is normalised already
+    row_nll.add_(row_lse)
     row_loss = spec.training_loss(row_nll, row_lse, z_mean)
     prob_scale, true_delta, uniform_delta = grad_coefficients(weight, row_lse, spec, z.shape[1])
-    probs_to_grad_(e, y, prob_scale / sum_e[:, None], true_delta, uniform_delta, dtanh)
+    if sum_e is not None:
+        prob_scale = prob_scale / sum_e[:, None]
+    probs_to_grad_(p, y, prob_scale, true_delta, uniform_delta, dtanh)
     return row_loss, row_nll, row_lse, row_entropy, row_correct
 
 
