@@ -208,18 +208,22 @@ def test_wandb_run_gets_the_values_under_their_own_names(tmp_path, monkeypatch):
     # an earlier run in this process may have fixed before WANDB_DIR was set here.
     wandb.teardown()
     kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=3, timeout_s=30)
-    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), report_to="wandb")
+    trainer = make_trainer(tmp_path, LossplugCallback([kpi], slice_by="parity"), report_to="wandb")
+    trainer.eval_dataset = [{**row, "parity": i % 2} for i, row in enumerate(trainer.eval_dataset)]
     trainer.train()
     wandb.finish()
     run = read_run(tmp_path / "wandb", wait=30)
     assert run.complete, run.errors
     history = trainer.state.log_history
-    for key in ("train/perplexity", "train/tokens", "val/perplexity", "kpi/steps"):
+    keys = ("train/perplexity", "train/tokens", "val/perplexity", "val/perplexity/1", "kpi/steps")
+    for key in keys:
         logged = [row[key] for row in rows_with(history, key)]
         assert [value for _, value in run.series(key)] == pytest.approx(logged), key
     assert not run.series("train/val/perplexity") and not run.series("train/train/perplexity")
     assert run.series("train/loss")  # the Trainer's own keys are untouched
     assert run.metrics["val/perplexity"].summary == ("min",)
+    assert run.metrics["val/perplexity/0"].summary == ("min",)  # a slice's as the whole's
+    assert run.metrics["val/tokens/0"].summary == ("last",)
     assert run.metrics["train/token_accuracy"].summary == ("max",)
     assert run.metrics["kpi/steps"].summary == ("max",)
     assert run.metrics["kpi/steps"].step_metric == "train/global_step"
