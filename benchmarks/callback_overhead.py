@@ -130,6 +130,8 @@ def load_example() -> ModuleType:
         raise SystemExit(f"cannot import {EXAMPLE}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    if str(EXAMPLE.parent) not in sys.path:  # where a script finds its neighbours
+        sys.path.insert(0, str(EXAMPLE.parent))
     spec.loader.exec_module(module)
     return module
 

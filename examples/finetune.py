@@ -20,14 +20,10 @@ supported family trains through ``patch_causal_lm``, which never builds its logi
 from __future__ import annotations
 
 import argparse
-import ast
-import io
 import math
 import os
 import sys
-import sysconfig
 import time
-import tokenize
 import warnings
 from pathlib import Path
 
@@ -41,89 +37,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import lightning.pytorch as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import lossplug
+from _python_corpus import PROMPTS, Sliced, Windows, python_tokenizes, stdlib_sources
 from lossplug.integrations.transformers import is_patched, patch_causal_lm
 from lossplug.kpi.builtin import GenerationKPI, Throughput, TrainingCost
 from lossplug.loggers import describe_run, read_run, wandb_logger
-
-PROMPTS = [
-    "def ",
-    "import ",
-    "class ",
-    "    return ",
-    "for i in ",
-    "if ",
-    "    def __init__(",
-    "# ",
-]
-
-
-# ----------------------------------------------------------------------------------------- data
-def stdlib_sources(max_bytes: int) -> tuple[str, str, str]:
-    """Python source from the standard library: training text, held-out validation text and the
-    docstrings of the held-out files (prose)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if p.is_file())
-    train, val, size = [], [], 0
-    for index, path in enumerate(files):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        (val if index % 10 == 0 else train).append(text)  # whole files held out
-        size += len(text)
-        if size >= max_bytes:
-            break
-    if not train or not val:
-        raise SystemExit(f"found too little Python source under {root}")
-    return "\n".join(train), "\n".join(val), "\n\n".join(map(docstrings, val))
-
-
-def docstrings(source: str) -> str:
-    """The docstrings of a module's source, its classes and functions: English prose."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return ""
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    found = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
-    return "\n\n".join(doc for doc in found if doc)
-
-
-class Windows(Dataset):
-    """Fixed-length windows at reproducible random offsets of a token sequence."""
-
-    def __init__(self, ids: torch.Tensor, length: int, count: int, seed: int) -> None:
-        if len(ids) <= length:
-            raise SystemExit(f"the corpus ({len(ids)} tokens) is shorter than --seq-len {length}")
-        gen = torch.Generator().manual_seed(seed)
-        self.offsets = torch.randint(0, len(ids) - length, (count,), generator=gen)
-        self.ids, self.length = ids, length
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        start = int(self.offsets[index])
-        return self.ids[start : start + self.length]
-
-
-class Sliced(Dataset):
-    """Several datasets one after the other, each item a dict ``{"ids", "kind"}`` that names the
-    slice it comes from, for ``LossMonitor(slice_by="kind")``."""
-
-    def __init__(self, **parts: Dataset) -> None:
-        self.items = [(kind, i) for kind, part in parts.items() for i in range(len(part))]
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, object]:
-        kind, i = self.items[index]
-        return {"ids": self.parts[kind][i], "kind": kind}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -200,23 +120,6 @@ class CausalLMFineTune(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
-
-
-# ------------------------------------------------------------------------------------ code KPI
-def python_tokenizes(prompt: str, completion: str) -> float:
-    """1.0 when Python's tokenizer accepts the prompt and the completion's whole lines."""
-    text = prompt + completion
-    if "\n" in completion:
-        text = text[: text.rfind("\n") + 1]
-    if "\ufffd" in text:  # bytes that are not even UTF-8
-        return 0.0
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(text).readline):
-            if token.type == tokenize.ERRORTOKEN:
-                return 0.0
-    except (tokenize.TokenError, SyntaxError):
-        return 0.0
-    return 1.0
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -9,9 +9,11 @@ library of the interpreter that runs it, on the CPU in well under a minute:
 ``patch_causal_lm`` makes the model's loss the fused linear cross-entropy (its logits are never
 built) and hands its token statistics to ``LossplugCallback``, which adds ``train/perplexity``
 and the rest, token-weighted over gradient accumulation, to every Trainer log, ``val/…`` exact
-over the eval set, and the KPIs (throughput, cost) as ``kpi/<name>``. Everything goes to
-Weights & Biases, offline unless ``--online`` (no account, no network needed): the script ends
-with a table of every metric and the command that uploads the run.
+over the eval set and per slice of it (``code``: held-out source files, ``prose``: their
+docstrings), and the KPIs (throughput, cost, the share of generated code Python accepts) as
+``kpi/<name>``. Everything goes to Weights & Biases, offline unless ``--online`` (no account, no
+network needed): the script ends with a table of every metric, how each KPI moved with the
+perplexity, and the command that uploads the run.
 """
 
 from __future__ import annotations
@@ -19,48 +21,65 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-
-def python_bytes(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte ids of standard-library source: (training, held-out validation); whole files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train, val, size = [], [], 0
-    for index, path in enumerate(sorted(root.glob("*.py"))):
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        (val if index % 10 == 0 else train).append(data)
-        size += len(data)
-        if size >= max_bytes:
-            break
-    if not train or not val:
-        raise SystemExit(f"found too little Python source under {root}")
-    as_ids = lambda chunks: torch.tensor(list(b"\n".join(chunks)), dtype=torch.long)  # noqa: E731
-    return as_ids(train), as_ids(val)
+from _python_corpus import PROMPTS, Sliced, Windows, python_tokenizes, stdlib_sources
 
 
-class Windows(Dataset):
-    """Fixed-length windows at reproducible random offsets, as the Trainer wants them."""
+def encode(text: str) -> torch.Tensor:
+    """The model's tokens: the UTF-8 bytes of ``text``."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
-    def __init__(self, ids: torch.Tensor, length: int, count: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.offsets = torch.randint(0, len(ids) - length, (count,), generator=gen)
-        self.ids, self.length = ids, length
+
+class ForTrainer(Dataset):
+    """Items named as the model's arguments, which the Trainer keeps; ``Sliced`` items keep the
+    slice they come from as ``kind``."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.data)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start = int(self.offsets[index])
-        window = self.ids[start : start + self.length]
-        return {"input_ids": window, "labels": window}  # the model shifts the labels
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.data[index]
+        if isinstance(item, dict):
+            return {"input_ids": item["ids"], "kind": item["kind"]}
+        return {"input_ids": item}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch as the model takes it; the slice names stay a list of strings (the Trainer's
+    default collator drops strings)."""
+    ids = torch.stack([item["input_ids"] for item in items])
+    batch: dict[str, Any] = {"input_ids": ids, "labels": ids}  # the model shifts the labels
+    if "kind" in items[0]:
+        batch["kind"] = [item["kind"] for item in items]
+    return batch
+
+
+def sample_bytes(ctx: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Completions sampled from the Trainer's model (``ctx.model``), decoded from bytes; the
+    same seed at every evaluation, so that only the model changes between them."""
+    outputs = []
+    for index, prompt in enumerate(prompts):
+        torch.manual_seed(index)
+        ids = encode(prompt)[None].to(ctx.device)
+        out = ctx.model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=0.8,
+            top_k=0,
+            pad_token_id=0,
+        )
+        outputs.append(bytes(out[0, ids.shape[1] :].tolist()).decode("utf-8", errors="replace"))
+    return outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ) from exc
 
     from lossplug.integrations.transformers import LossplugCallback, patch_causal_lm
-    from lossplug.kpi.builtin import Throughput, TrainingCost
+    from lossplug.kpi.builtin import GenerationKPI, Throughput, TrainingCost
     from lossplug.loggers import describe_run, read_run
     from lossplug.report import format_table, summarize
 
@@ -116,13 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = patch_causal_lm(transformers.LlamaForCausalLM(config))  # the fused loss + its stats
 
-    train_ids, val_ids = python_bytes(1 << 20)
+    train_text, val_code, val_prose = stdlib_sources(1 << 20)
     rows = args.max_steps * args.batch_size * args.grad_accum
     log_every = max(1, min(10, args.max_steps // 6))
     kpis = [
         Throughput(every_n_steps=log_every),
         TrainingCost(args.price_per_device_hour, every_n_steps=log_every),
+        GenerationKPI(  # at each evaluation: the report links it with val/perplexity
+            PROMPTS,
+            python_tokenizes,
+            generate_fn=sample_bytes,
+            max_new_tokens=args.seq_len // 2,
+            name="code_tokenizes",
+            timeout_s=120,
+        ),
     ]
+    evals = 2 * args.batch_size
+    eval_data = Sliced(
+        code=Windows(encode(val_code), args.seq_len, evals, args.seed + 1),
+        prose=Windows(encode(val_prose), args.seq_len, evals, args.seed + 2),
+    )
     trainer = transformers.Trainer(
         model=model,
         args=transformers.TrainingArguments(
@@ -141,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             disable_tqdm=True,
             seed=args.seed,
         ),
-        train_dataset=Windows(train_ids, args.seq_len, rows, args.seed),
-        eval_dataset=Windows(val_ids, args.seq_len, 4 * args.batch_size, args.seed + 1),
-        callbacks=[LossplugCallback(kpis)],
+        train_dataset=ForTrainer(Windows(encode(train_text), args.seq_len, rows, args.seed)),
+        eval_dataset=ForTrainer(eval_data),
+        data_collator=collate,
+        callbacks=[LossplugCallback(kpis, slice_by="kind")],
     )
     trainer.train()
     if not trainer.is_world_process_zero():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,22 @@ def test_hf_trainer_example_logs_exact_metrics_and_kpis_to_wandb(tmp_path):
     assert len(val) >= 2 and val[-1] < val[0]
     for key in ("kpi/throughput/tokens_per_sec", "kpi/cost/total"):
         assert run.series(key), key
+    # the eval set's two slices add up to it, token-weighted, at every evaluation
+    overall = dict(run.series("val/cross_entropy"))
+    tokens = dict(run.series("val/tokens"))
+    parts = {
+        kind: (
+            dict(run.series(f"val/cross_entropy/{kind}")),
+            dict(run.series(f"val/tokens/{kind}")),
+        )
+        for kind in ("code", "prose")
+    }
+    assert overall and set(overall) == set(parts["code"][0]) == set(parts["prose"][0])
+    for step, value in overall.items():
+        assert sum(n[step] for _, n in parts.values()) == tokens[step]
+        mixed = sum(ce[step] * n[step] for ce, n in parts.values()) / tokens[step]
+        assert mixed == pytest.approx(value, rel=1e-5)
+    generated = dict(run.series("kpi/code_tokenizes"))
+    assert set(generated) == set(overall)  # the generation KPI runs at each evaluation
+    assert all(0.0 <= v <= 1.0 for v in generated.values())
+    assert re.search(r"\n[+-]?[\d.]+ +\d+ +kpi/code_tokenizes +val/perplexity/prose ", done.stdout)
