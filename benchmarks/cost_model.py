@@ -78,8 +78,14 @@ def costs() -> list[Cost]:
     rows = [
         Cost("CE fwd+bwd", "today: fwd reads logits, bwd reads them again, writes the grad",
              3 * logits, ce_flops, target="ce_fwd_bwd"),
+        # the forward's second sweep over a row re-reads it from L2 (a row is 250 KB; the rows in
+        # flight on 132 SMs fit the 50 MB L2), so HBM sees one read and one write
         Cost("CE fwd+bwd", "grad written in the forward (scalar loss): 1 read + 1 write",
              2 * logits, ce_flops, target="ce_fwd_bwd"),
+        # an incoming gradient other than 1 (gradient accumulation's 1/k, fp16 loss scaling) is
+        # known only in the backward, which must then read and write the whole gradient again
+        Cost("CE fwd+bwd", "grad written in the forward, incoming grad != 1: + a scale pass",
+             4 * logits, ce_flops, target="ce_fwd_bwd"),
         Cost("CE forward-only", "today: 1 read of the logits", logits, ce_flops / 2,
              target="ce_forward"),
     ]  # fmt: skip

@@ -24,8 +24,10 @@ from lossplug.ops._triton._math import _lse_entropy, _lse_update, _row_grad, _so
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The backward recomputes the softmax from the saved log-sum-exp. Writing a scalar loss's
-# gradient in the forward kernel instead would save one read of the logits (the cost model's
-# design change for CE, benchmarks/RESULTS.md); it waits for a GPU to measure it on.
+# gradient in the forward kernel instead would save one read of the logits when the incoming
+# gradient is 1, and cost a read and a write more when it is not (gradient accumulation, loss
+# scaling), which only the backward knows (the cost model, benchmarks/RESULTS.md); the choice
+# waits for a GPU to measure both on.
 PRECOMPUTES_GRAD = False
 # The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
 MAX_BLOCK_V_INTERPRETED, MAX_BLOCK_V_GPU = 16384, 4096
