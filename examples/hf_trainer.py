@@ -65,20 +65,24 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def sample_bytes(ctx: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Completions sampled from the Trainer's model (``ctx.model``), decoded from bytes; the
-    same seed at every evaluation, so that only the model changes between them."""
+    same seeds at every evaluation, so that only the model changes between them. The sampling
+    draws from a forked random state: training's own draws go on as if it had not run."""
     outputs = []
-    for index, prompt in enumerate(prompts):
-        torch.manual_seed(index)
-        ids = encode(prompt)[None].to(ctx.device)
-        out = ctx.model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=0.8,
-            top_k=0,
-            pad_token_id=0,
-        )
-        outputs.append(bytes(out[0, ids.shape[1] :].tolist()).decode("utf-8", errors="replace"))
+    cuda = [ctx.device] if ctx.device is not None and ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        for index, prompt in enumerate(prompts):
+            torch.manual_seed(index)
+            ids = encode(prompt)[None].to(ctx.device)
+            out = ctx.model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=0.8,
+                top_k=0,
+                pad_token_id=0,
+            )
+            text = bytes(out[0, ids.shape[1] :].tolist()).decode("utf-8", errors="replace")
+            outputs.append(text)
     return outputs
 
 

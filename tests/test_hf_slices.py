@@ -19,6 +19,7 @@ from lossplug.integrations.transformers import (  # noqa: E402
 from test_hf_trainer_callback import (  # noqa: E402
     make_trainer,
     reference_val,
+    rows,
     rows_with,
     tiny_llama,
 )
@@ -102,6 +103,27 @@ def test_a_key_the_collator_dropped_is_a_clear_error_at_the_first_evaluation(tmp
     trainer.eval_dataset = with_sources(trainer.eval_dataset, SOURCES)
     with pytest.raises(KeyError, match=r"slice_by='source'.*no key 'source'.*collator"):
         trainer.evaluate()
+    # nothing of the failed evaluation stays behind: the next one, with the labels, is exact
+    trainer.data_collator = keep_strings
+    check_slices(
+        trainer.evaluate(), per_slice_reference(trainer.model, trainer.eval_dataset, SOURCES)
+    )
+
+
+def test_predict_on_data_without_the_slice_key_runs_and_changes_nothing(tmp_path):
+    callback = LossplugCallback(slice_by="source")
+    trainer = make_trainer(tmp_path, callback, collator=keep_strings, eval_strategy="no")
+    trainer.eval_dataset = with_sources(trainer.eval_dataset, SOURCES)
+    trainer.train_dataset = with_sources(trainer.train_dataset, ["train"] * 40)
+    test_rows = rows(4, seed=5)  # labels, and no "source" column
+    assert trainer.predict(test_rows).predictions is not None
+    trainer.train()  # its logs are training logs, not the predict batches' evaluation
+    train = rows_with(trainer.state.log_history, "train/perplexity")
+    assert [row["step"] for row in train] == [2, 4, 6]
+    assert not rows_with(trainer.state.log_history, "val/perplexity")
+    trainer.predict(test_rows)
+    reference = per_slice_reference(trainer.model, trainer.eval_dataset, SOURCES)
+    check_slices(trainer.evaluate(), reference)
 
 
 def test_added_after_the_trainer_evaluated_once_is_told_to_come_earlier(tmp_path):

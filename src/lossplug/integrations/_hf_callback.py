@@ -83,8 +83,12 @@ class LossplugCallback(TrainerCallback):
             exact and token-weighted like the overall one (the slices' sums add up to it) and
             summed over processes. The patched model takes the key out of the call before its
             own forward runs, and shows it in its signature so that the Trainer's
-            ``remove_unused_columns`` keeps the column; the labels are read at the first
-            evaluation (``eval_on_start=True`` checks them before training).
+            ``remove_unused_columns`` keeps the column: in the training batches too, so the
+            collator must batch it there (string labels break
+            ``DataCollatorForLanguageModeling``: use ints, or a function of the inputs). The
+            labels are read at each evaluation, and a batch without them fails it when it logs
+            (``eval_on_start=True`` checks them before training); ``trainer.predict()`` needs
+            none.
 
     Raises:
         TypeError: ``kpis`` is not a list of KPIs, ``metrics`` is not a sequence of names, or
@@ -128,6 +132,9 @@ class LossplugCallback(TrainerCallback):
         self._val_slices = SliceAccumulator()
         self._tokens_total = 0
         self._in_eval = False
+        # why an evaluation batch could not be split by slice: raised when the evaluation logs,
+        # dropped when the batches were trainer.predict()'s (which may lack the slice key)
+        self._slice_error: Exception | None = None
         self._expect_train_log = False  # the flow callback asked the Trainer to log this step
         self._due: list[KPI] = []  # train_step KPIs to run at this step's log
         self._pending: dict[str, float] = {}  # KPI values waiting for the next log
@@ -201,6 +208,7 @@ class LossplugCallback(TrainerCallback):
             self._in_eval = True
             self._val.reset()
             self._val_slices.reset()
+            self._slice_error = None
             self._check_patched(kwargs.get("model"))
         self._collect(self._val, kwargs.get("model"), self._val_slices)
 
@@ -208,6 +216,7 @@ class LossplugCallback(TrainerCallback):
         self._in_eval = False  # trainer.predict() logs nothing: its batches are no evaluation
         self._val.reset()
         self._val_slices.reset()
+        self._slice_error = None
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._expect_train_log = control.should_log  # logging_strategy="epoch"
@@ -223,6 +232,11 @@ class LossplugCallback(TrainerCallback):
         evaluated = any(key.startswith("eval_") and key.endswith("_runtime") for key in logs)
         if self._in_eval or evaluated:  # the log of Trainer.evaluate(): every rank is here
             self._in_eval = False
+            if self._slice_error is not None:
+                error, self._slice_error = self._slice_error, None
+                self._val.reset()
+                self._val_slices.reset()
+                raise error
             values = self._val.read(_all_reduce)
             self._val.reset()
             ours.update(self._named("val", values))
@@ -321,8 +335,14 @@ class LossplugCallback(TrainerCallback):
         self._see(model)
         for stats, inputs in _pop_stats_with_inputs(self._patched):
             acc.add(stats.sum())
-            if slices is not None and self.slice_by is not None:
-                slices.add(stats, self._slice_labels(stats, inputs))
+            if slices is None or self.slice_by is None or self._slice_error is not None:
+                continue
+            try:
+                labels = self._slice_labels(stats, inputs)
+            except Exception as error:  # raised with the evaluation's log, not by predict()
+                self._slice_error = error
+                continue
+            slices.add(stats, labels)
 
     def _slice_labels(self, stats: Any, inputs: Mapping[str, Any] | None) -> Any:
         if inputs is None:
