@@ -150,6 +150,18 @@ def test_val_is_exact_and_train_is_logged_at_every_logging_step(tmp_path):
     assert all(row["kpi/steps/seconds"] >= 0 for row in rows_with(history, "kpi/steps"))
 
 
+def test_training_that_ends_between_two_logs_logs_its_last_steps(tmp_path):
+    trainer = make_trainer(tmp_path, LossplugCallback(), max_steps=5, eval_strategy="no")
+    trainer.train()
+    history = trainer.state.log_history
+    train = rows_with(history, "train/tokens")
+    assert [row["step"] for row in train] == [2, 4, 5]
+    last = train[-1]
+    assert "train_runtime" in last  # on the Trainer's end-of-training log
+    assert last["train/tokens"] == 5 * 4 * TOKENS_PER_ROW  # every token trained on
+    assert last["train/perplexity"] == pytest.approx(math.exp(last["train/cross_entropy"]))
+
+
 def test_unpatched_model_is_told_once_how_to_patch_and_kpis_still_log(tmp_path):
     kpi = lossplug.KPI("steps", lambda ctx: float(ctx.step), every_n_steps=2, timeout_s=30)
     trainer = make_trainer(tmp_path, LossplugCallback([kpi]), patched=False, max_steps=4)

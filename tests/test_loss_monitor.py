@@ -95,6 +95,31 @@ def test_gradient_accumulation_logs_only_at_optimizer_steps(tmp_path):
         assert_close(value, expected(seen[4 * index : 4 * index + 4])["cross_entropy"], "window")
 
 
+@pytest.mark.parametrize("end", ["max_steps", "max_epochs"])
+def test_the_last_window_is_logged_when_fit_ends_inside_it(end, tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    module, recorder = Module(record=True), Recorder()
+    stop = dict(max_steps=5) if end == "max_steps" else dict(max_epochs=1, max_steps=-1)
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        recorder,
+        [lossplug.LossMonitor(log_every_n_steps=2)],
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        **stop,
+    )
+    trainer.fit(module, make_loader(10))
+    assert [step for step, _ in recorder.series("train/perplexity")] == [2, 4, 5]
+    seen = module.seen["train"]
+    assert len(seen) == 10
+    row = logged_at(recorder, 5)
+    want = expected(seen[8:])
+    for name in NAMES:
+        assert_close(row[f"train/{name}"], want[name], name)
+    assert row["train/tokens"] == expected(seen)["tokens"]  # every token trained on
+
+
 @pytest.mark.parametrize("mode", ["logits", "custom"])
 def test_logits_and_extract_forms_give_the_same_numbers(mode, tmp_path):
     lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
@@ -244,15 +269,17 @@ def test_resume_continues_aggregates_and_the_step_axis(tmp_path):
         dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1
     )
     first, second = Recorder(), Recorder()
-    run(4, first, checkpoint=checkpoint)  # stops with a window (step 4) not yet logged
+    run(4, first, checkpoint=checkpoint)  # ends inside a window: logs it (step 4), then saves
     run(9, second, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     steps = [s for s, _ in first.series("train/perplexity") + second.series("train/perplexity")]
-    assert steps == [3, 6, 9]  # every step once, strictly increasing
+    assert steps == [3, 4, 6, 9]  # every step once, strictly increasing
     want = dict(whole.series("train/perplexity"))
     got = dict(second.series("train/perplexity"))
-    for step in (6, 9):
-        assert math.isclose(got[step], want[step], rel_tol=1e-9), step
-    assert dict(second.series("train/tokens"))[9] == dict(whole.series("train/tokens"))[9]
+    assert math.isclose(got[9], want[9], rel_tol=1e-9)
+    whole_tokens = dict(whole.series("train/tokens"))
+    resumed_tokens = dict(first.series("train/tokens")) | dict(second.series("train/tokens"))
+    for step in (3, 6, 9):  # the cumulative count goes on across the resume
+        assert resumed_tokens[step] == whole_tokens[step], step
 
 
 def _read_csv(path) -> dict[int, dict[str, float]]:

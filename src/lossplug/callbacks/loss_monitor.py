@@ -238,13 +238,17 @@ class LossMonitor(*CALLBACK_BASES):
             return
         self._seen_step = step
         every = self.log_every_n_steps or max(int(trainer.log_every_n_steps or 1), 1)
-        if step % every == 0 and step > self._last_logged_step:
+        # the last step of fit logs the window it ends, whole or not: nothing goes unlogged
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        if (step % every == 0 or last) and step > self._last_logged_step:
             self._log_train_window(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if "train" in self.stages:
             self._finish_check(trainer, "train")  # for epochs shorter than a logging window
+            if _last_epoch(trainer) and trainer.global_step > self._last_logged_step:
+                self._log_train_window(trainer, pl_module, trainer.global_step)
         if "train" not in self.stages or not self.log_epoch:
             return
         values = self._epoch.read(self._reduce(trainer))
@@ -619,3 +623,10 @@ def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"{name} must be names from {allowed}, got {unknown[0]!r} in {names!r}")
     return names
+
+
+def _last_epoch(trainer: Any) -> bool:
+    """Whether fit ends with this epoch (its last one, or a stop asked for on every rank)."""
+    max_epochs = trainer.max_epochs
+    final = max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
+    return final or bool(trainer.should_stop)

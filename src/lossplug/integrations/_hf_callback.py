@@ -250,16 +250,13 @@ class LossplugCallback(TrainerCallback):
             # the Trainer's training log, on every rank; not a trainer.log() of the user's, which
             # may run on one rank only and would hang the all-reduce
             self._expect_train_log = False
-            values = self._window.read(_all_reduce)
-            self._window.reset()
-            self._tokens_total += int(values["tokens"])
-            ours.update(self._named("train", values))
-            if self._tokens_total:
-                ours["train/tokens"] = float(self._tokens_total)
+            ours.update(self._read_window())
             self._learn(logs, ours)
             due, self._due = self._due, []
             self._run_kpis("train_step", due, state, model)
-        elif "train_runtime" in logs:  # the Trainer's end-of-training log
+        elif "train_runtime" in logs:  # the Trainer's end-of-training log, on every rank
+            # the steps since the last training log, when training ended between two logs
+            ours.update(self._read_window())
             self._learn(logs, ours)
             self._run("train_end", state, model)
         ours.update(self._pending)
@@ -372,6 +369,16 @@ class LossplugCallback(TrainerCallback):
             for metric in (*self.metrics, "tokens")
             if metric in values
         }
+
+    def _read_window(self) -> dict[str, float]:
+        """``train/…`` of the steps since the last training log (a collective), and the
+        running ``train/tokens``; nothing when no token was seen since."""
+        values = self._window.read(_all_reduce)
+        self._window.reset()
+        if values["tokens"] <= 0:
+            return {}
+        self._tokens_total += int(values["tokens"])
+        return {**self._named("train", values), "train/tokens": float(self._tokens_total)}
 
     def _named(self, stage: str, values: Mapping[str, float]) -> dict[str, float]:
         return {f"{stage}/{name}": values[name] for name in self.metrics if name in values}
