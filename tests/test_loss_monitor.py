@@ -186,6 +186,27 @@ def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
     assert trainer.global_step <= 1
 
 
+def test_a_validation_step_returning_nothing_fails_at_the_sanity_check(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+
+    class LogsOnly(Module):
+        def validation_step(self, batch, batch_idx):
+            self.log("my_val", 1.0)  # the usual step that returns nothing
+
+    trainer = make_trainer(
+        lightning,
+        tmp_path,
+        Recorder(),
+        [lossplug.LossMonitor()],
+        max_steps=8,
+        val_check_interval=4,
+        num_sanity_val_steps=1,
+    )
+    with pytest.raises(ValueError, match=r"no token statistics.*validation_step.*stages="):
+        trainer.fit(LogsOnly(), make_loader(8), make_loader(2))
+    assert trainer.global_step == 0  # before any training
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [

@@ -274,15 +274,15 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         if "val" not in self.stages:
             return
+        # the sanity check's batches are read but not counted: a validation_step that returns
+        # no statistics, or a batch without slice labels, fails there, at the start of fit, not
+        # after the first validation interval
         if self.slice_by is None:
-            if trainer.sanity_checking:
-                return
-            stats = self._stats_from(outputs, batch, pl_module, "validation_step")
-            if stats is not None:
+            sanity = trainer.sanity_checking
+            stats = self._stats_from(outputs, batch, pl_module, "validation_step", check=not sanity)
+            if stats is not None and not sanity:
                 self._val.add(stats)
             return
-        # with slices, the sanity check runs them too: a batch without labels fails there, at
-        # the start of fit, not after the first epoch
         stats = self._stats_from(
             outputs,
             batch,
