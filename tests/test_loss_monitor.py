@@ -186,6 +186,27 @@ def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
     assert trainer.global_step <= 1
 
 
+def test_validate_alone_returns_and_logs_the_values_once_and_test_says_it_logs_nothing(tmp_path):
+    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    module, recorder = Module(record=True), Recorder()
+    trainer = make_trainer(lightning, tmp_path, recorder, [lossplug.LossMonitor()])
+    (results,) = trainer.validate(module, make_loader(3, seed=5))
+    want = expected(module.seen["val"])
+    for name in NAMES:
+        assert_close(results[f"val/{name}"], want[name], name)
+    assert results["val/tokens"] == want["tokens"]
+    assert [value for _, value in recorder.series("val/perplexity")] == [
+        pytest.approx(want["perplexity"])
+    ]  # once, not once by the monitor and again by Lightning
+
+    class WithTest(Module):
+        def test_step(self, batch, batch_idx):
+            return self.validation_step(batch, batch_idx)
+
+    with pytest.warns(UserWarning, match=r"trainer.test\(\) logs nothing.*trainer.validate"):
+        trainer.test(WithTest(), make_loader(2, seed=6))
+
+
 def test_a_validation_step_returning_nothing_fails_at_the_sanity_check(tmp_path):
     lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
 

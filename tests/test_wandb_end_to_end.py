@@ -148,3 +148,25 @@ def test_a_resumed_run_holds_every_step_once(tmp_path):
         tokens += [value for _, value in part.series("train/tokens")]
     assert steps == [3, 4, 6, 9]  # the first fit logs the window it ends inside (step 4)
     assert tokens == sorted(tokens) and len(set(tokens)) == 4
+
+
+def test_validate_alone_declares_its_summaries_and_logs_each_value_once(tmp_path):
+    torch.manual_seed(0)
+    module = TinyLM(record=True)
+    logger = wandb_logger("lossplug-validate", save_dir=tmp_path, verbose=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[lossplug.LossMonitor()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    (results,) = trainer.validate(module, make_loader(3, seed=5))
+    logger.experiment.finish()
+    data = read_run(tmp_path, wait=20.0)
+    want = window_values(module.seen["val"])
+    assert [v for _, v in data.series("val/perplexity")] == [pytest.approx(want["perplexity"])]
+    assert results["val/perplexity"] == pytest.approx(want["perplexity"])
+    assert "min" in data.metrics["val/perplexity"].summary
+    assert "last" in data.metrics["val/tokens"].summary

@@ -178,6 +178,7 @@ class LossMonitor(*CALLBACK_BASES):
         self._slices_seen: list[str] = []  # every slice logged so far, kept across a resume
         self._tokens_total = 0
         self._last_logged_step = -1
+        self._warned_test = False
         self._seen_step = 0
         self._window_started = time.perf_counter()
         self._trainer: Any = None
@@ -208,6 +209,21 @@ class LossMonitor(*CALLBACK_BASES):
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
+        if stage == "validate" and trainer.is_global_zero:  # trainer.validate(): no fit start
+            self._define_wandb_metrics(trainer)
+
+    @override
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._warned_test:
+            self._warned_test = True
+            warnings.warn(
+                "LossMonitor monitors training and validation only: trainer.test() logs nothing "
+                "from it. For exact values over a test set, run trainer.validate(model, "
+                "test_loader) (logged as val/...), or update a lossplug.metrics metric in "
+                "test_step",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -381,7 +397,10 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> None:
         if not metrics:
             return
-        if trainer.is_global_zero:
+        # trainer.validate() returns what goes to its loggers through pl_module.log: the values
+        # go that way there (once), and straight to the loggers during fit
+        standalone = trainer.state.fn == "validate"
+        if trainer.is_global_zero and not standalone:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         # The same values on every rank, for ModelCheckpoint/EarlyStopping, the progress bar and
@@ -393,7 +412,7 @@ class LossMonitor(*CALLBACK_BASES):
             pl_module.log(
                 key,
                 torch.tensor(float(value)),
-                logger=False,
+                logger=standalone,
                 prog_bar=prog_bar and key.endswith("perplexity"),
                 sync_dist=False,
                 rank_zero_only=False,
