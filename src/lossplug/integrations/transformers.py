@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -45,34 +44,6 @@ __all__ = [
 SUPPORTED_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 _ATTR = "_lossplug_patch"
-
-
-class _CallState(threading.local):
-    """What a call with labels leaves on the patch, one set per thread.
-
-    A KPI that outlived its timeout keeps running in its own thread (threads cannot be killed),
-    maybe generating with the same model while the trainer's thread trains or evaluates: its
-    calls must neither see the trainer's call deferring its output layer (its logits would be
-    ``None``), nor hand its hidden states to the trainer's loss, nor leave its statistics where
-    the trainer collects its own.
-    """
-
-    deferring: bool = False
-    hidden: torch.Tensor | None = None
-    last_stats: TokenStats | None = None
-    last_inputs: dict[str, Any] | None = None
-
-
-def _per_thread(name: str) -> property:
-    """An attribute of the patch that each thread sees its own value of."""
-
-    def get(patch: _Patch) -> Any:
-        return getattr(patch._calls, name)
-
-    def set_(patch: _Patch, value: Any) -> None:
-        setattr(patch._calls, name, value)
-
-    return property(get, set_)
 
 
 class _Patch:
@@ -104,17 +75,14 @@ class _Patch:
         # a forward already set on the instance (a wrapper of someone else's): run inside ours and
         # put back by unpatch_causal_lm
         self.original_forward: Callable[..., Any] | None = vars(model).get("forward")
-        self._calls = _CallState()
+        self.deferring = False
+        self.hidden: torch.Tensor | None = None
+        self.last_stats: TokenStats | None = None
         # set by LossplugCallback(slice_by=...): a call with labels keeps its inputs (the slice
         # labels are read from them), and a key named here is taken out of the call before the
         # model's forward sees it, should the forward not take it
         self.slice_by: str | Callable[[Any], Any] | None = None
-
-    # the state of the calls with labels, each thread's own (see _CallState)
-    deferring = _per_thread("deferring")
-    hidden = _per_thread("hidden")
-    last_stats = _per_thread("last_stats")
-    last_inputs = _per_thread("last_inputs")
+        self.last_inputs: dict[str, Any] | None = None
 
     def pop_token_stats(self) -> TokenStats | None:
         """The statistics of the last call with labels, once (``None`` if already taken)."""
@@ -131,13 +99,14 @@ class _Patch:
         # computed them (a copy handing them out again would count those tokens twice), and the
         # hidden states of a call in flight belong to that call's graph. slice_by belongs to the
         # callback that set it (and may be a lambda, which does not pickle).
-        state = {**vars(self), "slice_by": None}
-        del state["_calls"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._calls = _CallState()
+        return {
+            **vars(self),
+            "deferring": False,
+            "hidden": None,
+            "last_stats": None,
+            "slice_by": None,
+            "last_inputs": None,
+        }
 
 
 def __getattr__(name: str) -> Any:
