@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import math
 import pickle
+import threading
 
 import lightning.pytorch as L
 import pytest
@@ -159,6 +160,34 @@ def test_calls_without_labels_are_untouched():
     prompt = ids[:1, :5]
     generated = patched.generate(prompt, max_new_tokens=3, do_sample=False)
     assert torch.equal(generated, reference.generate(prompt, max_new_tokens=3, do_sample=False))
+
+
+def test_a_call_without_labels_from_another_thread_gets_logits_and_leaves_the_loss_alone():
+    """A generation KPI that outlived its timeout, still running while the trainer evaluates."""
+    reference = build("llama")
+    model = patch_causal_lm(copy.deepcopy(reference))
+    ids, labels = batch()
+    other = batch(seed=7)[0]  # the same shape: its hidden states would fit the loss
+    want_loss = reference(input_ids=ids, labels=labels).loss
+    want_logits = reference(input_ids=other).logits
+    got = {}
+
+    def generate_in_another_thread(module, args, output):
+        # the trainer's call has handed its hidden states on and its loss has not run yet
+        if threading.current_thread() is threading.main_thread() and not got:
+            generate = lambda: got.update(logits=model(input_ids=other).logits)  # noqa: E731
+            thread = threading.Thread(target=generate)
+            thread.start()
+            thread.join()
+
+    hook = model.get_output_embeddings().register_forward_hook(generate_in_another_thread)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got["logits"], want_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compiled_patched_model_gives_the_eager_loss_gradients_and_statistics():

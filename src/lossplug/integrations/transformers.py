@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -76,6 +77,10 @@ class _Patch:
         # put back by unpatch_causal_lm
         self.original_forward: Callable[..., Any] | None = vars(model).get("forward")
         self.deferring = False
+        # the thread whose call with labels is in flight (None when that call is being traced
+        # by torch.compile): another thread's call (a KPI that outlived its timeout, still
+        # generating) must get its logits, and never leave its hidden states to that call's loss
+        self.owner: int | None = None
         self.hidden: torch.Tensor | None = None
         self.last_stats: TokenStats | None = None
         # set by LossplugCallback(slice_by=...): a call with labels keeps its inputs (the slice
@@ -102,6 +107,7 @@ class _Patch:
         return {
             **vars(self),
             "deferring": False,
+            "owner": None,
             "hidden": None,
             "last_stats": None,
             "slice_by": None,
@@ -284,6 +290,13 @@ def _pop_stats_with_inputs(
     return found
 
 
+def _in_owning_call(patch: _Patch) -> bool:
+    """Whether the output layer runs inside the call with labels that is in flight: in its
+    thread, or in code torch.compile traces (which is that call's; the thread is not asked there,
+    where it would break the graph)."""
+    return torch.compiler.is_compiling() or patch.owner == threading.get_ident()
+
+
 class _DeferringHeadForward:
     """The output layer's ``forward`` while patched: in a call with labels it hands its input (the
     last hidden states) to the fused loss instead of building the logits."""
@@ -293,7 +306,7 @@ class _DeferringHeadForward:
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         patch = self.patch
-        if patch.deferring:
+        if patch.deferring and _in_owning_call(patch):
             patch.hidden = hidden_states
             return None  # the output's logits: never built
         return nn.Linear.forward(patch.head, hidden_states)
@@ -349,6 +362,7 @@ class _ForwardWithFusedLoss:
             return forward(*args, **kwargs)
         # a call's statistics are its own: never the last call's, should its loss not run
         patch.deferring, patch.hidden, patch.last_stats = True, None, None
+        patch.owner = None if torch.compiler.is_compiling() else threading.get_ident()
         patch.last_inputs = None if slice_by is None else {**_flat(bound, self._signature), **taken}
         try:
             output = forward(*args, **kwargs)
