@@ -645,7 +645,8 @@ def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _last_epoch(trainer: Any) -> bool:
-    """Whether fit ends with this epoch (its last one, or a stop asked for on every rank)."""
+    """Whether this is fit's last epoch by ``max_epochs``: the same on every rank, unlike
+    ``trainer.should_stop``, which a callback may set on one rank only (the window's all-reduce
+    would then wait forever)."""
     max_epochs = trainer.max_epochs
-    final = max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
-    return final or bool(trainer.should_stop)
+    return max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
