@@ -7,6 +7,7 @@ ranks that ran the rank-zero KPI.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def main(out: Path) -> None:
     rank = trainer.args.process_index
     payload = {"history": trainer.state.log_history, "ran_on": ran_on}
     (out / f"rank{rank}.json").write_text(json.dumps(payload))
+    # Both ranks are done; leave without the interpreter's teardown, where freeing the DDP
+    # model and gloo's threads now and then aborts the process ("terminate called without an
+    # active exception") or hangs, whether or not the process group was destroyed first.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
