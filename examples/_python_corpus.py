@@ -45,6 +45,11 @@ def stdlib_sources(max_bytes: int) -> tuple[str, str, str]:
     return "\n".join(train), "\n".join(val), "\n\n".join(map(docstrings, val))
 
 
+def byte_ids(text: str) -> torch.Tensor:
+    """The tokens of a byte-level model: the UTF-8 bytes of ``text``."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
 def docstrings(source: str) -> str:
     """The docstrings of a module's source, its classes and functions: English prose."""
     try:

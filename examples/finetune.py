@@ -40,7 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lossplug
-from _python_corpus import PROMPTS, Sliced, Windows, python_tokenizes, stdlib_sources
+from _python_corpus import (
+    PROMPTS,
+    Sliced,
+    Windows,
+    byte_ids,
+    python_tokenizes,
+    stdlib_sources,
+)
 from lossplug.integrations.transformers import is_patched, patch_causal_lm
 from lossplug.kpi.builtin import GenerationKPI, Throughput, TrainingCost
 from lossplug.loggers import describe_run, read_run, wandb_logger
@@ -151,7 +158,7 @@ def build(args: argparse.Namespace):
     train_text, val_text, val_prose = stdlib_sources(int(args.corpus_mb * 2**20))
     if args.hf_model is None:
         model = ByteGPT(width=96, layers=3, heads=4, context=args.seq_len)
-        encode = lambda text: torch.tensor(list(text.encode("utf-8")), dtype=torch.long)  # noqa: E731
+        encode = byte_ids
         gen = torch.Generator().manual_seed(args.seed)
 
         def generate(ctx, prompts, max_new_tokens):

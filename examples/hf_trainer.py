@@ -28,12 +28,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from _python_corpus import PROMPTS, Sliced, Windows, python_tokenizes, stdlib_sources
-
-
-def encode(text: str) -> torch.Tensor:
-    """The model's tokens: the UTF-8 bytes of ``text``."""
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+from _python_corpus import (
+    PROMPTS,
+    Sliced,
+    Windows,
+    byte_ids,
+    python_tokenizes,
+    stdlib_sources,
+)
 
 
 class ForTrainer(Dataset):
@@ -72,7 +74,7 @@ def sample_bytes(ctx: Any, prompts: list[str], max_new_tokens: int) -> list[str]
     with torch.random.fork_rng(devices=cuda):
         for index, prompt in enumerate(prompts):
             torch.manual_seed(index)
-            ids = encode(prompt)[None].to(ctx.device)
+            ids = byte_ids(prompt)[None].to(ctx.device)
             out = ctx.model.generate(
                 ids,
                 max_new_tokens=max_new_tokens,
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     evals = 2 * args.batch_size
     eval_data = Sliced(
-        code=Windows(encode(val_code), args.seq_len, evals, args.seed + 1),
-        prose=Windows(encode(val_prose), args.seq_len, evals, args.seed + 2),
+        code=Windows(byte_ids(val_code), args.seq_len, evals, args.seed + 1),
+        prose=Windows(byte_ids(val_prose), args.seq_len, evals, args.seed + 2),
     )
     trainer = transformers.Trainer(
         model=model,
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             disable_tqdm=True,
             seed=args.seed,
         ),
-        train_dataset=ForTrainer(Windows(encode(train_text), args.seq_len, rows, args.seed)),
+        train_dataset=ForTrainer(Windows(byte_ids(train_text), args.seq_len, rows, args.seed)),
         eval_dataset=ForTrainer(eval_data),
         data_collator=collate,
         callbacks=[LossplugCallback(kpis, slice_by="kind")],

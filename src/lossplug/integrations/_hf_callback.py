@@ -232,10 +232,8 @@ class LossplugCallback(TrainerCallback):
         evaluated = any(key.startswith("eval_") and key.endswith("_runtime") for key in logs)
         if self._in_eval or evaluated:  # the log of Trainer.evaluate(): every rank is here
             self._in_eval = False
-            if self._slice_error is not None:
+            if self._slice_error is not None:  # the next evaluation starts afresh
                 error, self._slice_error = self._slice_error, None
-                self._val.reset()
-                self._val_slices.reset()
                 raise error
             values = self._val.read(_all_reduce)
             self._val.reset()
