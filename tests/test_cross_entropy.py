@@ -566,15 +566,33 @@ def test_scalar_loss_gradient_keeps_autograd_s_guards():
         loss.backward()
 
 
+#: two confident rows at large logits: lse rounded to float32 (an ulp of 7.6e-6 at 77) is 3% of
+#: the first row's loss (1e-4) and of its target's gradient p - 1
+CONFIDENT_LOGITS = torch.tensor(
+    [[-34.19, -20.89, 68.19, -0.40, 77.375, -74.06, 49.41, -18.77, 52.81],
+     [-18.66, -45.06, 55.66, -140.75, 19.19, -56.03, -27.25, 10.90, -20.23]]
+)  # fmt: skip
+CONFIDENT_TARGET = torch.tensor([4, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_a_confident_rows_loss_is_as_exact_as_torchs_on_large_logits(op, backend):
+    z, y = CONFIDENT_LOGITS, CONFIDENT_TARGET
+    exact = F.cross_entropy(z.double(), y, reduction="none")
+    anchor_err = (F.cross_entropy(z, y, reduction="none").double() - exact).abs().max().item()
+    if op == "cross_entropy":
+        ours = lossplug.cross_entropy(z, y, reduction="none", backend=backend)
+    else:  # hidden states times an identity output layer give the same logits
+        eye = torch.eye(z.shape[1])
+        ours = lossplug.linear_cross_entropy(z, eye, y, reduction="none", backend=backend)
+    assert (ours.double() - exact).abs().max().item() <= 2 * anchor_err + 1e-9
+
+
 @pytest.mark.parametrize("options", [dict(reduction="none"), dict(inplace_backward=True)])
 def test_recomputed_gradient_is_as_exact_as_torchs_on_large_confident_logits(options):
-    # the target's gradient p - 1 at a confident row: computing p as e^(z - lse) carries lse's
-    # float32 rounding at |z| ~ 77 (3e-6, 3% of the gradient); torch's is 3e-8
-    z = torch.tensor(
-        [[-34.19, -20.89, 68.19, -0.40, 77.375, -74.06, 49.41, -18.77, 52.81],
-         [-18.66, -45.06, 55.66, -140.75, 19.19, -56.03, -27.25, 10.90, -20.23]]
-    )  # fmt: skip
-    y = torch.tensor([4, 2])
+    # computing p as e^(z - lse) carried lse's rounding into p - 1: 3e-6 against torch's 3e-8
+    z, y = CONFIDENT_LOGITS, CONFIDENT_TARGET
     exact = z.double().requires_grad_()
     F.cross_entropy(exact, y, reduction="sum").backward()
     anchor = z.clone().requires_grad_()

@@ -88,7 +88,9 @@ def _ce_forward_kernel(
                 run_max, run_sum, run_ent, run_arg, z, start
             )
         lse, entropy = _lse_entropy(run_max, run_sum, run_ent)
-        nll = lse - z_true
+        # (max - z_y) + log Σ, not lse - z_y: lse rounded to float32 at the logits' magnitude
+        # (7.6e-6 at 77) would carry its rounding into a confident row's small loss
+        nll = (run_max - z_true) + tl.log(run_sum)
         loss = nll
         if HAS_SMOOTHING:
             loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - run_zsum / vocab)
