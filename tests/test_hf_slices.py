@@ -13,9 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from lossplug.integrations.transformers import (  # noqa: E402
     LossplugCallback,
-    _read_slices_from,
     patch_causal_lm,
 )
+from lossplug.monitoring.handoff import keep_inputs_for  # noqa: E402
 from test_hf_trainer_callback import (  # noqa: E402
     make_trainer,
     reference_val,
@@ -163,7 +163,7 @@ def test_the_key_reaches_the_column_filter_but_never_the_models_forward(tmp_path
 
 def test_a_patched_model_with_a_lambda_slice_by_still_pickles_and_copies():
     model = patch_causal_lm(tiny_llama())
-    _read_slices_from([model], lambda inputs: [0] * len(inputs["labels"]))
+    keep_inputs_for([model], lambda inputs: [0] * len(inputs["labels"]))
     ids = torch.randint(0, 61, (2, 6))
     model(input_ids=ids, labels=ids)
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):

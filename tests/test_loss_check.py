@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lossplug
 from _reference import reference_cross_entropy
 from _tiny_lm import NAMESPACES, VOCAB, quiet_trainer
-from lossplug.callbacks._accumulator import LossCheck, other_shift_nll
+from lossplug.monitoring.loss_check import LossCheck, other_shift_nll
 from lossplug.ops.stats import TokenStats
 
 SEQ = 12
@@ -196,7 +196,7 @@ def test_correct_setups_never_warn(case, module_kw, monitor_kw, trainer_kw, tmp_
     )
     assert found == [], (case, found)
     # the check did run: the first train windows and the first validation were compared
-    assert monitor._windows_to_check == {"train": 0, "val": 0}, case
+    assert monitor.tracker._windows_to_check == {"train": 0, "val": 0}, case
 
 
 def test_validation_alone_is_checked(tmp_path):

@@ -21,8 +21,8 @@ from _tiny_lm import (
     quiet_trainer,
     sliced_batches,
 )
-from lossplug.callbacks._accumulator import SliceAccumulator
 from lossplug.callbacks.loss_monitor import slice_labels
+from lossplug.monitoring.sums import SliceAccumulator
 
 NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
 L, TinyLM, Recorder = NAMESPACES["lightning.pytorch"]
@@ -328,7 +328,7 @@ def test_resume_gives_the_same_per_slice_values_and_keeps_the_slices_seen(tmp_pa
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("LossMonitor"))
     assert sorted(saved["slices_seen"]) == ["code", "math", "prose"]
     resumed = run(8, second, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
-    assert sorted(resumed._slices_seen) == ["code", "math", "prose"]
+    assert sorted(resumed.tracker.slices_seen) == ["code", "math", "prose"]
     steps = [step for step, _ in second.series("val/perplexity/code")]
     assert 6 in steps and 8 in steps
     for step in steps:

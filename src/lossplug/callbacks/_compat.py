@@ -7,8 +7,12 @@ Each Trainer accepts only its own ``Callback`` class, so lossplug's callbacks de
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
+
+from lossplug.monitoring.tracker import identity, single_process
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -63,3 +67,33 @@ def wandb_loggers(trainer: Any) -> list[Any]:
                 found.append(logger)
                 break
     return found
+
+
+def rank_reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sum over ranks through the trainer's strategy (the identity on one process)."""
+    if trainer.world_size <= 1:
+        return identity
+    strategy = trainer.strategy
+    # the collective runs on the strategy's device (NCCL needs CUDA tensors, gloo CPU ones)
+    return lambda tensor: strategy.reduce(tensor.to(strategy.root_device), reduce_op="sum")
+
+
+def gather_names(trainer: Any) -> Callable[[list[str]], list[list[str]]]:
+    """Every rank's list of names (a collective under DDP; the identity on one process)."""
+    if trainer.world_size <= 1:
+        return single_process
+
+    def gather(names: list[str]) -> list[list[str]]:
+        everyone: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, names)
+        return everyone
+
+    return gather
+
+
+def is_last_epoch(trainer: Any) -> bool:
+    """Whether this is fit's last epoch by ``max_epochs``: the same on every rank, unlike
+    ``trainer.should_stop``, which a callback may set on one rank only (the window's all-reduce
+    would then wait forever)."""
+    max_epochs = trainer.max_epochs
+    return max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,8 +10,11 @@ import torch
 from typing_extensions import override
 
 from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics, wandb_loggers
-from lossplug.kpi._core import KPI, KPIContext
-from lossplug.kpi._runner import KPIOutcome, KPIRunner
+from lossplug.kpi._core import KPI
+from lossplug.kpi._runner import KPIOutcome
+from lossplug.monitoring.clock import CLOCK
+from lossplug.monitoring.keys import is_bookkeeping
+from lossplug.monitoring.kpis import KPISession
 
 __all__ = ["KPIMonitor"]
 
@@ -26,13 +28,19 @@ class KPIMonitor(*CALLBACK_BASES):
     mix types, which W&B refuses, is logged as text; a table that still cannot be written is
     counted in ``kpi/<name>/table_errors`` and warned once, and the values are logged all the
     same). W&B summaries are ``max`` or ``min`` by ``higher_is_better``, and ``last`` for the
-    values a KPI declares ``cumulative``. Values computed at validation end are also logged to
+    values a KPI declares ``cumulative`` (a cumulative KPI also runs at the end of training, so
+    its last total is logged). Values computed at validation end are also logged to
     the module, so ``EarlyStopping``/``ModelCheckpoint`` can monitor them. A failing, hanging or
     NaN-returning KPI never stops training (see :class:`~lossplug.kpi.KPIRunner`); under DDP a
     rank-zero KPI runs once and every rank sees its value. After the first validation (or at
     the end of training when there is none), a KPI that looked up a metric key that is not
     logged is warned about once, with the closest logged names. Schedules, best values and
     reached targets survive a resume.
+
+    A KPI never changes the run it measures: it finds the random streams as training left them
+    and leaves them so, a call past its ``timeout_s`` is stopped at its next call into the model
+    before training goes on, statistics a patched model computes inside a KPI are never counted
+    as training or validation, and KPI time is not training time (``train/tokens_per_sec``).
 
     Args:
         kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
@@ -50,24 +58,26 @@ class KPIMonitor(*CALLBACK_BASES):
     """
 
     def __init__(self, kpis: Sequence[KPI] | KPI, *, log_samples: bool = True) -> None:
-        self.runner = KPIRunner(kpis)
+        self.session = KPISession(kpis)
         if not isinstance(log_samples, bool):
             raise TypeError(f"log_samples must be True or False, got {log_samples!r}")
         self.log_samples = log_samples
-        self._started = time.perf_counter()
         self._seen_step = 0
         self._samples_seen = 0
-        self._defined: set[str] = set()
-        self._names_known = False  # set after the first validation: see _check_lookups
+
+    @property
+    def runner(self) -> Any:
+        """The :class:`~lossplug.kpi.KPIRunner` that calls the KPIs."""
+        return self.session.runner
 
     @property
     def kpis(self) -> list[KPI]:
-        return self.runner.kpis
+        return self.session.kpis
 
     # ---------------------------------------------------------------------------------- hooks
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._started = time.perf_counter()
+        self.session.start()
         self._seen_step = trainer.global_step
 
     @override
@@ -82,16 +92,22 @@ class KPIMonitor(*CALLBACK_BASES):
         self._run("train_step", trainer, pl_module, can_log_to_module=True)
 
     @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.pause(self)  # validation time is not training time (the Throughput KPI)
+
+    @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
             self._run("validation_end", trainer, pl_module, can_log_to_module=True)
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.resume(self)
         # every callback has logged its validation values by now: the names are known
-        if not trainer.sanity_checking and not self._names_known:
-            self._names_known = True
-            self._check_lookups(trainer, f"after the first validation (step {trainer.global_step})")
+        if not trainer.sanity_checking and not self.session.names_known:
+            self.session.check_lookups(
+                _metrics(trainer), f"after the first validation (step {trainer.global_step})"
+            )
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -101,58 +117,53 @@ class KPIMonitor(*CALLBACK_BASES):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # Lightning refuses pl_module.log here: loggers only
         self._run("train_end", trainer, pl_module, can_log_to_module=False)
-        if not self._names_known:  # no validation ran
-            self._names_known = True
-            self._check_lookups(trainer, "by the end of training")
+        if not self.session.names_known:  # no validation ran
+            self.session.check_lookups(_metrics(trainer), "by the end of training")
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.session.forget_declarations()  # a new W&B run may start with this fit
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"runner": self.runner.state_dict(), "samples_seen": self._samples_seen}
+        return {"runner": self.session.state_dict(), "samples_seen": self._samples_seen}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.runner.load_state_dict(state_dict["runner"])
+        self.session.load_state_dict(state_dict["runner"])
         self._samples_seen = int(state_dict.get("samples_seen", 0))
 
     # -------------------------------------------------------------------------------- helpers
     def _run(self, event: str, trainer: Any, pl_module: Any, *, can_log_to_module: bool) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
-        due = self.runner.due(event, step=step, epoch=epoch)
+        due = self.session.due(event, step=step, epoch=epoch)
         if not due:
             return
         broadcast = None
         if trainer.world_size > 1:
             strategy = trainer.strategy
             broadcast = lambda obj: strategy.broadcast(obj, src=0)  # noqa: E731
-        ctx = self._context(event, trainer, pl_module)
-        for item in due:
-            outcome = self.runner.run(
-                item, ctx, is_rank_zero=trainer.is_global_zero, broadcast=broadcast
-            )
-            self._emit(item, outcome, trainer, pl_module, step, can_log_to_module)
-        if self._names_known:  # a key first looked up now is judged at once
-            self._check_lookups(trainer, f"at step {step}")
-
-    def _check_lookups(self, trainer: Any, when: str) -> None:
-        """Warn about keys KPIs looked up in ``ctx.metrics`` that no one logs."""
-        self.runner.warn_missing_metrics(_metrics(trainer), when=when)
-
-    def _context(self, event: str, trainer: Any, pl_module: Any) -> KPIContext:
         metrics = _metrics(trainer)
         tokens = metrics.get("train/tokens")
-        return KPIContext(
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            event=event,
+        outcomes = self.session.run(
+            event,
+            due,
+            step=step,
+            epoch=epoch,
             model=pl_module,
             metrics=metrics,
+            is_rank_zero=trainer.is_global_zero,
+            broadcast=broadcast,
             device=pl_module.device,
-            elapsed_s=time.perf_counter() - self._started,
             tokens=None if tokens is None else int(tokens),
             samples=self._samples_seen,
             world_size=trainer.world_size,
             trainer=trainer,
         )
+        for item, outcome in outcomes:
+            self._emit(item, outcome, trainer, pl_module, step, can_log_to_module)
+        if self.session.names_known:  # a key first looked up now is judged at once
+            self.session.check_lookups(_metrics(trainer), f"at step {step}")
 
     def _emit(
         self,
@@ -170,14 +181,16 @@ class KPIMonitor(*CALLBACK_BASES):
             if self.log_samples and outcome.samples:
                 # the table first, so that a lost one is counted in the same row as the values
                 metrics = {**metrics, **self._log_table(item, outcome.samples, trainer, step)}
-            self._define_wandb_metrics(item, metrics, trainer)
+            summaries = self.session.summaries(metrics)
+            if summaries:
+                define_wandb_metrics(trainer, summaries)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         if can_log_to_module:
             # only values worth monitoring (each pl_module.log costs ~0.3 ms); CPU tensors, so
             # that Lightning never synchronises with the device to read them
             for key, value in outcome.metrics.items():
-                if not _is_bookkeeping(key):
+                if not is_bookkeeping(key):
                     pl_module.log(
                         key,
                         torch.tensor(float(value)),
@@ -185,21 +198,6 @@ class KPIMonitor(*CALLBACK_BASES):
                         sync_dist=False,
                         rank_zero_only=False,
                     )
-
-    def _define_wandb_metrics(self, item: KPI, metrics: Mapping[str, float], trainer: Any) -> None:
-        new = [key for key in metrics if key not in self._defined]
-        if not new:
-            return
-        direction = "max" if item.higher_is_better else "min"
-
-        def summary(key: str) -> str | None:
-            if _is_bookkeeping(key):
-                return None
-            # a running total's best is its first or last value: only the last one means much
-            return "last" if item.is_cumulative(key) else direction
-
-        define_wandb_metrics(trainer, {key: summary(key) for key in new})
-        self._defined.update(new)
 
     def _log_table(
         self, item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int
@@ -215,14 +213,6 @@ class KPIMonitor(*CALLBACK_BASES):
         except Exception as exc:  # a full disk, a row W&B refuses: the table is lost, not the run
             return self.runner.record_table_error(item, exc, step=step)
         return {}
-
-
-_BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step")
-
-
-def _is_bookkeeping(key: str) -> bool:
-    """The cost and health counters of a KPI, as opposed to its values."""
-    return key.rsplit("/", 1)[-1] in _BOOKKEEPING
 
 
 def _metrics(trainer: Any) -> dict[str, float]:

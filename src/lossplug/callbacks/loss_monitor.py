@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,38 +10,25 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lossplug.callbacks._accumulator import (
-    METRIC_NAMES,
-    SUMMARIES,
-    LossCheck,
-    LossComparison,
-    SliceAccumulator,
-    StatsAccumulator,
-    check_slice_by,
-    other_shift_nll,
-    slice_labels,
+from lossplug.callbacks._compat import (
+    CALLBACK_BASES,
+    define_wandb_metrics,
+    gather_names,
+    is_last_epoch,
+    rank_reduce,
 )
-from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics
-from lossplug.integrations.transformers import patched_models, pop_token_stats
+from lossplug.monitoring.clock import CLOCK
+from lossplug.monitoring.handoff import models_with_stats, pop_token_stats
+from lossplug.monitoring.keys import METRIC_NAMES, STAGES, check_metric_names
+from lossplug.monitoring.slices import check_slice_by, slice_labels
+from lossplug.monitoring.tracker import LossTracker
 from lossplug.ops._dispatch import BACKENDS, check_backend
 from lossplug.ops._spec import LossSpec
-from lossplug.ops.cross_entropy import _cross_entropy
 from lossplug.ops.stats import TokenStats
 
 __all__ = ["LossMonitor"]
 
 Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] | None"]
-SliceBy = "str | Callable[[Any], Any]"
-_STAGES = ("train", "val")
-# totals and counters summarise as their last value: their max is the same number and "best"
-# would mean nothing for them
-# A "mean" loss and the monitor's NLL of the same logits agree to float32 rounding; a bf16 loss
-# is rounded to 8 bits (0.4 %), so 2 % never trips on correct bf16 runs while a wrong `shift` on
-# a model that predicts anything is off by far more (tens of percent).
-_LOSS_RTOL, _LOSS_ATOL = 0.02, 1e-3
-# The check is on the first windows only: a wrong setup shows from the start, and later a loss
-# with label smoothing drifts away from the cross-entropy as the model sharpens.
-_CHECKED_WINDOWS = {"train": 3, "val": 1}
 
 
 class LossMonitor(*CALLBACK_BASES):
@@ -108,7 +93,7 @@ class LossMonitor(*CALLBACK_BASES):
         val_prefix: str = "val/",
         prog_bar: bool = True,
         log_epoch: bool = True,
-        stages: Sequence[str] = _STAGES,
+        stages: Sequence[str] = STAGES,
         extract: Extract | None = None,
         ignore_index: int = -100,
         shift: bool = False,
@@ -122,20 +107,15 @@ class LossMonitor(*CALLBACK_BASES):
             log_every_n_steps = _as_int("log_every_n_steps", log_every_n_steps)
             if log_every_n_steps < 1:
                 raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps!r}")
-        metrics = _names("metrics", metrics, METRIC_NAMES)
-        if not metrics or len(set(metrics)) != len(metrics):
-            raise ValueError(
-                f"metrics must be a non-empty subset of {METRIC_NAMES} without repeats, "
-                f"got {metrics!r}"
-            )
+        metrics = check_metric_names(metrics)
         for name, prefix in (("train_prefix", train_prefix), ("val_prefix", val_prefix)):
             if not isinstance(prefix, str):
                 raise TypeError(f"{name} must be a str, got {prefix!r}")
         if train_prefix == val_prefix:
             raise ValueError(f"train_prefix and val_prefix must differ, both are {train_prefix!r}")
-        stages = _names("stages", stages, _STAGES)
+        stages = _names("stages", stages, STAGES)
         if not stages:
-            raise ValueError(f"stages must name at least one of {_STAGES}, got {stages!r}")
+            raise ValueError(f"stages must name at least one of {STAGES}, got {stages!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract must be callable(outputs, batch), got {extract!r}")
         # the options of the logits/labels form; the monitor reads the sums, never the loss
@@ -169,22 +149,26 @@ class LossMonitor(*CALLBACK_BASES):
         self.backend = backend
         self.check_loss = check_loss
         self.slice_by = slice_by
-
-        self._window = StatsAccumulator()
-        self._epoch = StatsAccumulator()
-        self._val = StatsAccumulator()
-        self._val_slices = SliceAccumulator()
+        self.tracker = LossTracker(
+            metrics=metrics,
+            train_prefix=train_prefix,
+            val_prefix=val_prefix,
+            log_epoch=log_epoch,
+            slice_by=slice_by,
+            check_loss=check_loss,
+            spec=spec,
+            owner="LossMonitor",
+        )
         self._slice_keys_declared: set[str] = set()
-        self._slices_seen: list[str] = []  # every slice logged so far, kept across a resume
-        self._tokens_total = 0
-        self._last_logged_step = -1
         self._warned_test = False
         self._seen_step = 0
-        self._window_started = time.perf_counter()
         self._trainer: Any = None
         self._patched: list[Any] | None = None  # models patched by patch_causal_lm, found lazily
-        self._checks = {stage: LossCheck() for stage in _STAGES}
-        self._windows_to_check = dict(_CHECKED_WINDOWS)
+
+    @property
+    def state_key(self) -> str:
+        # two monitors with different prefixes (two datasets) keep their own state
+        return self._generate_state_key(train_prefix=self.train_prefix, val_prefix=self.val_prefix)
 
     @property
     def op_kwargs(self) -> dict[str, Any]:
@@ -195,15 +179,11 @@ class LossMonitor(*CALLBACK_BASES):
     # ----------------------------------------------------------------------------------- keys
     def keys(self, stage: str) -> list[str]:
         """The keys this monitor logs for ``stage`` (``"train"`` or ``"val"``)."""
-        prefix = self.train_prefix if stage == "train" else self.val_prefix
-        keys = [f"{prefix}{name}" for name in self.metrics] + [f"{prefix}tokens"]
-        if stage == "train":
-            keys.append(f"{prefix}tokens_per_sec")
-        return keys
+        return self.tracker.keys(stage)
 
     def slice_keys(self, slice_name: str) -> list[str]:
         """The validation keys this monitor logs for one slice (``slice_by``)."""
-        return [f"{key}/{slice_name}" for key in self.keys("val")]
+        return self.tracker.slice_keys(slice_name)
 
     # ---------------------------------------------------------------------------------- hooks
     @override
@@ -233,7 +213,7 @@ class LossMonitor(*CALLBACK_BASES):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._seen_step = trainer.global_step
-        self._window_started = time.perf_counter()
+        self.tracker.start_training()
         self._patched = None
 
     @override
@@ -246,9 +226,7 @@ class LossMonitor(*CALLBACK_BASES):
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         stats = self._stats_from(outputs, batch, pl_module, "training_step", loss_scale=scale)
         if stats is not None:
-            self._window.add(stats)
-            if self.log_epoch:
-                self._epoch.add(stats)
+            self.tracker.add_train(stats)
         step = trainer.global_step
         if step == self._seen_step:  # inside a gradient-accumulation window
             return
@@ -256,26 +234,32 @@ class LossMonitor(*CALLBACK_BASES):
         every = self.log_every_n_steps or max(int(trainer.log_every_n_steps or 1), 1)
         # the last step of fit logs the window it ends, whole or not: nothing goes unlogged
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
-        if (step % every == 0 or last) and step > self._last_logged_step:
+        if (step % every == 0 or last) and step > self.tracker.last_logged_step:
             self._log_train_window(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if "train" in self.stages:
-            self._finish_check(trainer, "train")  # for epochs shorter than a logging window
-            if _last_epoch(trainer) and trainer.global_step > self._last_logged_step:
-                self._log_train_window(trainer, pl_module, trainer.global_step)
-        if "train" not in self.stages or not self.log_epoch:
+        if "train" not in self.stages:
             return
-        values = self._epoch.read(self._reduce(trainer))
-        self._epoch.reset()
-        metrics = {f"{self.train_prefix}{n}_epoch": values[n] for n in self.metrics if n in values}
-        self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=False)
+        # for epochs shorter than a logging window
+        self.tracker.finish_check("train", is_rank_zero=trainer.is_global_zero)
+        if is_last_epoch(trainer) and trainer.global_step > self.tracker.last_logged_step:
+            self._log_train_window(trainer, pl_module, trainer.global_step)
+        if self.log_epoch:
+            metrics = self.tracker.read_epoch(rank_reduce(trainer))
+            self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=False)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.pause(self)  # validation time is not training time (train/tokens_per_sec)
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.resume(self)
 
     @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._val.reset()
-        self._val_slices.reset()
+        self.tracker.reset_val()
         self._patched = None
 
     @override
@@ -293,104 +277,63 @@ class LossMonitor(*CALLBACK_BASES):
         # the sanity check's batches are read but not counted: a validation_step that returns
         # no statistics, or a batch without slice labels, fails there, at the start of fit, not
         # after the first validation interval
-        if self.slice_by is None:
-            sanity = trainer.sanity_checking
-            stats = self._stats_from(outputs, batch, pl_module, "validation_step", check=not sanity)
-            if stats is not None and not sanity:
-                self._val.add(stats)
-            return
+        sanity = trainer.sanity_checking
+        per_sequence = self.slice_by is not None
         stats = self._stats_from(
             outputs,
             batch,
             pl_module,
             "validation_step",
-            per_sequence=True,
-            check=not trainer.sanity_checking,
+            per_sequence=per_sequence,
+            check=not sanity,
         )
         if stats is None:
             return
-        labels = slice_labels(self.slice_by, batch, stats.shape)
-        if not trainer.sanity_checking:
-            self._val.add(stats.sum())
-            self._val_slices.add(stats, labels)
+        labels = slice_labels(self.slice_by, batch, stats.shape) if per_sequence else None
+        if not sanity:
+            self.tracker.add_val(stats, labels)
 
     @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if "val" not in self.stages or trainer.sanity_checking:
-            self._val.reset()
-            self._val_slices.reset()
+            self.tracker.reset_val()
             return
-        values = self._val.read(self._reduce(trainer))
-        self._val.reset()
-        self._finish_check(trainer, "val")
-        metrics = {f"{self.val_prefix}{n}": values[n] for n in self.metrics if n in values}
-        metrics[f"{self.val_prefix}tokens"] = values["tokens"]
-        if self.slice_by is not None:
-            metrics.update(self._read_slices(trainer))
+        metrics = self.tracker.read_val(
+            rank_reduce(trainer), gather_names(trainer), is_rank_zero=trainer.is_global_zero
+        )
+        if self.slice_by is not None and trainer.is_global_zero:
+            self._define_slice_metrics(trainer)
         self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=self.prog_bar)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         # Sums are reduced over ranks here (Lightning builds the checkpoint on every rank): the
         # file then holds the global partial window, which rank 0 alone takes back on resume.
-        reduce = self._reduce(self._trainer) if self._trainer is not None else None
-        return {
-            "version": 1,
-            "tokens_total": self._tokens_total,
-            "last_logged_step": self._last_logged_step,
-            "window": self._reduced_state(self._window, reduce),
-            "epoch": self._reduced_state(self._epoch, reduce),
-            "slices_seen": list(self._slices_seen),
-        }
+        reduce = rank_reduce(self._trainer) if self._trainer is not None else None
+        return self.tracker.state_dict(reduce)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._tokens_total = int(state_dict["tokens_total"])
-        self._last_logged_step = int(state_dict["last_logged_step"])
-        self._slices_seen = [str(name) for name in state_dict.get("slices_seen", [])]
         rank_zero = self._trainer is None or self._trainer.global_rank == 0
-        for acc, key in ((self._window, "window"), (self._epoch, "epoch")):
-            acc.load(state_dict[key] if rank_zero else None)
+        self.tracker.load_state_dict(state_dict, is_rank_zero=rank_zero)
 
     # -------------------------------------------------------------------------------- helpers
-    def _read_slices(self, trainer: Any) -> dict[str, float]:
-        """``val/<metric>/<slice>`` of every slice seen on any rank (a collective)."""
-        per_slice = self._val_slices.read(self._reduce(trainer), _gather_names(trainer))
-        self._val_slices.reset()
-        metrics: dict[str, float] = {}
-        for name, values in per_slice.items():
-            for metric in (*self.metrics, "tokens"):
-                if metric in values:
-                    metrics[f"{self.val_prefix}{metric}/{name}"] = values[metric]
-            if name not in self._slices_seen:
-                self._slices_seen.append(name)
-        if trainer.is_global_zero:
-            self._define_slice_metrics(trainer, self._slices_seen)
-        return metrics
-
-    def _define_slice_metrics(self, trainer: Any, names: Sequence[str]) -> None:
+    def _define_slice_metrics(self, trainer: Any) -> None:
         summaries = {}
-        for name in names:
+        for name in self.tracker.slices_seen:
             for key in self.slice_keys(name):
                 if key not in self._slice_keys_declared:
-                    metric = key[len(self.val_prefix) :].split("/", 1)[0]
-                    summaries[key] = SUMMARIES.get(metric)
+                    summaries[key] = self.tracker.summary(key)
                     self._slice_keys_declared.add(key)
         if summaries:
             define_wandb_metrics(trainer, summaries)
 
     def _log_train_window(self, trainer: Any, pl_module: Any, step: int) -> None:
-        values = self._window.read(self._reduce(trainer))
-        self._window.reset()
-        self._finish_check(trainer, "train")
-        now = time.perf_counter()
-        seconds, self._window_started = now - self._window_started, now
-        self._tokens_total += int(values["tokens"])
-        metrics = {f"{self.train_prefix}{n}": values[n] for n in self.metrics if n in values}
-        metrics[f"{self.train_prefix}tokens"] = self._tokens_total
-        metrics[f"{self.train_prefix}tokens_per_sec"] = values["tokens"] / max(seconds, 1e-9)
+        metrics = self.tracker.read_window(
+            rank_reduce(trainer), is_rank_zero=trainer.is_global_zero
+        )
         self._emit(trainer, pl_module, metrics, step, prog_bar=self.prog_bar)
-        self._last_logged_step = step
+        self.tracker.last_logged_step = step
 
     def _emit(
         self, trainer: Any, pl_module: Any, metrics: dict[str, float], step: int, prog_bar: bool
@@ -419,13 +362,10 @@ class LossMonitor(*CALLBACK_BASES):
             )
 
     def _define_wandb_metrics(self, trainer: Any) -> None:
-        summaries = {}
-        for stage in self.stages:
-            for key in self.keys(stage):
-                summaries[key] = SUMMARIES.get(key.rsplit("/", 1)[-1])
-        define_wandb_metrics(trainer, summaries)
-        self._slice_keys_declared = set()
-        self._define_slice_metrics(trainer, self._slices_seen)
+        define_wandb_metrics(trainer, self.tracker.summaries(self.stages))
+        self._slice_keys_declared = {
+            key for name in self.tracker.slices_seen for key in self.slice_keys(name)
+        }
 
     def _stats_from(
         self,
@@ -440,9 +380,9 @@ class LossMonitor(*CALLBACK_BASES):
     ) -> TokenStats | None:
         # taken at every batch, used or not, so a stale value can never be logged later
         from_patched = self._pop_patched_stats(pl_module, per_sequence)
-        # the loss the step trained on, to check against the monitor's own numbers
         stage = "train" if hook == "training_step" else "val"
-        loss_check = self._check_for(stage, outputs) if check else None
+        # the loss the step trained on, to check against the monitor's own numbers
+        loss = outputs.get("loss") if check and isinstance(outputs, Mapping) else None
         if isinstance(outputs, Mapping):
             stats = outputs.get("stats")
             if isinstance(stats, TokenStats):
@@ -451,7 +391,7 @@ class LossMonitor(*CALLBACK_BASES):
                 return self._per_sequence(stats, hook) if per_sequence else stats.sum()
             if "logits" in outputs and "labels" in outputs:
                 logits, labels = outputs["logits"], outputs["labels"]
-                return self._run_op(logits, labels, loss_check, loss_scale, per_sequence)
+                return self._score(logits, labels, stage, loss, loss_scale, per_sequence)
         if from_patched is not None:
             return from_patched
         if self.extract is not None:
@@ -461,7 +401,7 @@ class LossMonitor(*CALLBACK_BASES):
                     return self._per_sequence(got, hook)
                 return None if got is None else got.sum()
             if isinstance(got, tuple) and len(got) == 2:
-                return self._run_op(*got, loss_check, loss_scale, per_sequence)
+                return self._score(*got, stage, loss, loss_scale, per_sequence)
             raise TypeError(
                 f"LossMonitor's extract must return a TokenStats, (logits, labels) or None; "
                 f"got {type(got).__name__}"
@@ -481,6 +421,25 @@ class LossMonitor(*CALLBACK_BASES):
             )
         )
 
+    def _score(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        stage: str,
+        loss: Any,
+        loss_scale: float,
+        per_sequence: bool,
+    ) -> TokenStats:
+        return self.tracker.score(
+            logits,
+            labels,
+            stage,
+            loss=loss,
+            loss_scale=loss_scale,
+            backend=self.backend,
+            per_sequence=per_sequence,
+        )
+
     @staticmethod
     def _per_sequence(stats: TokenStats | None, hook: str) -> TokenStats | None:
         """``stats`` if they hold one sum per sequence; an error naming the fix otherwise."""
@@ -496,133 +455,8 @@ class LossMonitor(*CALLBACK_BASES):
     def _pop_patched_stats(self, pl_module: Any, per_sequence: bool) -> TokenStats | None:
         """The statistics that models patched by ``patch_causal_lm`` computed with their loss."""
         if self._patched is None:  # found once per stage, not walked at every batch
-            self._patched = patched_models(pl_module) if hasattr(pl_module, "modules") else []
+            self._patched = models_with_stats(pl_module)
         return pop_token_stats(self._patched, per_sequence=per_sequence)
-
-    def _run_op(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        check: tuple[LossCheck, torch.Tensor] | None = None,
-        loss_scale: float = 1.0,
-        per_sequence: bool = False,
-    ) -> TokenStats:
-        # per-token NLL only while checking: it gives the other shift convention for free
-        spec = self.spec if check is None else dataclasses.replace(self.spec, reduction="none")
-        with torch.no_grad():
-            per_token, stats = _cross_entropy(
-                logits.detach(),
-                labels,
-                spec,
-                return_stats=True,
-                backend=self.backend,
-                per_sequence_stats=per_sequence,
-            )
-            if check is not None:
-                accumulated, loss = check
-                other = other_shift_nll(
-                    logits,
-                    labels,
-                    per_token,
-                    shift=spec.shift,
-                    ignore_index=spec.ignore_index,
-                    softcap=spec.softcap,
-                )
-                accumulated.add(loss.detach() * loss_scale, stats.sum(), other)
-        return stats
-
-    def _check_for(self, stage: str, outputs: Any) -> tuple[LossCheck, torch.Tensor] | None:
-        """The check of ``stage`` and the step's loss, while that stage is still checked."""
-        if not self.check_loss or self._windows_to_check[stage] <= 0:
-            return None
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            return None
-        return self._checks[stage], loss
-
-    def _finish_check(self, trainer: Any, stage: str) -> None:
-        """Compare the window's losses (called where the window is read, a sync anyway)."""
-        check = self._checks[stage]
-        if check.sums is None:
-            return
-        self._windows_to_check[stage] -= 1
-        if not trainer.is_global_zero:  # one warning per job; the other ranks skip the read
-            check.reset()
-            return
-        result = check.compare(rtol=_LOSS_RTOL, atol=_LOSS_ATOL)
-        if result is None or result.agrees:
-            return
-        self._windows_to_check = dict.fromkeys(_STAGES, 0)  # warned once: stop checking
-        for other in self._checks.values():
-            other.reset()
-        warnings.warn(self._mismatch_message(result, stage), UserWarning, stacklevel=2)
-
-    def _mismatch_message(self, result: LossComparison, stage: str) -> str:
-        hook = "training_step" if stage == "train" else "validation_step"
-        prefix = self.train_prefix if stage == "train" else self.val_prefix
-        shift, ignore_index = self.spec.shift, self.spec.ignore_index
-        gap = abs(result.loss - result.cross_entropy) / max(abs(result.loss), _LOSS_ATOL)
-        message = (
-            f"LossMonitor: the loss {hook} returned ({result.loss:.4f}, mean over "
-            f"{result.batches} micro-batches) is not the cross-entropy LossMonitor computes from "
-            f"the logits and labels it got ({result.cross_entropy:.4f}, {gap:.1%} apart): "
-            f"{prefix}cross_entropy, {prefix}perplexity and {prefix}token_accuracy do not "
-            "describe the loss being trained. "
-        )
-        if result.other_shift_agrees:
-            if shift:
-                return message + (
-                    f"With shift=False it would be about {result.other_shift:.4f} (on the tokens "
-                    "both conventions score), close to the loss: the labels look already shifted "
-                    "(labels[t] is the token after position t); pass LossMonitor(shift=False)."
-                )
-            return message + (
-                f"With shift=True it would be about {result.other_shift:.4f} (on the tokens both "
-                "conventions score), close to the loss: the labels look unshifted (Hugging Face "
-                "style, labels == input_ids and the model's loss shifts them); pass "
-                "LossMonitor(shift=True)."
-            )
-        other = (
-            ""
-            if result.other_shift is None
-            else f"; with shift={not shift} it would be {result.other_shift:.4f}, no closer"
-        )
-        return message + (
-            f"Likely causes: `shift` (now {shift}{other}), `ignore_index` (now {ignore_index}; "
-            "positions the loss skips must carry it), `softcap`, a loss that is not the mean "
-            "over the scored tokens of the micro-batch (a mean per sequence, a sum divided by "
-            "something else), or loss options such as label_smoothing or z_loss. If the "
-            "difference is intended, LossMonitor(check_loss=False) turns this check off."
-        )
-
-    @staticmethod
-    def _reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Sum over ranks through the trainer's strategy (identity on one process)."""
-        if trainer.world_size <= 1:
-            return lambda tensor: tensor
-        strategy = trainer.strategy
-        # the collective runs on the strategy's device (NCCL needs CUDA tensors, gloo CPU ones)
-        return lambda tensor: strategy.reduce(tensor.to(strategy.root_device), reduce_op="sum")
-
-    @staticmethod
-    def _reduced_state(acc: StatsAccumulator, reduce: Any) -> torch.Tensor | None:
-        if reduce is None:
-            return acc.state()
-        sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
-        return reduce(sums.clone()).detach().cpu()
-
-
-def _gather_names(trainer: Any) -> Callable[[list[str]], list[list[str]]]:
-    """Every rank's list of names (a collective under DDP; the identity on one process)."""
-    if trainer.world_size <= 1:
-        return lambda names: [names]
-
-    def gather(names: list[str]) -> list[list[str]]:
-        everyone: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, names)
-        return everyone
-
-    return gather
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -642,11 +476,3 @@ def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"{name} must be names from {allowed}, got {unknown[0]!r} in {names!r}")
     return names
-
-
-def _last_epoch(trainer: Any) -> bool:
-    """Whether this is fit's last epoch by ``max_epochs``: the same on every rank, unlike
-    ``trainer.should_stop``, which a callback may set on one rank only (the window's all-reduce
-    would then wait forever)."""
-    max_epochs = trainer.max_epochs
-    return max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs

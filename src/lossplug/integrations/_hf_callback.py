@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,21 +15,13 @@ from typing import Any
 import torch
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
-from lossplug.callbacks._accumulator import (
-    METRIC_NAMES,
-    SUMMARIES,
-    SliceAccumulator,
-    StatsAccumulator,
-    check_slice_by,
-    slice_labels,
-)
-from lossplug.integrations.transformers import (
-    _pop_stats_with_inputs,
-    _read_slices_from,
-    patched_models,
-)
-from lossplug.kpi._core import KPI, KPIContext
-from lossplug.kpi._runner import KPIRunner
+from lossplug.kpi._core import KPI
+from lossplug.monitoring.clock import CLOCK
+from lossplug.monitoring.handoff import keep_inputs_for, models_with_stats, pop_stats_with_inputs
+from lossplug.monitoring.keys import METRIC_NAMES, check_metric_names
+from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.slices import check_slice_by, slice_labels
+from lossplug.monitoring.tracker import LossTracker
 
 __all__ = ["LossplugCallback"]
 
@@ -38,7 +29,6 @@ __all__ = ["LossplugCallback"]
 #: Not the class name: the Trainer would rebuild a callback of that name from JSON arguments
 #: (``restore_callback_states_from_checkpoint``) and the KPI objects cannot be rebuilt that way.
 STATE_KEY = "lossplug.LossplugCallback"
-_BOOKKEEPING = ("seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step")
 
 
 class LossplugCallback(TrainerCallback):
@@ -47,7 +37,8 @@ class LossplugCallback(TrainerCallback):
     At each Trainer logging step, the window since the last one is added to the Trainer's log
     (so to ``trainer.state.log_history`` and to every ``report_to`` integration):
     ``train/cross_entropy``, ``train/perplexity``, ``train/token_accuracy``, ``train/entropy``
-    (the ones ``metrics`` names) and ``train/tokens`` (cumulative), token-weighted over every
+    (the ones ``metrics`` names), ``train/tokens`` (cumulative) and ``train/tokens_per_sec``
+    (over training time: evaluation and KPI time left out), token-weighted over every
     micro-batch of gradient accumulation and summed over processes. Each evaluation adds
     ``val/…``, the same keys, exact over the whole eval set (``eval_loss`` is a mean of batch
     means). The statistics come from a model patched by
@@ -60,7 +51,9 @@ class LossplugCallback(TrainerCallback):
     isolation, targets, rank-0 execution with the outcome broadcast. ``ctx.model`` is the
     Trainer's model and ``ctx.metrics`` every number logged so far. A step a KPI is due at is
     made a logging step, so its ``kpi/<name>`` lands on that step; ``train_epoch_end`` values go
-    with the next log and ``train_end`` values with the Trainer's end-of-training log.
+    with the next log and ``train_end`` values (every cumulative KPI's last total among them)
+    with the Trainer's end-of-training log. A KPI never changes the run: see
+    :class:`~lossplug.KPIMonitor`, whose guarantees are the same.
 
     With ``report_to="wandb"`` the values are logged to the W&B run under these names, against
     ``train/global_step`` (the Trainer's own W&B integration would file them under ``train/``,
@@ -112,25 +105,13 @@ class LossplugCallback(TrainerCallback):
         metrics: Sequence[str] = METRIC_NAMES,
         slice_by: str | Callable[[Any], Any] | None = None,
     ):
-        self.runner = KPIRunner(kpis)
+        self.session = KPISession(kpis)
         check_slice_by(slice_by)
-        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
-            raise TypeError(
-                f"metrics must be a sequence of names from {METRIC_NAMES}, got {metrics!r}"
-            )
-        metrics = tuple(metrics)
-        unknown = [name for name in metrics if name not in METRIC_NAMES]
-        if unknown or not metrics or len(set(metrics)) != len(metrics):
-            raise ValueError(
-                f"metrics must be a non-empty subset of {METRIC_NAMES} without repeats, "
-                f"got {metrics!r}"
-            )
-        self.metrics = metrics
+        self.metrics = check_metric_names(metrics)
         self.slice_by = slice_by
-        self._window = StatsAccumulator()
-        self._val = StatsAccumulator()
-        self._val_slices = SliceAccumulator()
-        self._tokens_total = 0
+        self.tracker = LossTracker(
+            metrics=self.metrics, slice_by=slice_by, check_loss=False, owner="LossplugCallback"
+        )
         self._in_eval = False
         # why an evaluation batch could not be split by slice: raised when the evaluation logs,
         # dropped when the batches were trainer.predict()'s (which may lack the slice key)
@@ -139,31 +120,32 @@ class LossplugCallback(TrainerCallback):
         self._due: list[KPI] = []  # train_step KPIs to run at this step's log
         self._pending: dict[str, float] = {}  # KPI values waiting for the next log
         self._known: dict[str, float] = {}  # ctx.metrics: every number logged so far
-        self._names_known = False
         self._warned_unpatched = False
         self._placed_in: Any = None
-        self._defined: set[str] = set()  # keys declared to W&B
+        self._declared: set[str] = set()  # model-centric keys declared to W&B
         self._model: Any = None
         self._patched: list[Any] = []
         self._wandb = False  # a W&B integration reports: log to its run under our names
-        self._saved_window: list[float] | None = None
+        self._saved_window: Any = None
         self._restored = False
         self._args: Any = None
-        self._started = time.perf_counter()
+
+    @property
+    def runner(self) -> Any:
+        """The :class:`~lossplug.kpi.KPIRunner` that calls the KPIs."""
+        return self.session.runner
 
     @property
     def kpis(self) -> list[KPI]:
-        return self.runner.kpis
+        return self.session.kpis
 
     def keys(self, stage: str) -> list[str]:
         """The keys logged for ``stage`` (``"train"`` or ``"val"``), KPIs aside."""
-        if stage not in ("train", "val"):
-            raise ValueError(f"stage must be 'train' or 'val', got {stage!r}")
-        return [f"{stage}/{name}" for name in self.metrics] + [f"{stage}/tokens"]
+        return self.tracker.keys(stage)
 
     def slice_keys(self, slice_name: str) -> list[str]:
         """The evaluation keys logged for one slice (``slice_by``)."""
-        return [f"{key}/{slice_name}" for key in self.keys("val")]
+        return self.tracker.slice_keys(slice_name)
 
     # ---------------------------------------------------------------------------------- hooks
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -173,9 +155,10 @@ class LossplugCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._place(sys._getframe(1))  # added with trainer.add_callback, after __init__
         self._args = args
-        self._started = time.perf_counter()
-        self._window.reset()
-        self._tokens_total = 0  # a callback reused for another trainer.train() starts again
+        self.session.start()
+        self.tracker.start_training()
+        self.tracker.window.reset()
+        self.tracker.tokens_total = 0  # a callback reused for another trainer.train() restarts
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         if saved and not self._restored:
             self._load(saved, is_rank_zero=state.is_world_process_zero)
@@ -187,11 +170,11 @@ class LossplugCallback(TrainerCallback):
         self._restored = False  # a later trainer.train() starts from its own state
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._collect(self._window, kwargs.get("model"))
+        self._collect(kwargs.get("model"), evaluating=False)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._collect(self._window, kwargs.get("model"))
-        self._due = self.runner.due("train_step", step=state.global_step, epoch=_epoch(state))
+        self._collect(kwargs.get("model"), evaluating=False)
+        self._due = self.session.due("train_step", step=state.global_step, epoch=_epoch(state))
         if self._due:
             control.should_log = True  # the KPI's value lands on its own step
         self._expect_train_log = control.should_log
@@ -199,23 +182,23 @@ class LossplugCallback(TrainerCallback):
             # the window as the checkpoint will hold it (all ranks reduce it together); a
             # logging step empties it before the save
             will_log = control.should_log and state.global_step > _last_logged(state)
-            self._saved_window = None if will_log else self._reduced(self._window)
+            self._saved_window = None if will_log else self._reduced_window()
             self._stash(state)
         return control
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._in_eval:
             self._in_eval = True
-            self._val.reset()
-            self._val_slices.reset()
+            CLOCK.pause(self)  # evaluation time is not training time
+            self.tracker.reset_val()
             self._slice_error = None
             self._check_patched(kwargs.get("model"))
-        self._collect(self._val, kwargs.get("model"), self._val_slices)
+        self._collect(kwargs.get("model"), evaluating=True)
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_eval = False  # trainer.predict() logs nothing: its batches are no evaluation
-        self._val.reset()
-        self._val_slices.reset()
+        CLOCK.resume(self)
+        self.tracker.reset_val()
         self._slice_error = None
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -228,33 +211,34 @@ class LossplugCallback(TrainerCallback):
         if logs is None:
             return
         model = kwargs.get("model")
+        rank_zero = state.is_world_process_zero
         ours: dict[str, float] = {}
         evaluated = any(key.startswith("eval_") and key.endswith("_runtime") for key in logs)
         if self._in_eval or evaluated:  # the log of Trainer.evaluate(): every rank is here
             self._in_eval = False
+            CLOCK.resume(self)
             if self._slice_error is not None:  # the next evaluation starts afresh
                 error, self._slice_error = self._slice_error, None
                 raise error
-            values = self._val.read(_all_reduce)
-            self._val.reset()
-            ours.update(self._named("val", values))
-            if values["tokens"] > 0:
-                ours["val/tokens"] = values["tokens"]
-            if self.slice_by is not None:
-                ours.update(self._read_slices())
+            rank_zero = state.is_world_process_zero
+            ours.update(
+                self.tracker.read_val(
+                    _all_reduce, _gather_names, is_rank_zero=rank_zero, empty_ok=False
+                )
+            )
             self._learn(logs, ours)
             self._run("validation_end", state, model)
         elif self._expect_train_log and "loss" in logs and "learning_rate" in logs:
             # the Trainer's training log, on every rank; not a trainer.log() of the user's, which
             # may run on one rank only and would hang the all-reduce
             self._expect_train_log = False
-            ours.update(self._read_window())
+            ours.update(self.tracker.read_window(_all_reduce, is_rank_zero=rank_zero))
             self._learn(logs, ours)
             due, self._due = self._due, []
             self._run_kpis("train_step", due, state, model)
         elif "train_runtime" in logs:  # the Trainer's end-of-training log, on every rank
             # the steps since the last training log, when training ended between two logs
-            ours.update(self._read_window())
+            ours.update(self.tracker.read_window(_all_reduce, is_rank_zero=rank_zero))
             self._learn(logs, ours)
             self._run("train_end", state, model)
         ours.update(self._pending)
@@ -267,14 +251,14 @@ class LossplugCallback(TrainerCallback):
             state.log_history[-1].update(ours)  # appended before the callbacks ran
         if self._wandb and state.is_world_process_zero:
             self._log_to_wandb(ours, state.global_step)
-        if not self._names_known and any(key.startswith("val/") for key in ours):
-            self._names_known = True
-            self.runner.warn_missing_metrics(self._known, when="after the first evaluation")
+        if not self.session.names_known and any(key.startswith("val/") for key in ours):
+            self.session.check_lookups(self._known, "after the first evaluation")
         if control.should_save:
             self._stash(state)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_eval = False
+        CLOCK.resume(self)
         if control.should_save:
             self._stash(state)
 
@@ -301,7 +285,7 @@ class LossplugCallback(TrainerCallback):
         callbacks.insert(after[-1] + 1 if after else 0, self)
 
     def _check_patched(self, model: Any) -> None:
-        if self._warned_unpatched or model is None or patched_models(model):
+        if self._warned_unpatched or model is None or models_with_stats(model):
             return
         self._warned_unpatched = True
         warnings.warn(
@@ -318,26 +302,28 @@ class LossplugCallback(TrainerCallback):
         tell them what ``slice_by`` needs."""
         if model is None or model is self._model:
             return
-        self._model, self._patched = model, patched_models(model)
-        _read_slices_from(self._patched, self.slice_by)
+        self._model, self._patched = model, models_with_stats(model)
+        keep_inputs_for(self._patched, self.slice_by)
 
-    def _collect(
-        self, acc: StatsAccumulator, model: Any, slices: SliceAccumulator | None = None
-    ) -> None:
+    def _collect(self, model: Any, *, evaluating: bool) -> None:
         # taken after every forward with labels: the patch keeps only the last call's stats
         if model is None:
             return
         self._see(model)
-        for stats, inputs in _pop_stats_with_inputs(self._patched):
-            acc.add(stats.sum())
-            if slices is None or self.slice_by is None or self._slice_error is not None:
+        for stats, inputs in pop_stats_with_inputs(self._patched):
+            if not evaluating:
+                self.tracker.add_train(stats.sum())
                 continue
-            try:
-                labels = self._slice_labels(stats, inputs)
-            except Exception as error:  # raised with the evaluation's log, not by predict()
-                self._slice_error = error
-                continue
-            slices.add(stats, labels)
+            labels = None
+            if self.slice_by is not None and self._slice_error is None:
+                try:
+                    labels = self._slice_labels(stats, inputs)
+                except Exception as error:  # raised with the evaluation's log, not by predict()
+                    self._slice_error = error
+            if labels is None:
+                self.tracker.val.add(stats.sum())
+            else:
+                self.tracker.add_val(stats, labels)
 
     def _slice_labels(self, stats: Any, inputs: Mapping[str, Any] | None) -> Any:
         if inputs is None:
@@ -357,30 +343,6 @@ class LossplugCallback(TrainerCallback):
                 "(remove_unused_columns=False keeps it)"
             ) from None
 
-    def _read_slices(self) -> dict[str, float]:
-        """``val/<metric>/<slice>`` of every slice seen on any process (a collective)."""
-        per_slice = self._val_slices.read(_all_reduce, _gather_names)
-        self._val_slices.reset()
-        return {
-            f"val/{metric}/{name}": values[metric]
-            for name, values in per_slice.items()
-            for metric in (*self.metrics, "tokens")
-            if metric in values
-        }
-
-    def _read_window(self) -> dict[str, float]:
-        """``train/…`` of the steps since the last training log (a collective), and the
-        running ``train/tokens``; nothing when no token was seen since."""
-        values = self._window.read(_all_reduce)
-        self._window.reset()
-        if values["tokens"] <= 0:
-            return {}
-        self._tokens_total += int(values["tokens"])
-        return {**self._named("train", values), "train/tokens": float(self._tokens_total)}
-
-    def _named(self, stage: str, values: Mapping[str, float]) -> dict[str, float]:
-        return {f"{stage}/{name}": values[name] for name in self.metrics if name in values}
-
     def _learn(self, logs: Mapping[str, Any], ours: Mapping[str, float]) -> None:
         """Keep every number logged so far: what KPIs see as ``ctx.metrics``."""
         for key, value in logs.items():
@@ -389,34 +351,27 @@ class LossplugCallback(TrainerCallback):
         self._known.update(ours)
 
     def _run(self, event: str, state: Any, model: Any) -> None:
-        due = self.runner.due(event, step=state.global_step, epoch=_epoch(state))
+        due = self.session.due(event, step=state.global_step, epoch=_epoch(state))
         self._run_kpis(event, due, state, model)
 
     def _run_kpis(self, event: str, due: list[KPI], state: Any, model: Any) -> None:
-        if not due:
-            return
         world = _world_size()
-        ctx = KPIContext(
+        outcomes = self.session.run(
+            event,
+            due,
             step=state.global_step,
             epoch=_epoch(state),
-            event=event,
             model=model,
-            metrics=dict(self._known),
+            metrics=self._known,
+            is_rank_zero=state.is_world_process_zero,
+            broadcast=_broadcast if world > 1 else None,
             device=_device(model),
-            elapsed_s=time.perf_counter() - self._started,
-            tokens=self._tokens_total or None,
+            tokens=self.tracker.tokens_total or None,
             samples=self._samples(state),
             world_size=world,
         )
-        broadcast = _broadcast if world > 1 else None
-        for item in due:
-            outcome = self.runner.run(
-                item, ctx, is_rank_zero=state.is_world_process_zero, broadcast=broadcast
-            )
+        for _, outcome in outcomes:
             self._pending.update(outcome.metrics)
-        if model is not None:
-            # a KPI's own forward with labels is not training data
-            _pop_stats_with_inputs(patched_models(model))
 
     def _log_to_wandb(self, metrics: Mapping[str, float], step: int) -> None:
         import wandb
@@ -424,11 +379,13 @@ class LossplugCallback(TrainerCallback):
         run = wandb.run
         if run is None:
             return
+        summaries = self.session.summaries(k for k in metrics if k.startswith("kpi/"))
         for key in metrics:
-            if key in self._defined:
+            if key.startswith("kpi/") or key in self._declared:
                 continue
-            self._defined.add(key)
-            summary = self._summary(key)
+            self._declared.add(key)
+            summaries[key] = self.tracker.summary(key)
+        for key, summary in summaries.items():
             # an unescaped "." reads as nesting to W&B: kpi/pass.rate's summary would be lost
             run.define_metric(
                 key.replace(".", "\\."),
@@ -438,20 +395,6 @@ class LossplugCallback(TrainerCallback):
         # the Trainer's W&B integration plots everything against train/global_step
         run.log({**metrics, "train/global_step": step})
 
-    def _summary(self, key: str) -> str | None:
-        """W&B's summary of ``key``: its best value, or its last for totals and counters."""
-        stage, _, name = key.partition("/")
-        if stage in ("train", "val"):
-            return SUMMARIES.get(name.split("/", 1)[0])  # val/perplexity/<slice> as val/perplexity
-        for item in self.kpis:
-            if key == item.key or key.startswith(item.key + "/"):
-                if key.rsplit("/", 1)[-1] in _BOOKKEEPING:
-                    return None
-                if item.is_cumulative(key):
-                    return "last"
-                return "max" if item.higher_is_better else "min"
-        return None
-
     def _samples(self, state: Any) -> int | None:
         """Training samples seen on all ranks, as the Trainer counts them (full batches)."""
         args = self._args
@@ -460,11 +403,11 @@ class LossplugCallback(TrainerCallback):
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
         return state.global_step * per_step * max(args.world_size, 1)
 
-    def _reduced(self, acc: StatsAccumulator) -> list[float] | None:
-        if acc.sums is None and _world_size() <= 1:
+    def _reduced_window(self) -> list[float] | None:
+        """The window's sums over every process (a collective), as the checkpoint keeps them."""
+        if self.tracker.window.sums is None and _world_size() <= 1:
             return None
-        sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
-        return _all_reduce(sums.clone()).tolist()
+        return self.tracker.state_dict(_all_reduce)["window"].tolist()
 
     def _stash(self, state: Any) -> None:
         """Put the state in ``trainer_state.json``, which the Trainer writes with a checkpoint."""
@@ -472,18 +415,15 @@ class LossplugCallback(TrainerCallback):
             state.stateful_callbacks = {}
         state.stateful_callbacks[STATE_KEY] = {
             "version": 1,
-            "tokens_total": self._tokens_total,
+            "tokens_total": self.tracker.tokens_total,
             "window": self._saved_window,
-            "runner": self.runner.state_dict(),
+            "runner": self.session.state_dict(),
         }
 
     def _load(self, saved: Mapping[str, Any], *, is_rank_zero: bool) -> None:
-        self._tokens_total = int(saved.get("tokens_total", 0))
-        window = saved.get("window")
         # the saved window is the sum over ranks: one rank takes it back
-        if window is not None and is_rank_zero:
-            self._window.load(torch.tensor(window, dtype=torch.float64))
-        self.runner.load_state_dict(saved.get("runner", {}))
+        self.tracker.load_state_dict(saved, is_rank_zero=is_rank_zero)
+        self.session.load_state_dict(saved.get("runner", {}))
 
 
 def _epoch(state: Any) -> int:

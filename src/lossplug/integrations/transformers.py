@@ -19,12 +19,13 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from lossplug.monitoring.handoff import SOURCE_ATTR, models_with_stats, pop_token_stats
 from lossplug.ops._dispatch import check_backend
 from lossplug.ops._spec import LossSpec
 from lossplug.ops.linear_cross_entropy import _linear_cross_entropy
@@ -44,7 +45,7 @@ __all__ = [
 #: with nothing in between; each is checked against the unpatched model in the test suite.
 SUPPORTED_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
-_ATTR = "_lossplug_patch"
+_ATTR = SOURCE_ATTR
 
 
 class _Patch:
@@ -233,61 +234,7 @@ def is_patched(model: nn.Module) -> bool:
 def patched_models(module: nn.Module) -> list[nn.Module]:
     """The models inside ``module`` (``module`` itself included) that :func:`patch_causal_lm`
     patched."""
-    if is_patched(module):  # patched models do not nest: no need to walk the model
-        return [module]
-    return [sub for sub in module.modules() if is_patched(sub)]
-
-
-def pop_token_stats(
-    models: nn.Module | Iterable[nn.Module], *, per_sequence: bool = False
-) -> TokenStats | None:
-    """The statistics of the last loss computed by the patched models in ``models``.
-
-    ``models`` is a module (searched with :func:`patched_models`) or the patched models
-    themselves. Each model's statistics are handed out once; several are summed. ``None`` when no
-    patched model computed a loss since the last call.
-
-    With ``per_sequence=True`` the statistics hold one sum per sequence of the batch (fields of
-    shape ``labels.shape[:-1]``, from the same pass as the loss), for metrics per slice of the
-    data; the sequences of several models are concatenated, in the order of ``models``.
-    """
-    if isinstance(models, nn.Module):
-        models = patched_models(models)
-    popped = (getattr(model, _ATTR).pop_token_stats() for model in models)
-    found = [stats for stats in popped if stats is not None]
-    if not found:
-        return None
-    if not per_sequence:
-        return sum((stats.sum() for stats in found), TokenStats.zeros(found[0].device))
-    if len(found) == 1:
-        return found[0]
-    return TokenStats(
-        **{
-            name: torch.cat([stats.as_dict()[name].reshape(-1) for stats in found])
-            for name in found[0].as_dict()
-        }
-    )
-
-
-def _read_slices_from(models: Iterable[nn.Module], slice_by: Any) -> None:
-    """Make the patched ``models`` keep each labelled call's inputs for ``slice_by`` (and take
-    a key it names out of the call); ``None`` stops it."""
-    for model in models:
-        getattr(model, _ATTR).slice_by = slice_by
-
-
-def _pop_stats_with_inputs(
-    models: Iterable[nn.Module],
-) -> list[tuple[TokenStats, dict[str, Any] | None]]:
-    """Per patched model that computed a loss since the last pop: its per-sequence statistics
-    and the named inputs of that call (``None`` unless it was told to keep them)."""
-    found = []
-    for model in models:
-        patch = getattr(model, _ATTR)
-        stats, inputs = patch.pop_token_stats(), patch.pop_inputs()
-        if stats is not None:
-            found.append((stats, inputs))
-    return found
+    return models_with_stats(module)
 
 
 def _in_owning_call(patch: _Patch) -> bool:

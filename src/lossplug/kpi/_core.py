@@ -34,11 +34,13 @@ class KPIContext:
             KPI looks up that is still not logged once the logged names are known (after the
             first validation) is warned about once, with the closest logged names.
         device: the model's device.
-        elapsed_s: wall-clock seconds since training started.
+        elapsed_s: wall-clock seconds since training started (what the run costs).
         tokens: tokens scored so far (``train/tokens`` when LossMonitor logs it), else ``None``.
         samples: training samples seen so far on all ranks, when known.
         world_size: number of processes training.
         trainer: the Lightning ``Trainer`` when there is one, else ``None``.
+        training_s: seconds of training since it started: ``elapsed_s`` less the time spent
+            in evaluation and in KPIs (what a rate should divide by), when a monitor knows it.
     """
 
     step: int
@@ -52,6 +54,7 @@ class KPIContext:
     samples: int | None = None
     world_size: int = 1
     trainer: Any = None
+    training_s: float | None = None
 
 
 @dataclass

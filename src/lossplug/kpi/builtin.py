@@ -30,17 +30,18 @@ __all__ = [
 
 
 class Throughput(KPI):
-    """Tokens and samples per second since the previous call.
+    """Tokens and samples per second of training since the previous call.
 
     Tokens come from ``LossMonitor`` (its cumulative ``train/tokens``), samples from the
-    batches KPIMonitor saw on all ranks. Logs ``kpi/<name>/tokens_per_sec`` and
-    ``kpi/<name>/samples_per_sec``.
+    batches the trainer saw on all ranks. The seconds are training time (``ctx.training_s``):
+    evaluation and KPI time are left out, so the rate does not dip at an evaluation step. Logs
+    ``kpi/<name>/tokens_per_sec`` and ``kpi/<name>/samples_per_sec``.
 
     Example:
         >>> from lossplug.kpi import KPIContext
         >>> from lossplug.kpi.builtin import Throughput
         >>> speed = Throughput(every_n_steps=10)
-        >>> speed.fn(KPIContext(step=10, elapsed_s=2.0, tokens=1000, samples=8))
+        >>> speed.fn(KPIContext(step=10, elapsed_s=3.0, training_s=2.0, tokens=1000, samples=8))
         {'tokens_per_sec': 500.0, 'samples_per_sec': 4.0}
     """
 
@@ -50,11 +51,12 @@ class Throughput(KPI):
         self._last: tuple[float, int | None, int | None] = (0.0, 0, 0)
 
     def _measure(self, ctx: KPIContext) -> dict[str, float] | None:
+        now = ctx.elapsed_s if ctx.training_s is None else ctx.training_s
         last_time, last_tokens, last_samples = self._last
-        seconds = ctx.elapsed_s - last_time
+        seconds = now - last_time
         if seconds <= 0:  # a new run after a resume: the clock restarted
-            seconds, last_tokens, last_samples = ctx.elapsed_s, None, None
-        self._last = (ctx.elapsed_s, ctx.tokens, ctx.samples)
+            seconds, last_tokens, last_samples = now, None, None
+        self._last = (now, ctx.tokens, ctx.samples)
         if seconds <= 0:
             return None
         values = {}
@@ -70,6 +72,8 @@ class TrainingCost(KPI):
 
     Both values are running totals (``cumulative=True``): W&B summarises them by their last
     value, and they have no best value or target (the lowest cost is always the first one).
+    Like every cumulative KPI, it runs once more at the end of training, so the run's whole cost
+    is logged whatever ``every_n_steps`` is.
 
     Args:
         price_per_device_hour: what one device (GPU, or CPU process) costs per hour.
