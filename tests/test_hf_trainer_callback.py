@@ -356,7 +356,9 @@ def test_a_hanging_kpi_is_abandoned_and_training_goes_on(tmp_path):
 
     release = threading.Event()
     kpi = lossplug.KPI("stuck", lambda ctx: release.wait(30), every_n_steps=2, timeout_s=0.2)
-    trainer = make_trainer(tmp_path, LossplugCallback([kpi]), max_steps=4, eval_strategy="no")
+    callback = LossplugCallback([kpi])
+    callback.runner.stop_grace_s = 0.3  # it never calls the model: nothing can stop it
+    trainer = make_trainer(tmp_path, callback, max_steps=4, eval_strategy="no")
     try:
         with pytest.warns(RuntimeWarning, match="timeout_s=0.2"):
             trainer.train()

@@ -90,24 +90,28 @@ def test_a_hanging_kpi_is_abandoned_at_its_timeout(tmp_path):
     release = threading.Event()
 
     def hangs(ctx):
-        release.wait()  # forever, until the test ends
+        release.wait()  # forever, until the test ends: no model call can stop it
         return 1.0
 
+    monitor = lossplug.KPIMonitor([KPI("hangs", hangs, every_n_steps=2, timeout_s=1)])
+    monitor.runner.stop_grace_s = 0.5  # training waits this long for it to stop
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer, recorder = fit(
-                tmp_path, [KPI("hangs", hangs, every_n_steps=2, timeout_s=1)], max_steps=6
-            )
+            recorder = Recorder()
+            trainer = quiet_trainer(tmp_path, recorder, [monitor], max_steps=6, limit_val_batches=0)
+            trainer.fit(TinyLM(), make_loader(6))
         elapsed = time.perf_counter() - started
     finally:
         release.set()
     assert trainer.global_step == 6
-    # said once, since a slow but sound KPI needs a larger timeout_s
+    # said once, loudly, since it could not be stopped; a slow but sound KPI needs a larger
+    # timeout_s
     said = [str(w.message) for w in caught if "ran past timeout_s=1 at step 2" in str(w.message)]
     assert len(said) == 1 and "give it a larger timeout_s" in said[0]
-    # the first call waits its second; later ones are skipped while it still runs
+    assert "could not be stopped" in said[0]
+    # the first call waits its second and the grace; later ones are skipped while it still runs
     assert elapsed < 6.0
     assert recorder.series("kpi/hangs/timeouts") == [(2, 1.0), (4, 2.0), (6, 3.0)]
     first_cost = recorder.series("kpi/hangs/seconds")[0][1]

@@ -158,6 +158,7 @@ class LossMonitor(*CALLBACK_BASES):
             check_loss=check_loss,
             spec=spec,
             owner="LossMonitor",
+            stages=stages,
         )
         self._slice_keys_declared: set[str] = set()
         self._warned_test = False

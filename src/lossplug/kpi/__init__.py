@@ -8,12 +8,15 @@ import sys
 import types
 
 from lossplug.kpi._core import DEFAULT_TIMEOUT_S, EVENTS, KPI, KPIContext, KPIResult, kpi
+from lossplug.kpi._isolation import STOP_GRACE_S, KPICancelled
 from lossplug.kpi._runner import KPIError, KPIOutcome, KPIRunner, KPIState
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "EVENTS",
     "KPI",
+    "STOP_GRACE_S",
+    "KPICancelled",
     "KPIContext",
     "KPIError",
     "KPIOutcome",

@@ -13,7 +13,7 @@ EVENTS = ("train_step", "validation_end", "train_epoch_end", "train_end")
 ON_ERROR = ("log", "raise")
 # A KPI's default time limit. Long enough for what KPIs usually do (generate from a few prompts
 # with a large model, score a small benchmark), short enough that a call that hangs costs a run
-# five minutes once: later calls of that KPI are skipped while the abandoned one still runs.
+# five minutes once: a late call is stopped at its next call into the model.
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -86,14 +86,16 @@ class KPI:
             ``"train_end"``, ``"train_step"``. Default: ``("validation_end",)`` when no
             ``every_n_*`` is given, else none.
         higher_is_better: direction of the value (W&B summary ``max`` or ``min``, targets, best).
-        timeout_s: abandon a call that runs longer: it is counted in ``kpi/<name>/timeouts``,
-            training goes on within about this time, and the KPI is skipped while the abandoned
-            call still runs. The default, ``DEFAULT_TIMEOUT_S`` = 300 s, fits generating from a
-            few prompts with a large model and caps what a hang costs the run. The function then
-            runs on a worker thread, whose thread-local state is its own (``no_grad`` is set for
-            it; its CUDA current device is the default one, so place tensors on ``ctx.device``).
-            ``None`` runs it inline on the training thread with no limit: a hang then hangs
-            training.
+        timeout_s: stop a call that runs longer, at its next call into the model (any module's
+            forward, every step of ``generate`` included): it is counted in
+            ``kpi/<name>/timeouts`` and training resumes once it has stopped (within
+            ``KPIRunner.stop_grace_s``; a call that never calls the model cannot be stopped, is
+            warned about loudly and skipped while it runs). The default,
+            ``DEFAULT_TIMEOUT_S`` = 300 s, fits generating from a few prompts with a large model
+            and caps what a hang costs the run. The function then runs on a worker thread,
+            whose thread-local state is its own (``no_grad`` is set for it; its CUDA current
+            device is the default one, so place tensors on ``ctx.device``). ``None`` runs it
+            inline on the training thread with no limit: a hang then hangs training.
         on_error: ``"log"`` (count, warn once with the traceback, go on) or ``"raise"``.
         target: when the value first reaches it, ``kpi/<name>/reached_at_step`` is logged once.
         rank_zero_only: under DDP, run on rank 0 only and broadcast the result to every rank.

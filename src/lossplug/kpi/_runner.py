@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lossplug.kpi._core import KPI, KPIContext, KPIResult
+from lossplug.kpi._isolation import STOP_GRACE_S, KPIThread, isolated
 
 Broadcast = Callable[[Any], Any]
 
@@ -52,15 +53,33 @@ class KPIOutcome:
 class KPIRunner:
     """Runs :class:`~lossplug.KPI` objects for any training loop (plain PyTorch, Fabric, Lightning).
 
+    A KPI never changes the run it measures: the random streams training draws from (Python's
+    ``random``, NumPy's global one, torch's CPU and CUDA generators) and every module's own
+    ``training`` flag are put back once the call has ended, so that training goes on exactly as
+    if the KPI had not run, whatever it sampled, reseeded or switched to eval mode.
+
     A KPI never stops training unless it asks to (``on_error="raise"``): an exception, even
     ``SystemExit``, is caught, counted and warned once with its traceback (``KeyboardInterrupt``
-    alone goes through: the user asked to stop); a call past ``timeout_s`` is abandoned (its
-    thread is left to finish in the background and the KPI is skipped while it does); NaN and
-    infinite values are counted and not logged; sample rows that cannot be logged are counted
-    in ``kpi/<name>/table_errors`` while the values still are. Under DDP, KPIs with
-    ``rank_zero_only`` run on rank 0 and their outcome is broadcast, so every rank logs and
-    branches the same way. Keys a KPI looks up in ``ctx.metrics`` and does not find are kept,
-    so that :meth:`warn_missing_metrics` can name them once the logged names are known.
+    alone goes through: the user asked to stop); a call past ``timeout_s`` is stopped at its
+    next call into the model (any module's forward, every step of ``generate`` included) and
+    training resumes once it has stopped, within ``stop_grace_s``; a call that still runs after
+    that (one that never calls the model) is warned about loudly, left running in the background
+    and the KPI is skipped while it does; NaN and infinite values are counted and not logged;
+    sample rows that cannot be logged are counted in ``kpi/<name>/table_errors`` while the
+    values still are. Under DDP, KPIs with ``rank_zero_only`` run on rank 0 and their outcome is
+    broadcast, so every rank logs and branches the same way. Keys a KPI looks up in
+    ``ctx.metrics`` and does not find are kept, so that :meth:`warn_missing_metrics` can name
+    them once the logged names are known.
+
+    Args:
+        kpis: the KPIs to run: a list of :class:`~lossplug.KPI` (or a single one).
+        stop_grace_s: how long training waits for a call past its ``timeout_s`` to stop (at its
+            next call into the model) before it warns and goes on; the ``stop_grace_s``
+            attribute may be changed later. Default: ``STOP_GRACE_S`` = 10 s.
+
+    Raises:
+        TypeError: ``kpis`` is not a list of KPIs.
+        ValueError: two KPIs share a name, or ``stop_grace_s`` is not a finite number >= 0.
 
     Example:
         >>> from lossplug.kpi import KPI, KPIContext, KPIRunner
@@ -71,7 +90,13 @@ class KPIRunner:
         42.0
     """
 
-    def __init__(self, kpis: Sequence[KPI] | KPI) -> None:
+    def __init__(self, kpis: Sequence[KPI] | KPI, *, stop_grace_s: float = STOP_GRACE_S) -> None:
+        if (
+            isinstance(stop_grace_s, bool)
+            or not isinstance(stop_grace_s, (int, float))
+            or not 0 <= stop_grace_s < math.inf
+        ):
+            raise ValueError(f"stop_grace_s must be a finite number >= 0, got {stop_grace_s!r}")
         if isinstance(kpis, KPI):
             kpis = [kpis]
         if isinstance(kpis, (str, bytes, Mapping)) or not isinstance(kpis, Iterable):
@@ -92,9 +117,11 @@ class KPIRunner:
             raise ValueError(f"KPI names must be unique, repeated: {duplicates}")
         self.kpis = kpis
         self.states = {item.name: KPIState() for item in kpis}
+        self.stop_grace_s = float(stop_grace_s)
+        # calls past their timeout that could not be stopped, while they run
         self._running: dict[str, threading.Thread] = {}
         self._warned: set[str] = set()
-        # metric keys each KPI looked up and did not find; abandoned threads may still add some
+        # metric keys each KPI looked up and did not find; calls left running may still add some
         # (set.add and set.copy are single steps under the GIL, and a lock would not pickle for
         # ddp_spawn)
         self._lookups_missed: dict[str, set[str]] = {item.name: set() for item in kpis}
@@ -184,15 +211,14 @@ class KPIRunner:
         previous = self._running.get(kpi.name)
         if previous is not None and previous.is_alive():
             return {"status": "busy", "error": "the previous call is still running", "seconds": 0.0}
+        self._running.pop(kpi.name, None)
         if isinstance(ctx.metrics, Mapping):
             watched = _WatchedMetrics(ctx.metrics, self._lookups_missed[kpi.name])
             ctx = dataclasses.replace(ctx, metrics=watched)
-        model = ctx.model if kpi.uses_model else None
-        was_training = bool(model is not None and model.training)
-        if model is not None:
-            model.eval()
         started = time.perf_counter()
-        try:
+        # the random streams and module modes come back once the call has ended, or can no
+        # longer reach the model: training then goes on as if the KPI never ran
+        with isolated(ctx.model if kpi.uses_model else None):
             if kpi.timeout_s is None:
                 try:
                     with torch.no_grad():
@@ -200,44 +226,14 @@ class KPIRunner:
                 except (Exception, SystemExit) as exc:  # a KPI must never stop training
                     return self._failure(kpi, exc, time.perf_counter() - started)
             else:
-                box: dict[str, Any] = {}
-
-                def target() -> None:
-                    try:
-                        with torch.no_grad():  # grad mode is per thread
-                            box["returned"] = kpi.fn(ctx)
-                    except BaseException as exc:  # reported in the main thread
-                        box["exc"] = exc
-
-                thread = threading.Thread(target=target, name=f"kpi-{kpi.name}", daemon=True)
-                thread.start()
-                thread.join(kpi.timeout_s)
-                if thread.is_alive():
-                    self._running[kpi.name] = thread
-                    if f"{kpi.name}/timeout" not in self._warned:
-                        # say it once: a slow but sound KPI needs a longer timeout_s
-                        self._warned.add(f"{kpi.name}/timeout")
-                        warnings.warn(
-                            f"KPI {kpi.name!r} ran past timeout_s={kpi.timeout_s:g} at step "
-                            f"{ctx.step} and was abandoned: training goes on, timeouts are "
-                            f"counted in {kpi.key}/timeouts and the KPI is skipped while the "
-                            "call still runs; give it a larger timeout_s if it needs longer",
-                            RuntimeWarning,
-                            stacklevel=4,
-                        )
-                    return {
-                        "status": "timeout",
-                        "error": f"abandoned after timeout_s={kpi.timeout_s:g}",
-                        "seconds": time.perf_counter() - started,
-                    }
-                if "exc" in box:
-                    if isinstance(box["exc"], KeyboardInterrupt):
-                        raise box["exc"]  # the user asked to stop, here as on the main thread
-                    return self._failure(kpi, box["exc"], time.perf_counter() - started)
-                returned = box.get("returned")
-        finally:
-            if model is not None and was_training:
-                model.train()
+                call = self._call_on_thread(kpi, ctx)
+                if call.cancelled:  # even if it ended just then: it ran past its time
+                    return self._timed_out(kpi, ctx, call, started)
+                if isinstance(call.error, KeyboardInterrupt):
+                    raise call.error  # the user asked to stop, here as on the main thread
+                if call.error is not None:
+                    return self._failure(kpi, call.error, time.perf_counter() - started)
+                returned = call.returned
         seconds = time.perf_counter() - started
         try:
             values = _values(kpi, returned)
@@ -250,6 +246,65 @@ class KPIRunner:
             except Exception as exc:  # bad rows lose the table, never the values
                 payload["samples_error"] = f"{type(exc).__name__}: {exc}"
         return payload
+
+    def _call_on_thread(self, kpi: KPI, ctx: KPIContext) -> KPIThread:
+        """Start the call on a worker thread and wait ``timeout_s`` for it; stop it if it is late.
+
+        On return the call has ended, or it was cancelled and is still alive after the grace.
+        """
+
+        def call() -> Any:
+            with torch.no_grad():  # grad mode is per thread
+                return kpi.fn(ctx)
+
+        thread = KPIThread(call, name=f"kpi-{kpi.name}")
+        try:
+            if not thread.wait(kpi.timeout_s):
+                thread.stop(self.stop_grace_s)
+        except BaseException:
+            # interrupted while waiting (Ctrl+C): the call must not go on using the model while
+            # the run shuts down, nor be inside torch when the interpreter exits
+            thread.stop(self.stop_grace_s)
+            raise
+        return thread
+
+    def _timed_out(
+        self, kpi: KPI, ctx: KPIContext, call: KPIThread, started: float
+    ) -> dict[str, Any]:
+        """The payload of a call past ``timeout_s``; warn once (loudly if it still runs)."""
+        timeout = f"timeout_s={kpi.timeout_s:g}"
+        stopped = not call.is_alive()
+        if stopped:
+            error = f"stopped after {timeout}"
+        else:
+            error = f"still running {self.stop_grace_s:g} s after {timeout}: it is left running"
+            self._running[kpi.name] = call.thread  # skipped while it runs
+        ran_past = f"KPI {kpi.name!r} ran past {timeout} at step {ctx.step}"
+        counted = f"timeouts are counted in {kpi.key}/timeouts"
+        if stopped and f"{kpi.name}/timeout" not in self._warned:
+            # said once: a slow but sound KPI needs a longer timeout_s
+            self._warned.add(f"{kpi.name}/timeout")
+            warnings.warn(
+                f"{ran_past} and was stopped at its next call into the model: training goes on "
+                f"as if it had not run, {counted}; give it a larger timeout_s if it needs longer",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        elif not stopped and f"{kpi.name}/unstoppable" not in self._warned:
+            self._warned.update((f"{kpi.name}/unstoppable", f"{kpi.name}/timeout"))
+            warnings.warn(
+                f"{ran_past} and could not be stopped: a late KPI call is stopped at its next "
+                f"call into the model, and this one made none within {self.stop_grace_s:g} s. "
+                "THE RUN MAY BE PERTURBED: the call goes on in the background, where it uses CPU "
+                "time and can still change the objects it holds (tensors of the model included) "
+                "and draw from the random streams training uses, though any model call of its "
+                "raises. Training goes on with its random streams and model modes "
+                f"restored, the KPI is skipped while the call runs and {counted}; give it a "
+                "larger timeout_s if it needs longer, and make it end or call the model",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return {"status": "timeout", "error": error, "seconds": time.perf_counter() - started}
 
     def _failure(self, kpi: KPI, exc: BaseException, seconds: float) -> dict[str, Any]:
         if kpi.name not in self._warned:

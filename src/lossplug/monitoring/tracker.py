@@ -64,6 +64,7 @@ class LossTracker:
         spec: the options of the logits/labels form (shift, ignore_index, softcap), named in
             the loss check's warning.
         owner: the adapter's name, for messages.
+        stages: the stages the adapter logs.
 
     Example:
         >>> import torch, lossplug
@@ -86,6 +87,7 @@ class LossTracker:
         check_loss: bool = True,
         spec: LossSpec | None = None,
         owner: str = "LossMonitor",
+        stages: Sequence[str] = STAGES,
     ) -> None:
         self.metrics = tuple(metrics)
         self.prefixes = {"train": train_prefix, "val": val_prefix}
@@ -94,6 +96,7 @@ class LossTracker:
         self.check_loss = check_loss
         self.spec = spec if spec is not None else LossSpec.validated(reduction="sum")
         self.owner = owner
+        self.stages = tuple(stages)
         self.window = StatsAccumulator()
         self.epoch = StatsAccumulator()
         self.val = StatsAccumulator()
@@ -297,8 +300,8 @@ class LossTracker:
         shift, ignore_index = self.spec.shift, self.spec.ignore_index
         gap = abs(result.loss - result.cross_entropy) / max(abs(result.loss), LOSS_ATOL)
         # the options are the same for every stage scored from logits: a wrong one is wrong in
-        # each of them, whichever stage showed it first
-        stages = [s for s in STAGES if s == stage or s in self._scored_stages]
+        # each of them, whichever stage showed it first (validation may not have run yet)
+        stages = [s for s in STAGES if s == stage or s in self._scored_stages or s in self.stages]
         named = ", ".join(
             f"{self.prefixes[s]}{name}"
             for s in stages
