@@ -212,7 +212,7 @@ class Loop:
         self.example = load_example()
         self.shape, self.max_steps, self.logger, self.seed = shape, max_steps, logger, seed
         # the training text of the example (about 1 MiB of the standard library)
-        text, _ = self.example.stdlib_sources(2**20)
+        text, _, _ = self.example.stdlib_sources(2**20)
         ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
         self.data = self.example.Windows(ids, shape.seq_len, max_steps * shape.batch, seed)
         self._tmp = tempfile.TemporaryDirectory(prefix="lossplug_callback_overhead_")

@@ -212,6 +212,33 @@ def test_two_loss_monitors_keep_their_own_checkpoint_state(tmp_path):
         assert monitor.tracker.tokens_total > first.tracker.tokens_total
 
 
+def test_a_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path):
+    """Checkpoints written before the state key depended on the prefixes."""
+    checkpoint = tmp_path / "ckpt"
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=checkpoint, every_n_train_steps=3)
+    first = lossplug.LossMonitor()
+    trainer = quiet_trainer(
+        tmp_path,
+        Recorder(),
+        [first, ckpt],
+        max_steps=3,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(TinyLM(), make_loader(6))
+    path = next(checkpoint.glob("*.ckpt"))
+    saved = torch.load(path, weights_only=False)
+    saved["callbacks"] = {"LossMonitor": saved["callbacks"].pop(first.state_key)}
+    torch.save(saved, path)
+    resumed = lossplug.LossMonitor()
+    trainer = quiet_trainer(
+        tmp_path, Recorder(), [resumed], max_steps=4, limit_val_batches=0, log_every_n_steps=2
+    )
+    trainer.fit(TinyLM(), make_loader(6), ckpt_path=str(path))
+    assert resumed.tracker.tokens_total > first.tracker.tokens_total > 0
+
+
 # ------------------------------------------------------------------- numbers that cannot be right
 class UnshiftedLM(TinyLM):
     """Hugging Face-style labels (the inputs themselves) scored without ``shift=True``."""

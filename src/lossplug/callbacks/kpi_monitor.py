@@ -122,6 +122,7 @@ class KPIMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.resume(self)  # an earlier fit may have failed inside a validation
         self.session.forget_declarations()  # a new W&B run may start with this fit
 
     @override

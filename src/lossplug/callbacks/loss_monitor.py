@@ -172,6 +172,14 @@ class LossMonitor(*CALLBACK_BASES):
         return self._generate_state_key(train_prefix=self.train_prefix, val_prefix=self.val_prefix)
 
     @property
+    def _legacy_state_key(self) -> Any:
+        # earlier checkpoints keyed the state by the class name alone: a monitor with the default
+        # prefixes, the only kind that could resume then, takes it back
+        if (self.train_prefix, self.val_prefix) == ("train/", "val/"):
+            return type(self).__qualname__
+        return self.state_key
+
+    @property
     def op_kwargs(self) -> dict[str, Any]:
         """``ignore_index``, ``shift`` and ``softcap`` of the ``logits``/``labels`` form."""
         spec = self.spec
@@ -208,6 +216,7 @@ class LossMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.resume(self)  # an earlier fit may have failed inside a validation
         if trainer.is_global_zero:
             self._define_wandb_metrics(trainer)
 
