@@ -91,7 +91,7 @@ def test_a_kpis_call_with_labels_is_never_counted_as_training_transformers(tmp_p
 # ------------------------------------------------------------------------- training time only
 class SlowValidation(TinyLM):
     def validation_step(self, batch, batch_idx):
-        time.sleep(0.15)
+        time.sleep(0.25)
         return super().validation_step(batch, batch_idx)
 
 
@@ -100,21 +100,41 @@ def test_tokens_per_sec_does_not_dip_at_a_validation_step(tmp_path):
     speed = Throughput(every_n_steps=2)
     callbacks = [
         lossplug.LossMonitor(log_every_n_steps=2),
-        lossplug.KPIMonitor([speed, KPI("slow", lambda ctx: time.sleep(0.2), every_n_steps=2)]),
+        lossplug.KPIMonitor([speed, KPI("slow", lambda ctx: time.sleep(0.3), every_n_steps=2)]),
     ]
     trainer = quiet_trainer(
         tmp_path, recorder, callbacks, max_steps=12, val_check_interval=4, limit_val_batches=2
     )
     trainer.fit(SlowValidation(), make_loader(12), make_loader(2, seed=3))
     tokens = dict(recorder.series("train/tokens"))
-    # the windows (4, 6] and (8, 10] hold a validation (0.3 s of sleep) and a KPI call (0.2 s):
-    # counted, the seconds each rate divides by would be over 0.5 s; a window of two steps of
+    # the windows (4, 6] and (8, 10] hold a validation (0.5 s of sleep) and a KPI call (0.3 s):
+    # counted, the seconds each rate divides by would be over 0.8 s; a window of two steps of
     # this model trains in milliseconds
     for key in ("train/tokens_per_sec", "kpi/throughput/tokens_per_sec"):
         rates = dict(recorder.series(key))
         for step in (6, 10):
             seconds = (tokens[step] - tokens[step - 2]) / rates[step]
-            assert seconds < 0.25, (key, step, seconds)
+            assert seconds < 0.4, (key, step, seconds)
+
+
+class FailingValidation(TinyLM):
+    def validation_step(self, batch, batch_idx):
+        raise RuntimeError("a validation that fails")
+
+
+def test_a_validation_that_failed_in_an_earlier_fit_does_not_stop_the_clock(tmp_path):
+    failing = quiet_trainer(
+        tmp_path, Recorder(), [lossplug.LossMonitor(), lossplug.KPIMonitor([])], max_steps=4
+    )
+    with pytest.raises(RuntimeError, match="a validation that fails"):
+        failing.fit(FailingValidation(), make_loader(4), make_loader(1, seed=3))
+    recorder = Recorder()
+    callbacks = [lossplug.LossMonitor(log_every_n_steps=2)]
+    trainer = quiet_trainer(tmp_path, recorder, callbacks, max_steps=4, limit_val_batches=0)
+    trainer.fit(TinyLM(), make_loader(4))
+    # a stopped clock would divide by nothing (a rate of about 1e10 tokens per second)
+    rates = [rate for _, rate in recorder.series("train/tokens_per_sec")]
+    assert len(rates) == 2 and all(0 < rate < 1e7 for rate in rates), rates
 
 
 def test_the_training_clock_leaves_out_paused_time_once():
@@ -130,6 +150,11 @@ def test_the_training_clock_leaves_out_paused_time_once():
     assert clock.now() - start < 0.02
     time.sleep(0.03)
     assert clock.now() - start >= 0.03
+    clock.pause("a run that failed")
+    clock.release_all()  # the next run starts
+    before = clock.now()
+    time.sleep(0.03)
+    assert clock.now() - before >= 0.03
 
 
 def test_transformers_logs_tokens_per_sec_over_training_time(tmp_path):
@@ -140,8 +165,11 @@ def test_transformers_logs_tokens_per_sec_over_training_time(tmp_path):
     wall = time.perf_counter() - started
     logged = rows_with(trainer.state.log_history, "train/tokens_per_sec")
     assert [row["step"] for row in logged] == [2, 4, 6]
-    # 36 tokens per step; 0.3 s of KPI per log would cap the rate below 2 * 36 / 0.3 = 240
-    assert all(row["train/tokens_per_sec"] > 240 for row in logged), logged
+    # 36 tokens per step; a KPI call of 0.3 s at steps 2 and 4, inside the windows logged at
+    # steps 4 and 6 (the first window holds the Trainer's start), counted, would cap their rate
+    # below 2 * 36 / 0.3 = 240
+    rates = [row["train/tokens_per_sec"] for row in logged[1:]]
+    assert all(rate > 240 for rate in rates), rates
     assert wall > 0.9  # the KPIs did run
 
 

@@ -101,6 +101,10 @@ class KPIMonitor(*CALLBACK_BASES):
             self._run("validation_end", trainer, pl_module, can_log_to_module=True)
 
     @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        CLOCK.resume(self)  # a validation that raised never reaches on_validation_end
+
+    @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         CLOCK.resume(self)
         # every callback has logged its validation values by now: the names are known
@@ -122,7 +126,7 @@ class KPIMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.resume(self)  # an earlier fit may have failed inside a validation
+        CLOCK.release_all()  # an earlier fit may have failed inside a validation
         self.session.forget_declarations()  # a new W&B run may start with this fit
 
     @override

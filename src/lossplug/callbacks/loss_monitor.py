@@ -216,7 +216,7 @@ class LossMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.resume(self)  # an earlier fit may have failed inside a validation
+        CLOCK.release_all()  # an earlier fit may have failed inside a validation
         if trainer.is_global_zero:
             self._define_wandb_metrics(trainer)
 
@@ -262,6 +262,10 @@ class LossMonitor(*CALLBACK_BASES):
     @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         CLOCK.pause(self)  # validation time is not training time (train/tokens_per_sec)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        CLOCK.resume(self)  # a validation that raised never reaches on_validation_end
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

@@ -155,7 +155,7 @@ class LossplugCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._place(sys._getframe(1))  # added with trainer.add_callback, after __init__
         self._args = args
-        CLOCK.resume(self)  # an earlier run may have failed inside an evaluation
+        CLOCK.release_all()  # an earlier run may have failed inside an evaluation
         self._in_eval = False
         self.session.start()
         self.tracker.start_training()

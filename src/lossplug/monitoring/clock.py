@@ -18,7 +18,8 @@ class TrainingClock:
     """Seconds of training: ``time.perf_counter()`` less the intervals someone paused it for.
 
     Pauses may overlap (two callbacks both pausing for one evaluation): an interval is excluded
-    while at least one holder pauses the clock.
+    while at least one holder pauses the clock. Every run releases the clock when it starts, so
+    an evaluation that failed in an earlier run of the process never stops it for good.
 
     Example:
         >>> clock = TrainingClock()
@@ -53,6 +54,13 @@ class TrainingClock:
             return
         self._holders.discard(holder)
         if not self._holders:
+            self._excluded += time.perf_counter() - self._paused_at
+
+    def release_all(self) -> None:
+        """Count again, whoever paused: a run starts, so no evaluation or KPI of an earlier
+        one (which may have failed while it held the clock) is still going on."""
+        if self._holders:
+            self._holders.clear()
             self._excluded += time.perf_counter() - self._paused_at
 
     @contextlib.contextmanager
