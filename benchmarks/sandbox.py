@@ -6,7 +6,8 @@ compiler, programs and resource limits, without isolation), in alternating order
 wall time of each call. A call compiles once and runs each program once, so it starts three
 sandboxes. Reported: the median wall time of each, their difference (the sandbox's overhead per
 call) and ratio, and the measured CPU seconds of the C++ program in each (the sandbox counts the
-program's whole process tree but not its own start-up).
+program's whole tree but not its own start-up; in the sandbox the program may start threads
+only).
 
     python benchmarks/sandbox.py [--rounds 15] [--json FILE]
 """
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, bwrap {jail.bwrap}, "
-        f"{'root: uid 65534 in a user namespace' if jail.userns_fd is not None else 'non-root'}, "
+        f"{'root: a leased uid per call' if jail.userns_fd is not None else 'non-root'}, "
         f"load {os.getloadavg()[0]:.2f}, {now:%Y-%m-%d %H:%M} UTC"
     )
     print(f"# one-time set-up per process (launcher build, probe): {setup_s * 1e3:.0f} ms")

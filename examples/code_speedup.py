@@ -6,8 +6,11 @@ programs you care about, and add the KPI to a Trainer:
 
     trainer = Trainer(callbacks=[lossplug.LossMonitor(), lossplug.KPIMonitor([speedup])], ...)
 
-Here the "model" returns canned translations (one fast and right, one wrong, one that does not
-compile), so the script runs as is and shows what gets logged:
+Each program carries several inputs, none of them shown to the model: a translation is correct
+only if it matches the reference on all of them. Here the "model" returns canned translations
+(one fast and right, one wrong, one that does not compile), so the script runs as is and shows
+what gets logged: PIE's share correct, share optimised and mean speed-up (a failure counts as
+1.0x), beside the geometric mean over the correct translations only:
 
     python examples/code_speedup.py
 """
@@ -88,7 +91,11 @@ int main() {
 }
 """
 
-PROGRAMS = [(COLLATZ_PY, "300000\n"), (PRIMES_PY, "2000000\n"), (FIB_PY, "3000000\n")]
+PROGRAMS = [
+    {"python": COLLATZ_PY, "inputs": ["100000\n", "54321\n", "2\n"]},
+    {"python": PRIMES_PY, "inputs": ["2000000\n", "1000\n", "2\n"]},
+    {"python": FIB_PY, "inputs": ["3000000\n", "10\n", "1\n"]},
+]
 CANNED = {COLLATZ_PY: COLLATZ_CPP, PRIMES_PY: PRIMES_CPP_WRONG, FIB_PY: FIB_CPP_BROKEN}
 
 
@@ -100,9 +107,16 @@ def translate(ctx: KPIContext, python_source: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per program run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per program and input")
     args = parser.parse_args()
 
-    speedup = CodeSpeedup(PROGRAMS, translate, program_timeout_s=args.timeout, every_n_steps=500)
+    speedup = CodeSpeedup(
+        PROGRAMS,
+        translate,
+        program_timeout_s=args.timeout,
+        repeats=args.repeats,
+        every_n_steps=500,
+    )
     runner = KPIRunner([speedup])  # what KPIMonitor does at each due step, without a Trainer
     outcome = runner.run(speedup, KPIContext(step=500))
     print("logged at step 500:")
@@ -115,7 +129,10 @@ def main() -> None:
     )
     print("samples table:")
     for row in outcome.samples or []:
-        verdict = f"{row['speedup']:.1f}x faster" if row["correct"] else row["error"]
+        if row["correct"]:
+            verdict = f"{row['speedup']:.1f}x faster (timings spread {row['spread']:.0%})"
+        else:
+            verdict = row["error"]
         print(f"  compiled={row['compiled']!s:5} correct={row['correct']!s:5} {verdict}")
 
 

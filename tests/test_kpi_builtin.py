@@ -132,6 +132,10 @@ class _Batch(dict):
         return self
 
 
+# A program for CodeSpeedup's configuration tests: never run.
+X = ("x", "1\n")
+
+
 def test_code_speedup_reports_exactly_what_each_translation_does():
     translations = {
         "fast": SUM_OF_SQUARES_CPP,
@@ -145,17 +149,24 @@ def test_code_speedup_reports_exactly_what_each_translation_does():
     def translate(ctx, python_source):
         return translations[next(calls)]
 
-    kpi = CodeSpeedup([(SUM_OF_SQUARES_PY, "3000000\n")] * 4, translate, program_timeout_s=2.0)
+    program = {"python": SUM_OF_SQUARES_PY, "inputs": ["2000000\n", "1000\n"]}
+    kpi = CodeSpeedup([program] * 4, translate, program_timeout_s=2.0, repeats=2)
     result = kpi.fn(KPIContext(step=1))
     rows = {name: row for name, row in zip(order, result.samples, strict=True)}
-    assert rows["fast"]["correct"] and rows["fast"]["speedup"] > 1
+    fast = rows["fast"]
+    assert fast["correct"] and fast["optimised"] and fast["speedup"] > 1, fast["error"]
+    assert fast["inputs"] == 2 and fast["spread"] is not None
     assert rows["wrong"]["compiled"] and not rows["wrong"]["correct"]
+    assert "on input 2 of 2" in rows["wrong"]["error"] or "on input 1" in rows["wrong"]["error"]
     assert not rows["broken"]["compiled"] and "compile" in rows["broken"]["error"]
     assert rows["forever"]["compiled"] and "timed out" in rows["forever"]["error"]
+    # PIE's aggregates: the failures count, as 1.0x, in the mean.
     assert result.value["compile_rate"] == 0.75
     assert result.value["correct_rate"] == 0.25
-    assert result.value["speedup"] == pytest.approx(rows["fast"]["speedup"])
-    assert kpi.primary == "speedup"
+    assert result.value["optimised_rate"] == 0.25
+    assert result.value["mean_speedup"] == pytest.approx((fast["speedup"] + 3.0) / 4)
+    assert result.value["speedup"] == pytest.approx(fast["speedup"])
+    assert kpi.primary == "mean_speedup"
 
 
 @pytest.mark.parametrize(
@@ -167,14 +178,14 @@ def test_code_speedup_reports_exactly_what_each_translation_does():
         (lambda: GenerationKPI([], lambda p, o: 1.0, generate_fn=print), ValueError, r"prompts"),
         (lambda: GenerationKPI(["a"], lambda p, o: 1.0), ValueError, r"generate_fn, or a tok"),
         (lambda: CodeSpeedup([3], lambda c, s: ""), ValueError, r"each program must be.*3"),
-        (lambda: CodeSpeedup(["x"], "g++"), TypeError, r"translate must be callable"),
-        (lambda: CodeSpeedup(["x"], print, memory_mb=8), ValueError, r"memory_mb must be >= 16"),
+        (lambda: CodeSpeedup([X], "g++"), TypeError, r"translate must be callable"),
+        (lambda: CodeSpeedup([X], print, memory_mb=8), ValueError, r"memory_mb must be >= 16"),
         (
-            lambda: CodeSpeedup(["x"], print, compile_memory_mb=1.5),
+            lambda: CodeSpeedup([X], print, compile_memory_mb=1.5),
             TypeError,
             r"compile_memory_mb must be an int, got float",
         ),
-        (lambda: CodeSpeedup(["x"], print, sandbox="off"), ValueError, r"sandbox must be one of"),
+        (lambda: CodeSpeedup([X], print, sandbox="off"), ValueError, r"sandbox must be one of"),
     ],
 )
 def test_bad_builtin_configuration(make, error, pattern):
@@ -183,13 +194,13 @@ def test_bad_builtin_configuration(make, error, pattern):
 
 
 def test_code_speedup_default_timeout_covers_every_program():
-    four = CodeSpeedup(["print(1)"] * 4, lambda ctx, src: "", program_timeout_s=2.0)
-    # each program: translated, then compiled and run twice (Python and C++), each to its limit
-    assert four.timeout_s == 4 * (3 * 2.0 + 60.0)
-    one = CodeSpeedup(["print(1)"], lambda ctx, src: "")
-    assert one.timeout_s == 3 * 10.0 + 60.0  # program_timeout_s defaults to 10 s
-    assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=None).timeout_s is None
-    assert CodeSpeedup(["print(1)"], lambda ctx, src: "", timeout_s=5).timeout_s == 5.0
+    four = CodeSpeedup([X] * 4, lambda ctx, src: "", program_timeout_s=2.0)
+    # each program: translated, compiled, then run 3 times (Python and C++) on its one input
+    assert four.timeout_s == 4 * ((1 + 2 * 3) * 2.0 + 60.0)
+    two_inputs = CodeSpeedup([("x", ["1", "2"])], lambda ctx, src: "", repeats=1)
+    assert two_inputs.timeout_s == (1 + 2 * 2) * 10.0 + 60.0  # program_timeout_s: 10 s
+    assert CodeSpeedup([X], lambda ctx, src: "", timeout_s=None).timeout_s is None
+    assert CodeSpeedup([X], lambda ctx, src: "", timeout_s=5).timeout_s == 5.0
 
 
 def test_builtins_get_the_kpi_default_timeout():
@@ -222,9 +233,9 @@ def test_time_to_target_default_name_holds_only_name_characters():
 @pytest.mark.parametrize(
     ("make", "error", "pattern"),
     [
-        (lambda: CodeSpeedup(["x"], print, program_timeout_s=0), ValueError, r"program_timeout"),
+        (lambda: CodeSpeedup([X], print, program_timeout_s=0), ValueError, r"program_timeout"),
         (
-            lambda: CodeSpeedup(["x"], print, program_timeout_s="9"),
+            lambda: CodeSpeedup([X], print, program_timeout_s="9"),
             TypeError,
             r"program_timeout_s must be a number, got str",
         ),

@@ -113,9 +113,7 @@ def test_endless_output_is_cut_off():
     assert result.error == "C++ printed more than 16 MiB"
 
 
-def test_process_left_behind_is_killed():
-    # The forked child holds stdout open forever; waiting for end of output would hang.
-    cpp_source = r"""
+FORKS_CPP = r"""
 #include <cstdio>
 #include <unistd.h>
 int main() {
@@ -123,8 +121,21 @@ int main() {
     std::puts("1");
 }
 """
+# In the sandbox only the reference may start a process: the translation gets threads only.
+FORKS_PY = "import os, signal\nif os.fork() == 0:\n    signal.pause()\nprint(1)\n"
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "python_source", "cpp_source"),
+    [
+        ("none", "print(1)", FORKS_CPP),
+        ("bwrap", FORKS_PY, '#include <cstdio>\nint main() { puts("1"); }'),
+    ],
+)
+def test_process_left_behind_is_killed(sandbox, python_source, cpp_source):
+    # The forked child holds stdout open forever; waiting for end of output would hang.
     start = time.perf_counter()
-    result = measure_speedup("print(1)", cpp_source, timeout_s=5)
+    result = measure_speedup(python_source, cpp_source, timeout_s=5, sandbox=sandbox)
 
     assert time.perf_counter() - start < 3.0
     assert result.correct, result.error
@@ -139,7 +150,7 @@ def limits_via(request, monkeypatch):
     if request.param == "prlimit":
         assert shutil.which("prlimit"), "util-linux's prlimit is expected on Linux test machines"
     else:
-        # Hide prlimit from the lookup in _speedup._limits; every other command is still found.
+        # Hide prlimit from the lookup in _process.limits; every other command is still found.
         which = shutil.which
         monkeypatch.setattr(
             shutil,
@@ -214,7 +225,8 @@ int main() {
     [
         (dict(python_source=b"print(1)"), TypeError, r"python_source must be a str, got bytes"),
         (dict(cpp_source=None), TypeError, r"cpp_source must be a str, got NoneType"),
-        (dict(stdin=42), TypeError, r"stdin must be a str, got int"),
+        (dict(stdin=42), TypeError, r"stdin must be a str or a list of str, got int"),
+        (dict(stdin=[]), ValueError, r"stdin must hold at least one input, got an empty list"),
         (dict(timeout_s=0), ValueError, r"timeout_s must be a finite number > 0, got 0"),
         (dict(timeout_s=-1.5), ValueError, r"timeout_s .* got -1.5"),
         (dict(timeout_s=float("inf")), ValueError, r"timeout_s .* got inf"),

@@ -1,21 +1,49 @@
 /* PID 1 of a lossplug sandbox: runs one program under limits, then ends every process it left.
  *
- * Usage: launcher REPORT_FD LIFELINE_FD [--NAME=SOFT:HARD ...] -- PROGRAM [ARGS...]
+ * Usage: launcher REPORT_FD LIFELINE_FD [--join=FD] [--uid=ID] [--threads-only]
+ *                 [--NAME=SOFT:HARD ...] -- PROGRAM [ARGS...]
  *
- * The limits are spelled as prlimit(1) spells them (as, cpu, fsize, core, nproc), so the caller
- * builds one list of limits for both this launcher and, without a sandbox, prlimit.
+ * The limits are spelled as prlimit(1) spells them (as, cpu, fsize, core, nproc, nofile,
+ * msgqueue), so the caller builds one list of limits for both this launcher and, without a
+ * sandbox, prlimit.
  *
  * Started by bwrap as the first process of a new PID namespace. It starts PROGRAM with the
  * resource limits, waits for it, kills every other process of the namespace (daemons, workers the
  * program did not wait for), reaps them all, and writes one line to REPORT_FD:
  *
- *     <"exit" or "signal"> <code or signal number> <user+system CPU seconds of the whole tree>
+ *     <"exit" or "signal"> <code or signal number> <CPU seconds> <wall seconds>
  *
- * The CPU time is RUSAGE_CHILDREN of this process: every process of the namespace ends as a child
- * of PID 1 (orphans are re-parented to it) and is reaped here, so the program cannot hide work in
- * a child it never waits for, and the sandbox's own start-up is not counted. This process is made
- * non-dumpable so that the program, which runs as the same user, can neither ptrace it nor reach
- * REPORT_FD through /proc/1/fd.
+ * The CPU time is user + system time of RUSAGE_CHILDREN of this process: every process of the
+ * namespace ends as a child of PID 1 (orphans are re-parented to it) and is reaped here, and the
+ * sandbox's own start-up is not counted. That alone is not enough: a process that ignores SIGCHLD
+ * has its children reaped by the kernel, and their time never reaches any RUSAGE_CHILDREN. So with
+ * --threads-only (the measured run) a seccomp filter lets the program start threads but no
+ * process: fork, vfork and a clone without CLONE_THREAD end the program with SIGSYS. The whole
+ * tree is then one process, and its threads' time is in its own usage. Threads-only rather than a
+ * cgroup's cpu.stat because it holds for every caller, unprivileged ones included, costs nothing
+ * and also takes away system() and exec'd helpers; compiled translations of Python programs do
+ * not start processes.
+ *
+ * Every step also gets a filter against memory that no limit counts and against escape routes:
+ * memfd_create, SysV shared memory and message queues fail with EPERM, and so do unshare, setns
+ * and a clone that asks for a namespace (a nested user namespace could mount a tmpfs of any size),
+ * socket (no network, whatever the namespace: socketpair still works) and io_uring (whose
+ * operations, socket creation among them, would pass by this filter).
+ * clone3 fails with ENOSYS, so the C library falls back to clone, whose flags a filter can read.
+ * A system call of another ABI (32-bit, x32) ends the program: the filter knows this ABI only.
+ *
+ * With --uid=ID (the caller is root) this process starts as root of a user namespace with
+ * CAP_SETUID and CAP_SETGID, and becomes ID for good before anything else: every sandbox of the
+ * machine gets its own ID, so one program's process limit (RLIMIT_NPROC counts per user) never
+ * starves another sandbox. Changing the uid clears the parent-death signal, which is set again.
+ *
+ * With --join=FD, a descriptor of a memory cgroup's cgroup.procs that the caller opened, this
+ * process moves itself into that cgroup first, so that the program and everything it starts are
+ * counted there.
+ *
+ * This process and so the program get oom_score_adj 1000: when memory runs out, the kernel kills
+ * a sandbox before the trainer. It is made non-dumpable so that the program, which runs as the
+ * same user, can neither ptrace it nor reach REPORT_FD through /proc/1/fd.
  *
  * LIFELINE_FD is the read end of a pipe whose write end only the caller holds: when it closes
  * (the caller's time limit, or the caller died) the launcher kills everything and exits at once.
@@ -27,18 +55,40 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <linux/audit.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#if defined(__x86_64__)
+#define NATIVE_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define NATIVE_ARCH AUDIT_ARCH_AARCH64
+#endif
+
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+#define NAMESPACE_FLAGS                                                                       \
+    (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | \
+     CLONE_NEWNET | CLONE_NEWTIME)
 
 static int set_limit(int resource, rlim_t soft, rlim_t hard) {
     struct rlimit limit;
@@ -53,8 +103,9 @@ struct named_limit {
 };
 
 static const struct named_limit NAMED_LIMITS[] = {
-    {"as", RLIMIT_AS},     {"cpu", RLIMIT_CPU},     {"fsize", RLIMIT_FSIZE},
-    {"core", RLIMIT_CORE}, {"nproc", RLIMIT_NPROC},
+    {"as", RLIMIT_AS},       {"cpu", RLIMIT_CPU},       {"fsize", RLIMIT_FSIZE},
+    {"core", RLIMIT_CORE},   {"nproc", RLIMIT_NPROC},   {"nofile", RLIMIT_NOFILE},
+    {"msgqueue", RLIMIT_MSGQUEUE},
 };
 
 /* Apply "--NAME=SOFT:HARD"; 0 on success, -1 for a malformed option or a refused limit. */
@@ -77,11 +128,147 @@ static int apply_limit(const char *option, int dry_run) {
     return -1;
 }
 
+/* One BPF statement or jump, without the casts that C++ and C disagree on. */
+static struct sock_filter statement(unsigned short code, unsigned int k) {
+    struct sock_filter op;
+    op.code = code;
+    op.jt = 0;
+    op.jf = 0;
+    op.k = k;
+    return op;
+}
+
+static struct sock_filter jump(unsigned short code, unsigned int k, unsigned char jt,
+                               unsigned char jf) {
+    struct sock_filter op = statement(code, k);
+    op.jt = jt;
+    op.jf = jf;
+    return op;
+}
+
+#define ERRNO(e) (SECCOMP_RET_ERRNO | ((e) & SECCOMP_RET_DATA))
+
+/* The seccomp filter described at the top; 0 once installed. */
+static int install_filter(int threads_only) {
+#ifndef NATIVE_ARCH
+    (void)threads_only;
+    errno = ENOSYS; /* an architecture the filter does not know: refuse to run at all */
+    return -1;
+#else
+    struct sock_filter program[64];
+    unsigned int n = 0;
+    const unsigned int nr = (unsigned int)offsetof(struct seccomp_data, nr);
+    const unsigned int arch = (unsigned int)offsetof(struct seccomp_data, arch);
+    const unsigned int flags = (unsigned int)offsetof(struct seccomp_data, args[0]);
+    const unsigned int kill_action = SECCOMP_RET_KILL_PROCESS;
+    /* Calls that fail with EPERM in every step. */
+    static const long refused[] = {
+        SYS_memfd_create, SYS_shmget, SYS_msgget, SYS_unshare, SYS_setns, SYS_socket,
+#ifdef SYS_io_uring_setup
+        SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register,
+#endif
+    };
+    program[n++] = statement(BPF_LD | BPF_W | BPF_ABS, arch);
+    program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, NATIVE_ARCH, 1, 0);
+    program[n++] = statement(BPF_RET | BPF_K, kill_action);
+    program[n++] = statement(BPF_LD | BPF_W | BPF_ABS, nr);
+#if defined(__x86_64__)
+    /* x32 system calls share the architecture value and set this bit of the number. */
+    program[n++] = jump(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, 0, 1);
+    program[n++] = statement(BPF_RET | BPF_K, kill_action);
+#endif
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; ++i) {
+        program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, (unsigned int)refused[i], 0, 1);
+        program[n++] = statement(BPF_RET | BPF_K, ERRNO(EPERM));
+    }
+#ifdef SYS_clone3
+    program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3, 0, 1);
+    program[n++] = statement(BPF_RET | BPF_K, ERRNO(ENOSYS));
+#endif
+    if (threads_only) {
+#ifdef SYS_fork
+        program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, SYS_fork, 0, 1);
+        program[n++] = statement(BPF_RET | BPF_K, kill_action);
+#endif
+#ifdef SYS_vfork
+        program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, SYS_vfork, 0, 1);
+        program[n++] = statement(BPF_RET | BPF_K, kill_action);
+#endif
+    }
+    /* clone: no namespace ever; with threads_only, a thread or nothing. */
+    program[n++] = jump(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 0, threads_only ? 6 : 4);
+    program[n++] = statement(BPF_LD | BPF_W | BPF_ABS, flags);
+    program[n++] = jump(BPF_JMP | BPF_JSET | BPF_K, NAMESPACE_FLAGS, 0, 1);
+    program[n++] = statement(BPF_RET | BPF_K, ERRNO(EPERM));
+    if (threads_only) {
+        program[n++] = jump(BPF_JMP | BPF_JSET | BPF_K, CLONE_THREAD, 1, 0);
+        program[n++] = statement(BPF_RET | BPF_K, kill_action);
+    }
+    program[n++] = statement(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    program[n++] = statement(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog filter;
+    filter.len = (unsigned short)n;
+    filter.filter = program;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter, 0, 0);
+#endif
+}
+
+/* Become ID for good: groups, gid, uid; the kernel drops every capability with uid 0. */
+static int become(const char *option) {
+    char *end;
+    unsigned long id = strtoul(option + strlen("--uid="), &end, 10);
+    if (*end != '\0' || id == 0) return -1;
+    if (setgroups(0, NULL) != 0 || setresgid((gid_t)id, (gid_t)id, (gid_t)id) != 0 ||
+        setresuid((uid_t)id, (uid_t)id, (uid_t)id) != 0) {
+        return -1;
+    }
+    if (getuid() != (uid_t)id || geteuid() != (uid_t)id) return -1;
+    return prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+}
+
+/* No capability left in any set: the inheritable one bwrap leaves would otherwise stay. */
+static int drop_capabilities(void) {
+    struct __user_cap_header_struct header;
+    struct __user_cap_data_struct data[2];
+    memset(&header, 0, sizeof header);
+    memset(data, 0, sizeof data);
+    header.version = _LINUX_CAPABILITY_VERSION_3;
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+static double seconds_between(const struct timespec *start, const struct timespec *end) {
+    return (double)(end->tv_sec - start->tv_sec) + (double)(end->tv_nsec - start->tv_nsec) / 1e9;
+}
+
+static void close_other_descriptors(int keep_low, int keep_high) {
+    /* Descriptors bwrap passed on (a user namespace) must not reach the program. */
+    for (int fd = 3; fd < keep_low; ++fd) close(fd);
+    for (int fd = keep_low + 1; fd < keep_high; ++fd) close(fd);
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, (unsigned int)keep_high + 1, ~0u, 0) == 0) return;
+#endif
+    long max_fd = sysconf(_SC_OPEN_MAX);
+    for (long fd = keep_high + 1; fd < (max_fd > 0 ? max_fd : 1024) && fd < 65536; ++fd) {
+        close((int)fd);
+    }
+}
+
 int main(int argc, char **argv) {
     int separator = 3;
+    int threads_only = 0;
+    const char *uid_option = NULL;
+    int join_fd = -1;
     while (separator < argc && strcmp(argv[separator], "--") != 0) {
-        if (apply_limit(argv[separator], 1) != 0) {
-            fprintf(stderr, "lossplug launcher: bad limit %s\n", argv[separator]);
+        const char *option = argv[separator];
+        if (strcmp(option, "--threads-only") == 0) {
+            threads_only = 1;
+        } else if (strncmp(option, "--uid=", 6) == 0) {
+            uid_option = option;
+        } else if (strncmp(option, "--join=", 7) == 0) {
+            join_fd = atoi(option + 7);
+        } else if (apply_limit(option, 1) != 0) {
+            fprintf(stderr, "lossplug launcher: bad option %s\n", option);
             return 125;
         }
         ++separator;
@@ -97,14 +284,39 @@ int main(int argc, char **argv) {
     }
     int report_fd = atoi(argv[1]);
     int lifeline_fd = atoi(argv[2]);
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    /* Descriptors bwrap passed on (a user namespace, the pipes) must not reach the program. */
-    long max_fd = sysconf(_SC_OPEN_MAX);
-    for (long fd = 3; fd < (max_fd > 0 ? max_fd : 1024) && fd < 65536; ++fd) {
-        if (fd != report_fd && fd != lifeline_fd) close((int)fd);
+    if (report_fd < 3 || lifeline_fd < 3 || report_fd == lifeline_fd) {
+        fprintf(stderr, "lossplug launcher: bad descriptors\n");
+        return 125;
     }
+    /* Into the memory cgroup before anything else, so that nothing escapes its count. */
+    if (join_fd >= 0) {
+        if (join_fd < 3 || write(join_fd, "0\n", 2) != 2) {
+            perror("lossplug launcher: cannot join the memory cgroup");
+            return 125;
+        }
+        close(join_fd);
+    }
+    close_other_descriptors(report_fd < lifeline_fd ? report_fd : lifeline_fd,
+                            report_fd < lifeline_fd ? lifeline_fd : report_fd);
     fcntl(report_fd, F_SETFD, FD_CLOEXEC);
     fcntl(lifeline_fd, F_SETFD, FD_CLOEXEC);
+    /* Raising one's own oom_score_adj needs no privilege, but a process that changed its uid is
+     * not dumpable and its /proc files belong to root: first this, then the uid. */
+    int oom = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (oom < 0 || write(oom, "1000", 4) != 4) {
+        perror("lossplug launcher: oom_score_adj");
+        return 125;
+    }
+    close(oom);
+    if (uid_option != NULL && become(uid_option) != 0) {
+        perror("lossplug launcher: cannot change user");
+        return 125;
+    }
+    if (drop_capabilities() != 0) {
+        perror("lossplug launcher: capset");
+        return 125;
+    }
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     /* SIGCHLD arrives through a descriptor, so one poll() waits for the program and the
      * lifeline together. */
@@ -118,6 +330,8 @@ int main(int argc, char **argv) {
         return 125;
     }
 
+    struct timespec started, ended_at;
+    clock_gettime(CLOCK_MONOTONIC, &started);
     pid_t child = fork();
     if (child < 0) {
         perror("lossplug launcher: fork");
@@ -128,10 +342,18 @@ int main(int argc, char **argv) {
         sigprocmask(SIG_UNBLOCK, &child_signals, NULL);
         signal(SIGPIPE, SIG_DFL);
         for (int i = 3; i < separator; ++i) {
+            if (strncmp(argv[i], "--uid=", 6) == 0 || strncmp(argv[i], "--join=", 7) == 0 ||
+                strcmp(argv[i], "--threads-only") == 0) {
+                continue;
+            }
             if (apply_limit(argv[i], 0) != 0) {
                 perror("lossplug launcher: setrlimit");
                 _exit(126);
             }
+        }
+        if (install_filter(threads_only) != 0) {
+            perror("lossplug launcher: seccomp");
+            _exit(126);
         }
         char **program = argv + separator + 1;
         execv(program[0], program);
@@ -151,6 +373,7 @@ int main(int argc, char **argv) {
             if (ended == child) {
                 status = child_status;
                 finished = 1;
+                clock_gettime(CLOCK_MONOTONIC, &ended_at);
             }
         }
         if (finished) break;
@@ -183,12 +406,15 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_CHILDREN, &usage);
     double seconds = (double)usage.ru_utime.tv_sec + (double)usage.ru_utime.tv_usec / 1e6 +
                      (double)usage.ru_stime.tv_sec + (double)usage.ru_stime.tv_usec / 1e6;
-    char line[128];
+    double wall = seconds_between(&started, &ended_at);
+    char line[160];
     int length;
     if (WIFSIGNALED(status)) {
-        length = snprintf(line, sizeof line, "signal %d %.6f\n", WTERMSIG(status), seconds);
+        length = snprintf(line, sizeof line, "signal %d %.6f %.6f\n", WTERMSIG(status), seconds,
+                          wall);
     } else {
-        length = snprintf(line, sizeof line, "exit %d %.6f\n", WEXITSTATUS(status), seconds);
+        length = snprintf(line, sizeof line, "exit %d %.6f %.6f\n", WEXITSTATUS(status), seconds,
+                          wall);
     }
     if (write(report_fd, line, (size_t)length) != length) return 125;
     return 0;

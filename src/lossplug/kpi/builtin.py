@@ -26,6 +26,7 @@ __all__ = [
     "TimeToTarget",
     "TrainingCost",
     "measure_speedup",
+    "pie_summary",
 ]
 
 
@@ -321,54 +322,70 @@ class GenerationKPI(KPI):
 
 
 Translate = Callable[[KPIContext, str], str]
-# CodeSpeedup's default time per program besides its compile and two runs: the model's
-# translation of it.
+# CodeSpeedup's default time per program besides its compile and runs: the model's translation.
 _PROGRAM_OVERHEAD_S = 60.0
+# PIE's threshold: a translation is "optimised" when it is correct and at least this much faster.
+OPTIMISED_SPEEDUP = 1.1
 
 
 class CodeSpeedup(KPI):
-    """The business KPI of a Python→C++ translation fine-tune.
+    """The business KPI of a Python→C++ translation fine-tune, scored as PIE scores code edits.
 
     For each Python program, ``translate(ctx, python_source)`` (the model) returns a C++
-    translation; :func:`measure_speedup` compiles and runs both, in a namespace sandbox (the
-    translation is untrusted code). Logged: ``kpi/<name>/speedup`` (geometric mean of Python
-    seconds over C++ seconds, over the translations that give the same output; absent when none
-    does), ``kpi/<name>/compile_rate`` and ``kpi/<name>/correct_rate``, and a samples table (with
-    the isolation each sample ran under). ``target`` and the best value follow the speed-up.
+    translation; :func:`measure_speedup` compiles it and runs both programs on each of the
+    program's inputs, in a namespace sandbox (the translation is untrusted code). The inputs are
+    never shown to ``translate``, and a translation is correct only if it prints what the
+    reference prints on every one of them, so a translation cannot print answers it worked out
+    in advance. Each program runs ``repeats`` times on each input and the least time is kept; a
+    speed-up no larger than the spread of the repeats is noise and counts as none.
+
+    Logged, following PIE (Shypula et al., "Learning Performance-Improving Code Edits", ICLR
+    2024): ``kpi/<name>/correct_rate`` (share of programs translated correctly),
+    ``kpi/<name>/optimised_rate`` (correct and at least 1.1× faster, beyond the noise) and
+    ``kpi/<name>/mean_speedup`` (mean over all programs, an incorrect, slower or within-the-noise
+    one counting as 1.0×: the primary value). Beside them ``kpi/<name>/speedup`` (geometric mean
+    over the correct translations only; absent when none is), ``kpi/<name>/compile_rate``, and
+    a samples table with each program's outcome, spread, flags and isolation. A program whose
+    reference prints the same output for all its inputs is flagged ``precomputable`` and counts
+    as 1.0×.
 
     Args:
-        programs: Python sources, or ``(source, stdin)`` pairs, or dicts with ``"python"`` and
-            optionally ``"stdin"``.
+        programs: Each a dict with ``"python"`` (the source) and ``"inputs"`` (a list of stdin
+            texts, at least one not empty), or a ``(source, inputs)`` pair where ``inputs`` is
+            a list or a single stdin text. A dict with ``"stdin"`` is one input. A program
+            without input is refused: its output is fixed, and a translation could print it.
         translate: ``translate(ctx, python_source) -> cpp_source``.
-        program_timeout_s: time limit of each step: the compile, the Python run, the C++ run.
+        program_timeout_s: time limit of each step: the compile, each Python run, each C++ run.
         memory_mb: memory limit of each program run, in MiB.
         compile_memory_mb: memory limit of the compiler, in MiB.
+        repeats: runs of each program on each input; the least time is kept.
         sandbox: ``"bwrap"`` (the namespace sandbox), or ``"none"`` to run the translations
             without isolation; default ``$LOSSPLUG_SANDBOX``, else ``"bwrap"``. Checked when the
             KPI is built: where no sandbox can be built, :class:`SandboxUnavailableError` says
             what is missing then, not at the first evaluation.
         timeout_s: time limit of the whole call. Default: enough for every program to be
-            translated, compiled and run to its limit twice (Python, then C++), that is
-            ``len(programs) * (3 * program_timeout_s + 60)`` seconds, the 60 s covering the
-            model's translation. ``None`` for no limit; see :class:`~lossplug.KPI` for the
-            other options.
+            translated (60 s), compiled, and run to its limit ``repeats`` times on each input
+            (Python, then C++). ``None`` for no limit; see :class:`~lossplug.KPI` for the other
+            options.
 
     Example:
         >>> from lossplug.kpi.builtin import CodeSpeedup
-        >>> kpi = CodeSpeedup(["print(6 * 7)"], lambda ctx, src: "int main(){}", every_n_steps=500)
-        >>> kpi.key
-        'kpi/code_speedup'
+        >>> program = {"python": "print(int(input()) * 2)", "inputs": ["1\\n", "7\\n"]}
+        >>> kpi = CodeSpeedup([program], lambda ctx, src: "int main(){}", every_n_steps=500)
+        >>> kpi.key, kpi.primary
+        ('kpi/code_speedup', 'mean_speedup')
     """
 
     def __init__(
         self,
-        programs: Sequence[str | tuple[str, str] | Mapping[str, str]],
+        programs: Sequence[str | tuple[str, str | Sequence[str]] | Mapping[str, Any]],
         translate: Translate,
         *,
         name: str = "code_speedup",
         program_timeout_s: float = 10.0,
         memory_mb: int = 1024,
         compile_memory_mb: int = 2048,
+        repeats: int = 3,
         sandbox: str | None = None,
         **options: Any,
     ) -> None:
@@ -377,23 +394,29 @@ class CodeSpeedup(KPI):
         if not callable(translate):
             raise TypeError(f"translate must be callable(ctx, python_source), got {translate!r}")
         check_limits(
-            program_timeout_s, memory_mb, compile_memory_mb, timeout_name="program_timeout_s"
+            program_timeout_s,
+            memory_mb,
+            compile_memory_mb,
+            repeats,
+            timeout_name="program_timeout_s",
         )
-        self.programs = [_program(item) for item in programs]
+        self.programs = [_program(index, item) for index, item in enumerate(programs)]
         self.translate = translate
         self.program_timeout_s = float(program_timeout_s)
         self.memory_mb = memory_mb
         self.compile_memory_mb = compile_memory_mb
+        self.repeats = repeats
         self.sandbox = check_sandbox(sandbox)
-        options.setdefault("primary", "speedup")
+        options.setdefault("primary", "mean_speedup")
+        runs = sum(1 + 2 * repeats * len(inputs) for _, inputs in self.programs)
         options.setdefault(
-            "timeout_s", len(self.programs) * (3 * program_timeout_s + _PROGRAM_OVERHEAD_S)
+            "timeout_s", runs * program_timeout_s + len(self.programs) * _PROGRAM_OVERHEAD_S
         )
         super().__init__(name, self._evaluate, **options)
 
     def _evaluate(self, ctx: KPIContext) -> KPIResult:
-        rows, speedups, compiled, correct = [], [], 0, 0
-        for python_source, stdin in self.programs:
+        rows, results = [], []
+        for python_source, inputs in self.programs:
             try:
                 cpp_source = self.translate(ctx, python_source)
             except Exception as exc:  # one bad translation is a failed sample, not a failed KPI
@@ -403,45 +426,109 @@ class CodeSpeedup(KPI):
                 result = measure_speedup(
                     python_source,
                     str(cpp_source),
-                    stdin=stdin,
+                    stdin=inputs,
                     timeout_s=self.program_timeout_s,
                     memory_mb=self.memory_mb,
                     compile_memory_mb=self.compile_memory_mb,
+                    repeats=self.repeats,
                     sandbox=self.sandbox,
                 )
                 error = result.error
-            ok_compile = bool(result and result.compiled)
-            ok = bool(result and result.correct)
-            compiled += ok_compile
-            correct += ok
-            if ok and result.speedup:
-                speedups.append(result.speedup)
+            results.append(result)
             rows.append(
                 {
                     "python": python_source,
                     "cpp": cpp_source,
-                    "compiled": ok_compile,
-                    "correct": ok,
+                    "inputs": len(inputs),
+                    "compiled": bool(result and result.compiled),
+                    "correct": bool(result and result.correct),
                     "speedup": result.speedup if result else None,
+                    "spread": result.spread if result else None,
+                    "optimised": result is not None and _optimised(result),
+                    "counted_speedup": _counted_speedup(result),
+                    "precomputable": bool(result and result.precomputable),
                     "error": error,
                     "isolation": result.isolation if result else None,
+                    "memory_isolation": result.memory_isolation if result else None,
                 }
             )
-        values: dict[str, float] = {}
-        if speedups:
-            values["speedup"] = math.exp(sum(map(math.log, speedups)) / len(speedups))
-        values["compile_rate"] = compiled / len(self.programs)
-        values["correct_rate"] = correct / len(self.programs)
-        return KPIResult(values, samples=rows)
+        return KPIResult(pie_summary(results), samples=rows)
 
 
-def _program(item: Any) -> tuple[str, str]:
-    if isinstance(item, str):
-        return item, ""
-    if isinstance(item, Mapping) and isinstance(item.get("python"), str):
-        return item["python"], str(item.get("stdin", ""))
-    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
-        return item[0], item[1]
-    raise ValueError(
-        f"each program must be a str, a (source, stdin) pair or a dict with 'python'; got {item!r}"
+def pie_summary(results: Sequence[SpeedupResult | None]) -> dict[str, float]:
+    """PIE's aggregates over one evaluation's programs (``None``: the translation failed).
+
+    Returns:
+        ``correct_rate``, ``optimised_rate``, ``mean_speedup`` (failures and speed-ups within
+        the noise as 1.0), ``compile_rate``, and ``speedup``, the geometric mean over the
+        correct translations, when there is one.
+
+    Example:
+        >>> fast = SpeedupResult(True, True, 4.0, 0.4, 0.1, None, spread=0.05)
+        >>> noise = SpeedupResult(True, True, 1.2, 0.12, 0.1, None, spread=0.3)
+        >>> pie_summary([fast, noise, None])["mean_speedup"]
+        2.0
+    """
+    count = len(results)
+    correct = [r for r in results if r is not None and r.correct]
+    values = {
+        "correct_rate": len(correct) / count,
+        "optimised_rate": sum(_optimised(r) for r in correct) / count,
+        "mean_speedup": sum(_counted_speedup(r) for r in results) / count,
+        "compile_rate": sum(bool(r and r.compiled) for r in results) / count,
+    }
+    speedups = [r.speedup for r in correct if r.speedup]
+    if speedups:
+        values["speedup"] = math.exp(sum(map(math.log, speedups)) / len(speedups))
+    return values
+
+
+def _beyond_noise(result: SpeedupResult) -> bool:
+    """A correct translation's speed-up is larger than its timings' own spread."""
+    assert result.speedup is not None
+    return result.speedup > 1.0 + (result.spread or 0.0) and not result.precomputable
+
+
+def _optimised(result: SpeedupResult) -> bool:
+    return (
+        result.correct
+        and result.speedup is not None
+        and result.speedup >= OPTIMISED_SPEEDUP
+        and _beyond_noise(result)
     )
+
+
+def _counted_speedup(result: SpeedupResult | None) -> float:
+    """The speed-up PIE's mean counts: 1.0 unless correct and faster beyond the noise."""
+    if result is None or not result.correct or result.speedup is None:
+        return 1.0
+    return result.speedup if _beyond_noise(result) else 1.0
+
+
+def _program(index: int, item: Any) -> tuple[str, list[str]]:
+    """``(source, inputs)`` of one ``programs`` item; refuse a program with no input."""
+    source: Any = None
+    inputs: Any = None
+    if isinstance(item, Mapping) and isinstance(item.get("python"), str):
+        source = item["python"]
+        inputs = item.get("inputs", [item["stdin"]] if "stdin" in item else [])
+    elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        source, inputs = item
+    elif isinstance(item, str):
+        source, inputs = item, []
+    else:
+        raise ValueError(
+            "each program must be a dict with 'python' and 'inputs', or a (source, inputs) "
+            f"pair; got {item!r}"
+        )
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, (list, tuple)) or not all(isinstance(x, str) for x in inputs):
+        raise ValueError(f"program {index}: inputs must be a list of stdin texts, got {inputs!r}")
+    if not any(inputs):
+        raise ValueError(
+            f"program {index} has no input: its output is fixed, so a translation could print "
+            "it without computing anything. Give it inputs (several, so that no single answer "
+            "passes): {'python': source, 'inputs': ['3\\n', '1000\\n', ...]}"
+        )
+    return source, list(inputs)
