@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -191,18 +191,23 @@ class KPIMonitor(*CALLBACK_BASES):
                 define_wandb_metrics(trainer, summaries)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-        if can_log_to_module:
-            # only values worth monitoring (each pl_module.log costs ~0.3 ms); CPU tensors, so
-            # that Lightning never synchronises with the device to read them
-            for key, value in outcome.metrics.items():
-                if not is_bookkeeping(key):
-                    pl_module.log(
-                        key,
-                        torch.tensor(float(value)),
-                        logger=False,
-                        sync_dist=False,
-                        rank_zero_only=False,
-                    )
+        # The values worth monitoring go where ModelCheckpoint, EarlyStopping and other KPIs
+        # (ctx.metrics) read them: the trainer's callback metrics, the dict that
+        # pl_module.log(..., logger=False) fills. Written there directly, since each
+        # pl_module.log call moves the whole logged result to its device (about 1 ms on a CPU,
+        # most of what a cheap KPI costs a step); CPU tensors, so that Lightning never
+        # synchronises with the device to read them.
+        monitored = {
+            key: torch.tensor(float(value))
+            for key, value in outcome.metrics.items()
+            if not is_bookkeeping(key)
+        }
+        callback_metrics = getattr(trainer, "callback_metrics", None)
+        if isinstance(callback_metrics, MutableMapping):
+            callback_metrics.update(monitored)
+        elif can_log_to_module:
+            for key, value in monitored.items():
+                pl_module.log(key, value, logger=False, sync_dist=False, rank_zero_only=False)
 
     def _log_table(
         self, item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int

@@ -13,6 +13,7 @@ Framework-free: plain PyTorch and the standard library (NumPy only when already 
 
 from __future__ import annotations
 
+import _thread
 import random
 import sys
 import threading
@@ -175,10 +176,11 @@ def stop_hook_installed() -> bool:
 
 
 class KPIThread:
-    """A KPI call on a daemon worker thread, which can be stopped at its next module call.
+    """A KPI call on a worker thread, which can be stopped at its next module call.
 
     Starting it installs the global forward pre-hook (if not already there); the last KPI
-    thread to end removes it, whether it ended by itself or was stopped.
+    thread to end removes it, whether it ended by itself or was stopped. Like a daemon thread,
+    it never keeps the interpreter from exiting.
 
     Args:
         fn: the call, with no arguments; what it returns is kept in :attr:`returned`, what it
@@ -194,36 +196,51 @@ class KPIThread:
     def __init__(self, fn: Callable[[], Any], *, name: str) -> None:
         self.returned: Any = None
         self.error: BaseException | None = None
+        self.name = name
         self._fn = fn
         self._ended = False
+        self._done = threading.Event()
         #: whether :meth:`cancel` was called: the call ran past its time limit
         self.cancelled = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.ident: int | None = None
         global _hook
         with _lock:
             _live.add(self)
             if _hook is None:
                 _hook = register_module_forward_pre_hook(_stop_cancelled)
         try:
-            self.thread.start()
+            # threading.Thread.start waits for the new thread to be scheduled: one more hand-over
+            # between threads per call, a millisecond on a machine whose cores training keeps
+            # busy, on top of the one that tells the caller the call has ended
+            with _lock:
+                self.ident = _thread.start_new_thread(self._run, ())
         except BaseException:
             self._end()
             raise
 
+    @property
+    def thread(self) -> KPIThread:
+        """What a caller keeps to ask whether the call still runs (:meth:`is_alive`,
+        :meth:`join`)."""
+        return self
+
     def is_alive(self) -> bool:
-        return self.thread.is_alive()
+        return not self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` seconds (forever for ``None``) for the call to end."""
+        self._done.wait(timeout)
 
     def wait(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds for the call to end; return whether it did."""
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
+        return self._done.wait(timeout)
 
     def cancel(self) -> None:
         """Make the thread's next module call (and every later one) raise :class:`KPICancelled`."""
         self.cancelled = True
         with _lock:
-            if not self._ended and self.thread.ident is not None:
-                _cancelled.add(self.thread.ident)
+            if not self._ended and self.ident is not None:
+                _cancelled.add(self.ident)
 
     def stop(self, grace: float) -> bool:
         """Cancel the call and wait up to ``grace`` seconds for it to end; return whether it did."""
@@ -231,6 +248,8 @@ class KPIThread:
         return self.wait(grace)
 
     def _run(self) -> None:
+        with _lock:  # the ident is known once the starting thread has stored it
+            pass
         try:
             self.returned = self._fn()
         except BaseException as exc:  # the caller reads it, on its own thread
@@ -243,8 +262,9 @@ class KPIThread:
         with _lock:
             self._ended = True
             _live.discard(self)
-            if self.thread.ident is not None:
-                _cancelled.discard(self.thread.ident)
+            if self.ident is not None:
+                _cancelled.discard(self.ident)
             if not _live and _hook is not None:
                 _hook.remove()
                 _hook = None
+        self._done.set()

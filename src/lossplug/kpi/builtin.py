@@ -48,6 +48,10 @@ class Throughput(KPI):
 
     def __init__(self, name: str = "throughput", *, every_n_steps: int = 50, **options: Any):
         options.setdefault("uses_model", False)
+        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
+        # worker thread would cost a hand-over between threads (about a millisecond on a busy
+        # machine) at every call
+        options.setdefault("timeout_s", None)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self._last: tuple[float, int | None, int | None] = (0.0, 0, 0)
 
@@ -113,6 +117,10 @@ class TrainingCost(KPI):
         options.setdefault("higher_is_better", False)
         options.setdefault("uses_model", False)
         options.setdefault("cumulative", True)
+        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
+        # worker thread would cost a hand-over between threads (about a millisecond on a busy
+        # machine) at every call
+        options.setdefault("timeout_s", None)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self.price_per_device_hour = float(price_per_device_hour)
         self.devices = devices
@@ -190,6 +198,10 @@ class TimeToTarget(KPI):
         options.setdefault("higher_is_better", False)  # fewer steps is better
         options.setdefault("at", ("validation_end", "train_epoch_end"))
         options.setdefault("uses_model", False)
+        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
+        # worker thread would cost a hand-over between threads (about a millisecond on a busy
+        # machine) at every call
+        options.setdefault("timeout_s", None)
         super().__init__(name or default_name, self._check, **options)
         self.metric = metric
         self.metric_target = float(target)
