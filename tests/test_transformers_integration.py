@@ -94,7 +94,8 @@ def assert_same_grads(got: dict, want: dict) -> None:
 
 
 def test_every_supported_family_is_tested():
-    assert sorted(CONFIGS) == sorted(SUPPORTED_MODEL_TYPES)
+    # the others (a logit transform, MoE, a VLM) are tested in test_families.py
+    assert set(CONFIGS) <= set(SUPPORTED_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("num_items", [None, 23])
@@ -231,8 +232,9 @@ def test_stats_are_handed_out_once():
 
 def test_unsupported_family_gets_a_clear_error():
     config = transformers.Gemma2Config(**{**DECODER, "head_dim": 8})
-    model = transformers.Gemma2ForCausalLM(config)  # soft-caps its logits after the head
-    with pytest.raises(ValueError, match=r"model_type='gemma2'"):
+    model = transformers.Gemma2ForCausalLM(config)
+    model.loss_type = "ForMaskedLM"  # a loss the fused causal-LM loss does not replace
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM.*loss_type='ForMaskedLM'"):
         patch_causal_lm(model)
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         patch_causal_lm("llama")

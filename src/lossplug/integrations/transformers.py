@@ -9,9 +9,13 @@ accumulation stays exact), and the step's :class:`~lossplug.TokenStats` come wit
 How: in a call with labels the output layer hands its input (the last hidden states) on instead of
 multiplying it out, and the model's loss function, which receives it, runs the fused op with the
 output layer's weight. The model's own forward does everything else (caches, masks, position ids,
-``shift_labels``), so the patch follows the library from release to release; families whose
-forward changes the logits between the output layer and the loss (Gemma 2's soft-capping,
-Cohere's logit scale, Granite's scaling, router losses) are refused rather than silently wrong.
+``shift_labels``, a router's auxiliary loss), so the patch follows the library from release to
+release. Which models it accepts is decided by what their forward does, not by their name
+(:mod:`lossplug.integrations._families`): the output layer is a linear map (a plain
+``nn.Linear``, or PEFT's ``modules_to_save`` or LoRA wrapper of one, :mod:`._heads`), and between
+it and ``self.loss_function`` the forward does nothing, or only what the fused op reproduces
+exactly (a constant logit scale or divisor, soft-capping). Any other model is refused with its
+class, the reason and the fallback, never silently wrong.
 """
 
 from __future__ import annotations
@@ -19,12 +23,21 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from lossplug.integrations._families import (
+    Fold,
+    UnsupportedModelError,
+    language_model_inside,
+    read_fold,
+    refuse,
+)
+from lossplug.integrations._heads import head_forward, head_problem, operands
 from lossplug.monitoring.handoff import SOURCE_ATTR, models_with_stats, pop_token_stats
 from lossplug.ops._dispatch import check_backend
 from lossplug.ops._spec import LossSpec
@@ -34,6 +47,7 @@ from lossplug.ops.stats import TokenStats
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "LossplugCallback",  # noqa: F822 (resolved by __getattr__, on first use)
+    "UnsupportedModelError",
     "is_patched",
     "patch_causal_lm",
     "patched_models",
@@ -41,9 +55,24 @@ __all__ = [
     "unpatch_causal_lm",
 ]
 
-#: ``config.model_type`` of the families whose forward is "output layer, then the loss function"
-#: with nothing in between; each is checked against the unpatched model in the test suite.
-SUPPORTED_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
+#: ``config.model_type`` of the families the test suite checks against the unpatched model, one
+#: per kind of forward. Not an allow-list: any model whose forward reads as described above is
+#: accepted (``benchmarks/families.py`` checks every family of the installed ``transformers``).
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "cohere",
+    "gemma",
+    "gemma2",
+    "gpt2",
+    "granite",
+    "llama",
+    "llava",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "qwen2",
+    "qwen3",
+)
 
 _ATTR = SOURCE_ATTR
 
@@ -63,13 +92,21 @@ class _Patch:
     def __init__(
         self,
         model: nn.Module,
-        head: nn.Linear,
+        head: nn.Module,
         spec: LossSpec,
+        fold: Fold,
         backend: str,
         check_target: bool | None,
     ) -> None:
         self.head = head
         self.spec = spec
+        # the scale the forward applies to the logits (folded into the hidden states); its
+        # soft-capping is in ``spec``
+        self.scale = fold.scale
+        # the stand-in the output layer returns for the logits: None when the forward passes
+        # them straight to the loss, an empty tensor when it first scales or caps them (the
+        # arithmetic must run on something; an empty tensor costs nothing)
+        self.stand_in_needed = fold.touched
         self.backend = backend
         self.check_target = check_target
         self.had_loss_function = "_loss_function" in vars(model)
@@ -145,9 +182,17 @@ def patch_causal_lm(
     (``ddp_spawn``, ``torch.save``) and ``copy.deepcopy`` gives a patched copy that runs its own
     weights, starts with no statistics and is unpatched on its own.
 
+    Accepted: a ``transformers`` causal LM (``...ForCausalLM``, or the language model of a
+    vision-language ``...ForConditionalGeneration``) whose forward computes the logits with its
+    output layer and passes them to ``self.loss_function`` unchanged, scaled by a constant
+    (Cohere, Granite) or soft-capped (Gemma 2 and 3); an auxiliary loss added afterwards (MoE
+    routers) is kept. The output layer is a plain ``nn.Linear`` (tied to the embeddings or not,
+    possibly the last step of a head module, as BERT's), or PEFT's ``modules_to_save`` or
+    (non-DoRA) LoRA wrapper of one. A model that hands its labels to a causal LM inside it gets
+    that one patched. Anything else is refused (:mod:`lossplug.integrations._families`).
+
     Args:
-        model: a ``transformers`` causal LM of a family in :data:`SUPPORTED_MODEL_TYPES`, whose
-            output layer is a plain ``nn.Linear`` (tied to the embeddings or not).
+        model: the causal LM, or a PEFT model wrapping one.
         label_smoothing: passed to the fused op (the unpatched model has none).
         z_loss: passed to the fused op (the unpatched model has none).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``, as in the fused op.
@@ -157,8 +202,12 @@ def patch_causal_lm(
         ``model`` itself.
 
     Raises:
-        ValueError: for a model family this patch does not support, or a non-causal loss type.
-        TypeError: when the output layer is not an ``nn.Linear`` (e.g. a LoRA-wrapped head).
+        UnsupportedModelError: (a ``ValueError``) the model's forward does something between
+            the output layer and the loss that the fused op does not reproduce, or its loss is
+            not the causal-LM loss; the message names the class, why, and the fallback (return
+            the logits and let ``LossMonitor`` score them).
+        TypeError: the output layer is not a linear map (a plain ``nn.Linear`` or a supported
+            PEFT wrapper of one); the message names the same three things.
 
     Example:
         >>> import torch
@@ -181,26 +230,28 @@ def patch_causal_lm(
         model = model.get_base_model()  # a PEFT wrapper: patch the model inside
     if getattr(model, _ATTR, None) is not None:
         return model
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "get_output_embeddings"):
-        raise ValueError(
-            f"patch_causal_lm supports Hugging Face causal LMs of the model types "
-            f"{SUPPORTED_MODEL_TYPES}; got {type(model).__name__} (model_type={model_type!r})"
-        )
-    loss_type = getattr(model, "loss_type", None)
-    if loss_type not in (None, "ForCausalLM"):
-        raise ValueError(
-            f"patch_causal_lm replaces the causal-LM loss, but {type(model).__name__} has "
-            f"loss_type={loss_type!r}"
-        )
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise TypeError(
-            f"patch_causal_lm needs the output layer to be a plain torch.nn.Linear, got "
-            f"{type(head).__name__}; a LoRA or otherwise wrapped output layer is not supported"
-        )
-    patch = _Patch(model, head, spec, backend, check_target)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise refuse(model, "it is not a Hugging Face model with an output layer")
+    problem = head_problem(head)
+    if problem is not None:
+        # a TypeError, as for any argument of the wrong kind
+        raise TypeError(str(refuse(model, problem)))
+    if not _causal_loss(model):
+        raise refuse(model, f"its loss is not the causal-LM loss (loss_type={model.loss_type!r})")
+    try:
+        fold = read_fold(model, head)
+    except UnsupportedModelError:
+        inner = language_model_inside(model, head)
+        if inner is None:
+            raise
+        # the forward hands its labels to the causal LM inside it, whose loss it returns
+        # (Kosmos 2.5, Llama 4's vision-language model): patch that one
+        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, backend=backend)
+        patch_causal_lm(inner, check_target=check_target, **options)
+        return model
+    spec = spec.replace(softcap=fold.softcap)
+    patch = _Patch(model, head, spec, fold, backend, check_target)
     setattr(model, _ATTR, patch)
     head.forward = _DeferringHeadForward(patch)
     model.loss_function = functools.partial(_fused_loss, patch)
@@ -208,10 +259,23 @@ def patch_causal_lm(
     return model
 
 
+def _causal_loss(model: nn.Module) -> bool:
+    """Whether ``model.loss_function`` is the causal-LM loss that the fused op replaces."""
+    loss_type = getattr(model, "loss_type", None)
+    if loss_type is None:
+        return True  # transformers falls back to the causal-LM loss
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    return LOSS_MAPPING.get(loss_type) is ForCausalLMLoss
+
+
 def unpatch_causal_lm(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_causal_lm` (a no-op on a model that is not patched)."""
     patch: _Patch | None = getattr(model, _ATTR, None)
     if patch is None:
+        inner = _patched_inside(model)
+        if inner is not None:
+            unpatch_causal_lm(inner)
         return model
     del patch.head.forward
     if patch.original_forward is not None:
@@ -227,8 +291,18 @@ def unpatch_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch_causal_lm` patched ``model``."""
-    return getattr(model, _ATTR, None) is not None
+    """Whether :func:`patch_causal_lm` patched ``model`` (or the language model inside it that
+    its forward hands the labels to)."""
+    return getattr(model, _ATTR, None) is not None or _patched_inside(model) is not None
+
+
+def _patched_inside(model: nn.Module) -> nn.Module | None:
+    """The language model inside ``model`` that :func:`patch_causal_lm` patched for it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    inner = language_model_inside(model, head)
+    return inner if inner is not None and getattr(inner, _ATTR, None) is not None else None
 
 
 def patched_models(module: nn.Module) -> list[nn.Module]:
@@ -251,12 +325,21 @@ class _DeferringHeadForward:
     def __init__(self, patch: _Patch) -> None:
         self.patch = patch
 
-    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    def __call__(
+        self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor | None:
         patch = self.patch
         if patch.deferring and _in_owning_call(patch):
+            if args or kwargs:  # PEFT's adapter_names (one adapter per row): not one linear map
+                raise TypeError(
+                    f"patch_causal_lm: the output layer got extra arguments {sorted(kwargs)}; "
+                    f"a batch of mixed adapters is not supported (unpatch_causal_lm first)"
+                )
             patch.hidden = hidden_states
+            if patch.stand_in_needed:
+                return hidden_states.new_empty(0)
             return None  # the output's logits: never built
-        return nn.Linear.forward(patch.head, hidden_states)
+        return head_forward(patch.head, hidden_states, *args, **kwargs)
 
 
 class _ForwardWithFusedLoss:
@@ -315,6 +398,8 @@ class _ForwardWithFusedLoss:
             output = forward(*args, **kwargs)
         finally:
             patch.deferring, patch.hidden = False, None
+        if patch.stand_in_needed:
+            output = _without_stand_in(output)
         if patch.last_stats is not None and not isinstance(output, tuple):
             # an attribute, not a key: code that iterates the output's tensors never sees it
             output.token_stats = patch.last_stats.sum()  # the batch's, as documented
@@ -323,6 +408,23 @@ class _ForwardWithFusedLoss:
     def __getstate__(self) -> dict[str, Any]:
         # read again from the model in the copy; a signature's defaults need not pickle
         return {**vars(self), "_signature": None}
+
+
+def _without_stand_in(output: Any) -> Any:
+    """``output`` with ``logits`` absent, as a model whose output layer returned ``None`` gives
+    it (the empty stand-in went through the forward's scaling in its place)."""
+    if isinstance(output, tuple):
+        return tuple(x for x in output if not _is_stand_in(x))
+    if isinstance(output, dict) and _is_stand_in(output.get("logits")):
+        # ModelOutput forbids deleting a key (and ignores setting one to None); a model output
+        # built with logits=None has no such key, which is what the caller must see
+        OrderedDict.__delitem__(output, "logits")
+        object.__setattr__(output, "logits", None)
+    return output
+
+
+def _is_stand_in(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == 0
 
 
 def _flat(arguments: Mapping[str, Any], signature: inspect.Signature) -> dict[str, Any]:
@@ -347,12 +449,16 @@ def _fused_loss(
     **_kwargs: Any,
 ) -> torch.Tensor:
     hidden = patch.hidden
-    if hidden is None or logits is not None:
+    if hidden is None or (logits is not None and not _is_stand_in(logits)):
         raise RuntimeError(
             "the lossplug-patched loss function was called outside a patched forward call; "
             "call the model with labels=... (or unpatch_causal_lm(model) first)"
         )
-    head = patch.head
+    hidden, weight, bias = operands(patch.head, hidden)
+    if patch.scale != 1.0:
+        # scale * (h W^T + b) == (scale h) W^T + scale b: an [N, D] product, not a [V, D] one
+        hidden = hidden * patch.scale
+        bias = None if bias is None else bias * patch.scale
     target = labels if shift_labels is None else shift_labels
     spec = patch.spec.replace(
         ignore_index=ignore_index,
@@ -361,10 +467,10 @@ def _fused_loss(
     )
     loss, stats = _linear_cross_entropy(
         hidden,
-        head.weight,
+        weight,
         target.to(hidden.device),
         spec,
-        bias=head.bias,
+        bias=bias,
         return_stats=True,
         backend=patch.backend,
         check_target=patch.check_target,
