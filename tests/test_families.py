@@ -168,10 +168,12 @@ def test_family_is_exact_in_loss_and_every_gradient(family, num_items):
         torch.testing.assert_close(*logits)
 
 
-def test_soft_capping_is_exact_on_the_triton_backend():
-    reference = build("gemma2")
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "mixtral"])
+def test_each_transform_is_exact_on_the_triton_backend(family):
+    """Soft-capping, a logit scale, a divisor and a router loss through the Triton kernels."""
+    reference = build(family)
     patched = patch_causal_lm(copy.deepcopy(reference), backend="triton")
-    inputs = batch("gemma2", rows=2, seq=6)
+    inputs = batch(family, rows=2, seq=6)
     assert_same(loss_and_grads(patched, inputs), loss_and_grads(reference, inputs))
 
 
@@ -203,10 +205,12 @@ def peft_llama(**lora):
     ],
     ids=["modules_to_save", "lora_on_lm_head"],
 )
-def test_peft_output_layer_is_exact_in_every_trainable_gradient(lora):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_peft_output_layer_is_exact_in_every_trainable_gradient(lora, backend):
     reference = peft_llama(**lora)
     patched = copy.deepcopy(reference)
-    assert patch_causal_lm(patched) is patched.get_base_model() and is_patched(patched.base_model)
+    assert patch_causal_lm(patched, backend=backend) is patched.get_base_model()
+    assert is_patched(patched.base_model)
     inputs = batch("llama")
     got, want = loss_and_grads(patched, inputs), loss_and_grads(reference, inputs)
     assert_same(got, want)
