@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from typing_extensions import override
 
+from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.tracker import identity, single_process
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
@@ -31,6 +33,29 @@ if not LIGHTNING_MODULES:
     )
 
 CALLBACK_BASES: tuple[type, ...] = tuple(module.Callback for module in LIGHTNING_MODULES)
+
+
+class OffTheTrainingClock(*CALLBACK_BASES):
+    """A lossplug callback: validation time is not training time (``train/tokens_per_sec``, the
+    ``Throughput`` KPI). Every lossplug callback pauses the process's training clock for a
+    validation (two callbacks pausing for one are counted once), releases it should the
+    validation raise, and starts each fit with it running."""
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.release_all()  # an earlier fit may have failed inside a validation
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.pause(self)
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        CLOCK.resume(self)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        CLOCK.resume(self)  # a validation that raised never reaches on_validation_end
 
 
 def define_wandb_metrics(trainer: Any, summaries: Mapping[str, str | None]) -> None:

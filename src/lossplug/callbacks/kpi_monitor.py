@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lossplug.callbacks._compat import CALLBACK_BASES, define_wandb_metrics, wandb_loggers
+from lossplug.callbacks._compat import OffTheTrainingClock, define_wandb_metrics, wandb_loggers
 from lossplug.kpi._core import KPI
 from lossplug.kpi._runner import KPIOutcome
-from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.keys import is_bookkeeping
 from lossplug.monitoring.kpis import KPISession
 
 __all__ = ["KPIMonitor"]
 
 
-class KPIMonitor(*CALLBACK_BASES):
+class KPIMonitor(OffTheTrainingClock):
     """Run :class:`~lossplug.KPI` functions on their schedules and log them as ``kpi/<name>``.
 
     Values go to every logger at the trainer's global step (the x-axis of the model metrics),
@@ -29,8 +28,9 @@ class KPIMonitor(*CALLBACK_BASES):
     counted in ``kpi/<name>/table_errors`` and warned once, and the values are logged all the
     same). W&B summaries are ``max`` or ``min`` by ``higher_is_better``, and ``last`` for the
     values a KPI declares ``cumulative`` (a cumulative KPI also runs at the end of training, so
-    its last total is logged). Values computed at validation end are also logged to
-    the module, so ``EarlyStopping``/``ModelCheckpoint`` can monitor them. A failing, hanging or
+    its last total is logged). Every value (not the cost and health counters) also goes
+    to ``trainer.callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` and other KPIs
+    (``ctx.metrics``) can read it. A failing, hanging or
     NaN-returning KPI never stops training (see :class:`~lossplug.kpi.KPIRunner`); under DDP a
     rank-zero KPI runs once and every rank sees its value. After the first validation (or at
     the end of training when there is none), a KPI that looked up a metric key that is not
@@ -89,24 +89,16 @@ class KPIMonitor(*CALLBACK_BASES):
         if step == self._seen_step:  # inside a gradient-accumulation window
             return
         self._seen_step = step
-        self._run("train_step", trainer, pl_module, can_log_to_module=True)
-
-    @override
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.pause(self)  # validation time is not training time (the Throughput KPI)
+        self._run("train_step", trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
-            self._run("validation_end", trainer, pl_module, can_log_to_module=True)
-
-    @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        CLOCK.resume(self)  # a validation that raised never reaches on_validation_end
+            self._run("validation_end", trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.resume(self)
+        super().on_validation_end(trainer, pl_module)
         # every callback has logged its validation values by now: the names are known
         if not trainer.sanity_checking and not self.session.names_known:
             self.session.check_lookups(
@@ -115,18 +107,17 @@ class KPIMonitor(*CALLBACK_BASES):
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._run("train_epoch_end", trainer, pl_module, can_log_to_module=True)
+        self._run("train_epoch_end", trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # Lightning refuses pl_module.log here: loggers only
-        self._run("train_end", trainer, pl_module, can_log_to_module=False)
+        self._run("train_end", trainer, pl_module)
         if not self.session.names_known:  # no validation ran
             self.session.check_lookups(_metrics(trainer), "by the end of training")
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.release_all()  # an earlier fit may have failed inside a validation
+        super().on_fit_start(trainer, pl_module)
         self.session.forget_declarations()  # a new W&B run may start with this fit
 
     @override
@@ -139,7 +130,7 @@ class KPIMonitor(*CALLBACK_BASES):
         self._samples_seen = int(state_dict.get("samples_seen", 0))
 
     # -------------------------------------------------------------------------------- helpers
-    def _run(self, event: str, trainer: Any, pl_module: Any, *, can_log_to_module: bool) -> None:
+    def _run(self, event: str, trainer: Any, pl_module: Any) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
         due = self.session.due(event, step=step, epoch=epoch)
         if not due:
@@ -166,7 +157,7 @@ class KPIMonitor(*CALLBACK_BASES):
             trainer=trainer,
         )
         for item, outcome in outcomes:
-            self._emit(item, outcome, trainer, pl_module, step, can_log_to_module)
+            self._emit(item, outcome, trainer, step)
         if self.session.names_known:  # a key first looked up now is judged at once
             self.session.check_lookups(_metrics(trainer), f"at step {step}")
 
@@ -175,9 +166,7 @@ class KPIMonitor(*CALLBACK_BASES):
         item: KPI,
         outcome: KPIOutcome,
         trainer: Any,
-        pl_module: Any,
         step: int,
-        can_log_to_module: bool,
     ) -> None:
         if not outcome.metrics:
             return
@@ -202,12 +191,7 @@ class KPIMonitor(*CALLBACK_BASES):
             for key, value in outcome.metrics.items()
             if not is_bookkeeping(key)
         }
-        callback_metrics = getattr(trainer, "callback_metrics", None)
-        if isinstance(callback_metrics, MutableMapping):
-            callback_metrics.update(monitored)
-        elif can_log_to_module:
-            for key, value in monitored.items():
-                pl_module.log(key, value, logger=False, sync_dist=False, rank_zero_only=False)
+        trainer.callback_metrics.update(monitored)
 
     def _log_table(
         self, item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int

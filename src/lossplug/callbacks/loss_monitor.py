@@ -11,13 +11,12 @@ import torch
 from typing_extensions import override
 
 from lossplug.callbacks._compat import (
-    CALLBACK_BASES,
+    OffTheTrainingClock,
     define_wandb_metrics,
     gather_names,
     is_last_epoch,
     rank_reduce,
 )
-from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.handoff import models_with_stats, pop_token_stats
 from lossplug.monitoring.keys import METRIC_NAMES, STAGES, check_metric_names
 from lossplug.monitoring.slices import check_slice_by, slice_labels
@@ -31,7 +30,7 @@ __all__ = ["LossMonitor"]
 Extract = Callable[[Any, Any], "TokenStats | tuple[torch.Tensor, torch.Tensor] | None"]
 
 
-class LossMonitor(*CALLBACK_BASES):
+class LossMonitor(OffTheTrainingClock):
     """Log exact model-centric metrics of a language-model fine-tune at optimizer steps.
 
     Every micro-batch's token statistics are summed on the device (no host synchronisation); at
@@ -216,7 +215,7 @@ class LossMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.release_all()  # an earlier fit may have failed inside a validation
+        super().on_fit_start(trainer, pl_module)
         if trainer.is_global_zero:
             self._define_wandb_metrics(trainer)
 
@@ -258,18 +257,6 @@ class LossMonitor(*CALLBACK_BASES):
         if self.log_epoch:
             metrics = self.tracker.read_epoch(rank_reduce(trainer))
             self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=False)
-
-    @override
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.pause(self)  # validation time is not training time (train/tokens_per_sec)
-
-    @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        CLOCK.resume(self)  # a validation that raised never reaches on_validation_end
-
-    @override
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        CLOCK.resume(self)
 
     @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:

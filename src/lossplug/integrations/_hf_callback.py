@@ -222,7 +222,6 @@ class LossplugCallback(TrainerCallback):
             if self._slice_error is not None:  # the next evaluation starts afresh
                 error, self._slice_error = self._slice_error, None
                 raise error
-            rank_zero = state.is_world_process_zero
             ours.update(
                 self.tracker.read_val(
                     _all_reduce, _gather_names, is_rank_zero=rank_zero, empty_ok=False
@@ -322,10 +321,7 @@ class LossplugCallback(TrainerCallback):
                     labels = self._slice_labels(stats, inputs)
                 except Exception as error:  # raised with the evaluation's log, not by predict()
                     self._slice_error = error
-            if labels is None:
-                self.tracker.val.add(stats.sum())
-            else:
-                self.tracker.add_val(stats, labels)
+            self.tracker.add_val(stats, labels)
 
     def _slice_labels(self, stats: Any, inputs: Mapping[str, Any] | None) -> Any:
         if inputs is None:
@@ -409,7 +405,7 @@ class LossplugCallback(TrainerCallback):
         """The window's sums over every process (a collective), as the checkpoint keeps them."""
         if self.tracker.window.sums is None and _world_size() <= 1:
             return None
-        return self.tracker.state_dict(_all_reduce)["window"].tolist()
+        return self.tracker.saved_window(_all_reduce).tolist()
 
     def _stash(self, state: Any) -> None:
         """Put the state in ``trainer_state.json``, which the Trainer writes with a checkpoint."""

@@ -32,6 +32,12 @@ class StatsSource(Protocol):
     #: set by a monitor that splits evaluation values by slice of the data
     slice_by: Any
 
+    def pop_token_stats(self) -> TokenStats | None:
+        """``last_stats``, once."""
+
+    def pop_inputs(self) -> dict[str, Any] | None:
+        """``last_inputs``, once."""
+
 
 def source_of(model: Any) -> StatsSource | None:
     """The statistics source of ``model``, or ``None`` when it computes none."""
@@ -82,8 +88,7 @@ def pop_stats_with_inputs(
     found = []
     for model in models:
         source = source_of(model)
-        stats, inputs = source.last_stats, source.last_inputs
-        source.last_stats, source.last_inputs = None, None
+        stats, inputs = source.pop_token_stats(), source.pop_inputs()
         if stats is not None:
             found.append((stats, inputs))
     return found

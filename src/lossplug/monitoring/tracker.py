@@ -107,7 +107,6 @@ class LossTracker:
         self._window_started = CLOCK.now()
         self._checks = {stage: LossCheck() for stage in STAGES}
         self._windows_to_check = dict(_CHECKED_WINDOWS)
-        self._scored_stages: set[str] = set()  # stages whose numbers came from logits/labels
         self._warned_accuracy = False
 
     # ----------------------------------------------------------------------------------- keys
@@ -173,7 +172,6 @@ class LossTracker:
     ) -> TokenStats:
         """The statistics of ``logits``/``labels`` (one forward-only pass of the fused op), and,
         while ``stage`` is still checked, the trained ``loss`` compared with them."""
-        self._scored_stages.add(stage)
         check = self._check(stage, loss)
         # per-token NLL only while checking: it gives the other shift convention for free
         spec = self.spec if check is None else dataclasses.replace(self.spec, reduction="none")
@@ -299,9 +297,9 @@ class LossTracker:
         hook = "training_step" if stage == "train" else "validation_step"
         shift, ignore_index = self.spec.shift, self.spec.ignore_index
         gap = abs(result.loss - result.cross_entropy) / max(abs(result.loss), LOSS_ATOL)
-        # the options are the same for every stage scored from logits: a wrong one is wrong in
+        # the options are the same for every stage the monitor scores: a wrong one is wrong in
         # each of them, whichever stage showed it first (validation may not have run yet)
-        stages = [s for s in STAGES if s == stage or s in self._scored_stages or s in self.stages]
+        stages = [s for s in STAGES if s == stage or s in self.stages]
         named = ", ".join(
             f"{self.prefixes[s]}{name}"
             for s in stages
@@ -367,10 +365,15 @@ class LossTracker:
             "version": 1,
             "tokens_total": self.tokens_total,
             "last_logged_step": self.last_logged_step,
-            "window": _saved(self.window, reduce),
-            "epoch": _saved(self.epoch, reduce),
+            "window": self.saved_window(reduce),
+            # no epoch sums (and no collective for them) unless the epoch is logged
+            "epoch": _saved(self.epoch, reduce) if self.log_epoch else None,
             "slices_seen": list(self.slices_seen),
         }
+
+    def saved_window(self, reduce: Reduce | None = None) -> torch.Tensor | None:
+        """The window's sums as a checkpoint keeps them (over all ranks with ``reduce``)."""
+        return _saved(self.window, reduce)
 
     def load_state_dict(self, state: Mapping[str, Any], *, is_rank_zero: bool = True) -> None:
         self.tokens_total = int(state.get("tokens_total", 0))
