@@ -240,7 +240,7 @@ def test_a_late_kpi_that_catches_the_cancellation_is_stopped_at_its_next_model_c
     model = nn.Linear(3, 3)
     got: list[str] = []
 
-    def stubborn(ctx: KPIContext) -> float:
+    def catches_then_ends(ctx: KPIContext) -> float:
         try:
             while True:
                 ctx.model(torch.ones(1, 3))
@@ -248,27 +248,50 @@ def test_a_late_kpi_that_catches_the_cancellation_is_stopped_at_its_next_model_c
             got.append("exception")
         except BaseException as exc:
             got.append(type(exc).__name__)
-        try:
-            ctx.model(torch.ones(1, 3))
-        except BaseException:  # caught once more: the next module call raises again
-            got.append("again")
-        ctx.model(torch.ones(1, 3))
-        got.append("went on")
         return 1.0
 
-    runner = KPIRunner([KPI("stubborn", stubborn, every_n_steps=1, timeout_s=0.2)])
+    runner = KPIRunner([KPI("stubborn", catches_then_ends, every_n_steps=1, timeout_s=0.2)])
     started = time.perf_counter()
     with pytest.warns(RuntimeWarning, match=r"ran past timeout_s=0.2 at step 1 and was stopped"):
         outcome = runner.run(runner.kpis[0], KPIContext(step=1, model=model))
     assert time.perf_counter() - started < 2.0
     assert outcome.status == "timeout" and outcome.metrics["kpi/stubborn/timeouts"] == 1.0
-    assert got == [KPICancelled.__name__, "again"]
-    assert not any(t.name == "kpi-stubborn" for t in threading.enumerate())
+    assert got == [KPICancelled.__name__]
     assert not stop_hook_installed()
-    # the thread is gone, so the next call runs (a live one would be skipped as busy)
+    # the call has ended, so the next one runs (a live one would be skipped as busy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert runner.run(runner.kpis[0], KPIContext(step=2, model=model)).status == "timeout"
+
+
+def test_a_late_kpi_that_swallows_the_cancellation_and_calls_again_is_held_for_good():
+    model = nn.Linear(3, 3)
+    got: list[str] = []
+
+    def swallows(ctx: KPIContext) -> float:
+        while True:
+            try:
+                ctx.model(torch.ones(1, 3))
+            except BaseException as exc:  # every cancellation swallowed
+                got.append(type(exc).__name__)
+
+    runner = KPIRunner([KPI("swallows", swallows, every_n_steps=1, timeout_s=0.2)])
+    started = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match=r"caught .*held there for good") as caught:
+        outcome = runner.run(runner.kpis[0], KPIContext(step=1, model=model))
+    # held at its next model call: training waits no grace for it
+    assert time.perf_counter() - started < 2.0
+    assert not [w for w in caught if "could not be stopped" in str(w.message)]
+    assert outcome.status == "timeout" and outcome.metrics["kpi/swallows/timeouts"] == 1.0
+    assert got == [KPICancelled.__name__]  # one cancellation; the next call never returned
+    assert not stop_hook_installed()  # nothing left for training's module calls to pay for
+    held = runner._running["swallows"]
+    assert held.held and held.is_alive()
+    time.sleep(0.1)
+    assert got == [KPICancelled.__name__]  # it runs no more
+    # skipped from now on, counted as a timeout
+    outcome = runner.run(runner.kpis[0], KPIContext(step=2, model=model))
+    assert outcome.status == "busy" and outcome.metrics["kpi/swallows/timeouts"] == 2.0
 
 
 def test_a_late_kpi_that_never_calls_the_model_is_warned_about_and_training_finishes(tmp_path):
@@ -303,7 +326,27 @@ def test_a_late_kpi_that_never_calls_the_model_is_warned_about_and_training_fini
     assert not stop_hook_installed()  # gone with the last KPI thread
 
 
-def test_the_process_exits_cleanly_after_a_late_kpi_that_was_using_the_model(tmp_path):
+FOREVER = {
+    "calls_the_model": """
+            def forever(ctx):
+                x = torch.randn(256, 512)
+                while True:
+                    ctx.model(x)
+    """,
+    # catches every cancellation around its model calls, torch work in between
+    "swallows_the_cancellation": """
+            def forever(ctx):
+                while True:
+                    try:
+                        ctx.model(torch.randn(256, 512))
+                    except BaseException:
+                        pass
+    """,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREVER))
+def test_the_process_exits_cleanly_after_a_late_kpi_that_was_using_the_model(kind, tmp_path):
     script = tmp_path / "late_kpi.py"
     script.write_text(
         textwrap.dedent(
@@ -330,11 +373,7 @@ def test_the_process_exits_cleanly_after_a_late_kpi_that_was_using_the_model(tmp
                 def configure_optimizers(self):
                     return torch.optim.SGD(self.parameters(), lr=1e-3)
 
-            def forever(ctx):
-                x = torch.randn(256, 512)
-                while True:
-                    ctx.model(x)
-
+            {forever}
             warnings.simplefilter("ignore")
             kpi = lossplug.KPI("forever", forever, every_n_steps=2, timeout_s=0.5)
             trainer = L.Trainer(
@@ -346,7 +385,7 @@ def test_the_process_exits_cleanly_after_a_late_kpi_that_was_using_the_model(tmp
             trainer.fit(Wide(), data)
             print("fit done")
             """
-        )
+        ).replace("{forever}", textwrap.dedent(FOREVER[kind]))
     )
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120

@@ -155,15 +155,22 @@ def isolated(model: torch.nn.Module | None = None) -> Iterator[None]:
 # ended thread, which the OS may give a new thread, never stays in the cancelled set.
 _lock = threading.Lock()
 _live: set[KPIThread] = set()
-_cancelled: set[int] = set()
+_cancelled: dict[int, KPIThread] = {}
 _hook: RemovableHandle | None = None
 
 
 def _stop_cancelled(module: torch.nn.Module, args: Any, _ident: Any = threading.get_ident) -> None:
     """The global forward pre-hook: stop a cancelled KPI thread at its module call."""
-    # every module call of every thread comes here while the hook is installed: an empty-set
-    # test first, then one set lookup
-    if _cancelled and _ident() in _cancelled:
+    # every module call of every thread comes here while the hook is installed: an empty-dict
+    # test first, then one lookup
+    call = _cancelled.get(_ident()) if _cancelled else None
+    if call is not None:
+        if call.told:
+            # it caught the KPICancelled of its last model call and called the model again: held
+            # here for good, it can no longer use the model, the CPU or the random streams, nor
+            # be inside torch's C++ code when the interpreter exits
+            call._hold()
+        call.told = True
         raise KPICancelled(
             f"this KPI call ran past its time limit and is stopped at its call to "
             f"{type(module).__name__}"
@@ -199,9 +206,14 @@ class KPIThread:
         self.name = name
         self._fn = fn
         self._ended = False
-        self._done = threading.Event()
+        self._done = threading.Event()  # the call has ended
+        self._halted = threading.Event()  # the call has ended, or is held for good
         #: whether :meth:`cancel` was called: the call ran past its time limit
         self.cancelled = False
+        #: whether the thread got its KPICancelled (at its first model call once cancelled)
+        self.told = False
+        #: whether the thread is held for good in the hook (it swallowed its KPICancelled)
+        self.held = False
         self.ident: int | None = None
         global _hook
         with _lock:
@@ -240,12 +252,31 @@ class KPIThread:
         self.cancelled = True
         with _lock:
             if not self._ended and self.ident is not None:
-                _cancelled.add(self.ident)
+                _cancelled[self.ident] = self
 
     def stop(self, grace: float) -> bool:
-        """Cancel the call and wait up to ``grace`` seconds for it to end; return whether it did."""
+        """Cancel the call and wait up to ``grace`` seconds for it to end or be held for good at
+        its next model call; return whether it is stopped."""
         self.cancel()
-        return self.wait(grace)
+        return self._halted.wait(grace)
+
+    @property
+    def stopped(self) -> bool:
+        """The call has ended, or is held for good and will never run again."""
+        return self._halted.is_set()
+
+    def _hold(self) -> None:
+        """Hold the calling thread (this call's) forever, out of every KPI bookkeeping."""
+        global _hook
+        with _lock:
+            self.held = True
+            _live.discard(self)
+            _cancelled.pop(self.ident, None)
+            if not _live and _hook is not None:
+                _hook.remove()
+                _hook = None
+        self._halted.set()
+        threading.Event().wait()  # never set: the thread stays here until the process ends
 
     def _run(self) -> None:
         with _lock:  # the ident is known once the starting thread has stored it
@@ -263,8 +294,9 @@ class KPIThread:
             self._ended = True
             _live.discard(self)
             if self.ident is not None:
-                _cancelled.discard(self.ident)
+                _cancelled.pop(self.ident, None)
             if not _live and _hook is not None:
                 _hook.remove()
                 _hook = None
         self._done.set()
+        self._halted.set()

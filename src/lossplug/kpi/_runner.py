@@ -273,15 +273,29 @@ class KPIRunner:
     ) -> dict[str, Any]:
         """The payload of a call past ``timeout_s``; warn once (loudly if it still runs)."""
         timeout = f"timeout_s={kpi.timeout_s:g}"
-        stopped = not call.is_alive()
-        if stopped:
+        stopped = call.stopped
+        if call.held:
+            error = f"stopped after {timeout}; held for good: it caught its KPICancelled"
+            self._running[kpi.name] = call.thread  # never run again
+        elif stopped:
             error = f"stopped after {timeout}"
         else:
             error = f"still running {self.stop_grace_s:g} s after {timeout}: it is left running"
             self._running[kpi.name] = call.thread  # skipped while it runs
         ran_past = f"KPI {kpi.name!r} ran past {timeout} at step {ctx.step}"
         counted = f"timeouts are counted in {kpi.key}/timeouts"
-        if stopped and f"{kpi.name}/timeout" not in self._warned:
+        if call.held and f"{kpi.name}/held" not in self._warned:
+            self._warned.update((f"{kpi.name}/held", f"{kpi.name}/timeout"))
+            warnings.warn(
+                f"{ran_past} and was stopped at its next call into the model, which it caught "
+                "(KPICancelled, a BaseException) and went on to call the model again: it is held "
+                "there for good, training goes on as if it had not run, and the KPI is skipped "
+                f"from now on; {counted}. Let KPICancelled through (catch Exception, not "
+                "BaseException) and give it a larger timeout_s if it needs longer",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        elif stopped and f"{kpi.name}/timeout" not in self._warned:
             # said once: a slow but sound KPI needs a longer timeout_s
             self._warned.add(f"{kpi.name}/timeout")
             warnings.warn(
