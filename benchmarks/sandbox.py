@@ -5,9 +5,9 @@ Each round calls ``measure_speedup`` on the same small, correct translation twic
 compiler, programs and resource limits, without isolation), in alternating order, and keeps the
 wall time of each call. A call compiles once and runs each program once, so it starts three
 sandboxes. Reported: the median wall time of each, their difference (the sandbox's overhead per
-call) and ratio, and the measured CPU seconds of the C++ program in each (the sandbox counts the
-program's whole tree but not its own start-up; in the sandbox the program may start threads
-only).
+call) and ratio, and the measured CPU seconds of the C++ program in each (the sandbox's launcher
+counts the program's whole tree but not bwrap's set-up; in the sandbox the program may start
+threads only).
 
     python benchmarks/sandbox.py [--rounds 15] [--json FILE]
 """
@@ -23,8 +23,8 @@ import statistics
 import sys
 import time
 
-from lossplug.kpi._sandbox import Jail
-from lossplug.kpi._speedup import _find_compiler, measure_speedup
+from lossplug.kpi.sandbox import Sandbox, find_compiler
+from lossplug.kpi.speedup import measure_speedup
 
 PYTHON = "n = int(input())\nprint(sum(i * i for i in range(n)) % 1000003)\n"
 CPP = r"""
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the raw times here")
     args = parser.parse_args(argv)
 
-    compiler = _find_compiler(None)
+    compiler = find_compiler(None)
     assert compiler is not None, "no C++ compiler"
     start = time.perf_counter()
-    jail = Jail.get(compiler)  # built once per process: launcher compile and probe
+    built = Sandbox.get(compiler)  # built once per process: launcher compile and probe
     setup_s = time.perf_counter() - start
     stdin = f"{args.n}\n"
     times: dict[str, list[float]] = {"bwrap": [], "none": []}
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# measure_speedup with and without the sandbox, {args.rounds} rounds")
     print(
         f"# {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, bwrap {jail.bwrap}, "
-        f"{'root: a leased uid per call' if jail.userns_fd is not None else 'non-root'}, "
+        f"{platform.python_version()}, bwrap {built.bwrap}, "
+        f"{'root: a leased uid per call' if built.userns_fd is not None else 'non-root'}, "
         f"load {os.getloadavg()[0]:.2f}, {now:%Y-%m-%d %H:%M} UTC"
     )
     print(f"# one-time set-up per process (launcher build, probe): {setup_s * 1e3:.0f} ms")

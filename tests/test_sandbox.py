@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lossplug.kpi._speedup import SandboxUnavailableError, measure_speedup
+from _programs import BUSY_CPP, busy_reference
+from lossplug.kpi.speedup import SandboxUnavailableError, measure_speedup
 
 SECRET = "lossplug-secret-7f3a"
 
@@ -68,7 +69,7 @@ int main() {
 
 TRAINER_SCRIPT = """
 import dataclasses, json, os, sys
-from lossplug.kpi._speedup import measure_speedup
+from lossplug.kpi.speedup import measure_speedup
 for arguments in json.loads(sys.stdin.read()):
     arguments["stdin"] = arguments["stdin"].replace("TRAINER_PID", str(os.getpid()))
     result = measure_speedup(**arguments)
@@ -249,7 +250,7 @@ def test_sandbox_dies_with_the_trainer():
         "print(1)", "import time\ntime.sleep(600)"
     )
     script = (
-        "from lossplug.kpi._speedup import measure_speedup\n"
+        "from lossplug.kpi.speedup import measure_speedup\n"
         f"measure_speedup({python_source!r}, {PRINTS_1_CPP!r}, timeout_s=60)\n"
     )
     trainer = subprocess.Popen([sys.executable, "-c", script])
@@ -266,11 +267,11 @@ def test_sandbox_dies_with_the_trainer():
         time.sleep(0.05)
     assert _processes_running(f"sleep {marker}", kill=True) == []
     # What the killed trainer could not clean up goes when the next sandbox is built.
-    import lossplug.kpi._sandbox as sandbox
+    from lossplug.kpi.sandbox.launcher import sweep_leftovers
 
     left = list(Path(tempfile.gettempdir()).glob(f"lossplug-*-{trainer.pid}-*"))
     assert left, "the trainer made its directories with its pid in their names"
-    sandbox._sweep_leftovers()
+    sweep_leftovers()
     assert not any(path.exists() for path in left)
 
 
@@ -341,36 +342,12 @@ def test_compiler_time_is_limited():
     assert result.error == "compile error: compiler timed out after 2.0 s"
 
 
-WORK_CPP = r"""
-#include <cstdio>
-#include <thread>
-static long long work(long long n) {
-    volatile long long total = 0;
-    for (long long i = 0; i < n; ++i) total = (total + i * i) % 1000000007;
-    return total;
-}
-int main() {
-    long long n;
-    if (std::scanf("%lld", &n) != 1) return 1;
-#ifdef IN_A_THREAD
-    long long result = 0;
-    std::thread worker([&] { result = work(n); });
-    worker.join();  // the main thread waits, using no CPU
-    std::printf("%lld\n", result);
-#else
-    std::printf("%lld\n", work(n));
-#endif
-}
-"""
-
-
 def test_cpu_time_counts_the_work_of_threads():
     n = 20_000_000
-    reference = f"print({(n - 1) * n * (2 * n - 1) // 6 % 1_000_000_007})"
-    stdin = f"{n}\n"
-    direct = measure_speedup(reference, WORK_CPP, stdin=stdin, timeout_s=30)
+    reference, stdin = busy_reference(n), f"{n}\n"
+    direct = measure_speedup(reference, BUSY_CPP, stdin=stdin, timeout_s=30)
     threaded = measure_speedup(
-        reference, "#define IN_A_THREAD\n" + WORK_CPP, stdin=stdin, timeout_s=30
+        reference, "#define IN_A_THREAD\n" + BUSY_CPP, stdin=stdin, timeout_s=30
     )
 
     assert direct.correct and threaded.correct, (direct.error, threaded.error)
@@ -379,10 +356,10 @@ def test_cpu_time_counts_the_work_of_threads():
 
 
 def test_no_silent_fallback_when_no_sandbox_can_be_built(monkeypatch):
-    import lossplug.kpi._sandbox as sandbox
+    import lossplug.kpi.sandbox.bwrap as bwrap
 
-    monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwraps", list)
+    monkeypatch.setattr(bwrap, "_SANDBOXES", {})
+    monkeypatch.setattr(bwrap, "_find_bwraps", list)
 
     with pytest.raises(SandboxUnavailableError, match=r"no bubblewrap.*sandbox='none'"):
         measure_speedup("print(1)", "int main() {}")
@@ -424,11 +401,11 @@ def test_code_speedup_runs_its_samples_in_the_sandbox():
 
 
 def test_code_speedup_refuses_at_construction_when_no_sandbox_can_be_built(monkeypatch):
-    import lossplug.kpi._sandbox as sandbox
+    import lossplug.kpi.sandbox.bwrap as bwrap
     from lossplug.kpi.builtin import CodeSpeedup
 
-    monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwraps", list)
+    monkeypatch.setattr(bwrap, "_SANDBOXES", {})
+    monkeypatch.setattr(bwrap, "_find_bwraps", list)
 
     with pytest.raises(SandboxUnavailableError, match=r"LOSSPLUG_SANDBOX=none"):
         CodeSpeedup([("print(1)", "1\n")], lambda ctx, source: "int main() {}")
@@ -436,9 +413,9 @@ def test_code_speedup_refuses_at_construction_when_no_sandbox_can_be_built(monke
 
 
 def test_a_bwrap_that_cannot_build_the_sandbox_gives_way_to_the_next(monkeypatch, tmp_path):
-    import lossplug.kpi._sandbox as sandbox
+    import lossplug.kpi.sandbox.bwrap as bwrap
 
-    working = sandbox._find_bwraps()[-1]
+    working = bwrap._find_bwraps()[-1]
     # An old or crippled bwrap (a distribution's, found first on PATH) that cannot run anything.
     broken = tmp_path / "bwrap"
     broken.write_text(
@@ -447,15 +424,15 @@ def test_a_bwrap_that_cannot_build_the_sandbox_gives_way_to_the_next(monkeypatch
         "echo 'bwrap: Creating new namespace failed' >&2\nexit 1\n"
     )
     broken.chmod(0o755)
-    monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwraps", lambda: [str(broken), working])
+    monkeypatch.setattr(bwrap, "_SANDBOXES", {})
+    monkeypatch.setattr(bwrap, "_find_bwraps", lambda: [str(broken), working])
 
     result = measure_speedup("print(1)", '#include <cstdio>\nint main() { puts("1"); }')
 
     assert result.correct and result.isolation == "bwrap", result.error
-    assert sandbox.Jail.get(["g++"]).bwrap == working
+    assert bwrap.Sandbox.get(["g++"]).bwrap == working
 
-    monkeypatch.setattr(sandbox, "_JAILS", {})
-    monkeypatch.setattr(sandbox, "_find_bwraps", lambda: [str(broken)])
+    monkeypatch.setattr(bwrap, "_SANDBOXES", {})
+    monkeypatch.setattr(bwrap, "_find_bwraps", lambda: [str(broken)])
     with pytest.raises(SandboxUnavailableError, match=r"Creating new namespace failed.*=none"):
         measure_speedup("print(1)", "int main() {}")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from _programs import SUM_OF_SQUARES_CPP, SUM_OF_SQUARES_PY
+from _programs import BUSY_CPP, SUM_OF_SQUARES_CPP, SUM_OF_SQUARES_PY, busy_reference
 from lossplug.kpi import KPIContext
-from lossplug.kpi._speedup import SpeedupResult, measure_speedup
 from lossplug.kpi.builtin import CodeSpeedup, pie_summary
+from lossplug.kpi.speedup import SpeedupResult, measure_speedup
 
 SECRET = "lossplug-secret-9c1e"
 MiB = 1024 * 1024
@@ -126,7 +126,7 @@ def test_memory_outside_the_address_space_limit_is_bounded():
 
 OOM_TRAINER = """
 import json, os, sys
-from lossplug.kpi._speedup import measure_speedup
+from lossplug.kpi.speedup import measure_speedup
 ballast = bytearray(600 * 1024 * 1024)
 for i in range(0, len(ballast), 4096):
     ballast[i] = 1
@@ -205,43 +205,12 @@ def test_pinned_memory_never_gets_the_trainer_oom_killed():
 
 # --- 2. CPU time hidden in a child the kernel reaps ------------------------------------------
 
-HIDE_WORK_CPP = r"""
-#include <csignal>
-#include <cstdio>
-#include <unistd.h>
-static long long work(long long n) {
-    volatile long long total = 0;
-    for (long long i = 0; i < n; ++i) total = (total + i * i) % 1000000007;
-    return total;
-}
-int main() {
-    long long n;
-    if (std::scanf("%lld", &n) != 1) return 1;
-#ifdef HIDE
-    std::signal(SIGCHLD, SIG_IGN);  // the kernel reaps the worker: its time reaches no one
-    int done[2];
-    if (pipe(done) != 0) return 1;
-    if (fork() == 0) {
-        std::printf("%lld\n", work(n));
-        std::fflush(stdout);
-        _exit(0);
-    }
-    close(done[1]);
-    char byte;
-    read(done[0], &byte, 1);  // returns when the worker has exited
-    return 0;
-#else
-    std::printf("%lld\n", work(n));
-#endif
-}
-"""
-
 
 def test_cpu_time_cannot_be_hidden_in_a_child_the_kernel_reaps():
     n = 20_000_000
-    reference = f"print({(n - 1) * n * (2 * n - 1) // 6 % 1_000_000_007})"
-    direct = measure_speedup(reference, HIDE_WORK_CPP, stdin=f"{n}\n", timeout_s=30)
-    hidden = measure_speedup(reference, "#define HIDE\n" + HIDE_WORK_CPP, stdin=f"{n}\n")
+    reference, stdin = busy_reference(n), f"{n}\n"
+    direct = measure_speedup(reference, BUSY_CPP, stdin=stdin, timeout_s=30)
+    hidden = measure_speedup(reference, "#define IN_A_HIDDEN_CHILD\n" + BUSY_CPP, stdin=stdin)
 
     assert direct.correct, direct.error
     assert direct.cpp_wall_seconds is not None and direct.cpp_wall_seconds > 0
@@ -339,7 +308,7 @@ def test_run_step_sees_only_the_binary_and_its_libraries():
 
 
 def test_crafted_interpreter_is_not_shown(tmp_path):
-    from lossplug.kpi._elf import needed_files
+    from lossplug.kpi.sandbox.elf import needed_files
 
     loader = "/lib64/ld-linux-x86-64.so.2"
     program = Path("/usr/bin/true").read_bytes()
@@ -363,7 +332,7 @@ def test_crafted_interpreter_is_not_shown(tmp_path):
 AMPLIFY_TRAINER = """
 import json, sys
 from pathlib import Path
-from lossplug.kpi._speedup import measure_speedup
+from lossplug.kpi.speedup import measure_speedup
 
 def peak_kib():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -476,22 +445,12 @@ def test_process_limit_of_one_sandbox_never_starves_another():
 
 # --- 6. A speed-up KPI that a precomputed answer cannot game ----------------------------------
 
-SUM_PY = "n = int(input())\nprint(sum(i * i for i in range(n)))\n"
-SUM_CPP = r"""
-#include <cstdio>
-int main() {
-    long long n, total = 0;
-    if (std::scanf("%lld", &n) != 1) return 1;
-    for (long long i = 0; i < n; ++i) total += i * i;
-    std::printf("%lld\n", total);
-}
-"""
-# The answer for one input, worked out when compiling: no loop left to run.
+# SUM_OF_SQUARES_PY's answer for one input, worked out when compiling: no loop left to run.
 CONSTEXPR_CPP = r"""
 #include <cstdio>
 constexpr long long answer() {
     long long total = 0;
-    for (long long i = 0; i < 300000; ++i) total += i * i;
+    for (long long i = 0; i < 300000; ++i) total = (total + i * i) % 1000000007;
     return total;
 }
 int main() { std::printf("%lld\n", answer()); }
@@ -508,8 +467,8 @@ def test_program_without_input_is_refused():
 
 
 def test_precomputed_answer_is_not_a_translation():
-    program = {"python": SUM_PY, "inputs": ["300000\n", "123457\n", "7\n"]}
-    answers = iter([CONSTEXPR_CPP, SUM_CPP])
+    program = {"python": SUM_OF_SQUARES_PY, "inputs": ["300000\n", "123457\n", "7\n"]}
+    answers = iter([CONSTEXPR_CPP, SUM_OF_SQUARES_CPP])
     kpi = CodeSpeedup([program, program], lambda ctx, source: next(answers), repeats=2)
 
     result = kpi.fn(KPIContext(step=1))

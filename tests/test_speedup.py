@@ -15,7 +15,7 @@ from _programs import (
     SUM_OF_SQUARES_CPP,
     SUM_OF_SQUARES_PY,
 )
-from lossplug.kpi._speedup import SpeedupResult, measure_speedup
+from lossplug.kpi.speedup import SpeedupResult, measure_speedup
 
 SEGFAULTS_CPP = r"""
 int main() {
@@ -150,7 +150,7 @@ def limits_via(request, monkeypatch):
     if request.param == "prlimit":
         assert shutil.which("prlimit"), "util-linux's prlimit is expected on Linux test machines"
     else:
-        # Hide prlimit from the lookup in _process.limits; every other command is still found.
+        # Hide prlimit from the lookup in limits.unsandboxed; every other command is still found.
         which = shutil.which
         monkeypatch.setattr(
             shutil,

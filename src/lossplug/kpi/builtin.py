@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lossplug.kpi._core import KPI, KPIContext, KPIResult
-from lossplug.kpi._speedup import (
+from lossplug.kpi.speedup import (
     SandboxUnavailableError,
     SpeedupResult,
     check_limits,

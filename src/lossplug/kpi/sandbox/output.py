@@ -1,9 +1,10 @@
 r"""Comparing two programs' outputs, and quoting them, within bounded memory and text.
 
 Outputs are compared as bytes, line by line after removing trailing whitespace from each line and
-trailing empty lines, without ever splitting them into one object per line: 16 MiB of 3-byte
-lines would otherwise cost the caller about 32 times the output in memory. :func:`normalise`
-makes one copy of the expected output; :func:`compare` reads the other output window by window.
+trailing empty lines, without ever splitting them into one object per line: an output of many
+short lines would otherwise cost the caller a Python object per line, many times the output in
+memory. :func:`normalise` makes one copy of the expected output; :func:`compare` reads the other
+output window by window.
 
 What reaches a logged string is an :func:`excerpt`: at most :data:`EXCERPT_CHARS` printable
 characters, whatever the program printed (control characters, invalid UTF-8, a secret it read).

@@ -1,4 +1,4 @@
-"""A memory cgroup per sandbox, where the machine lets this process make one.
+"""A memory cgroup of its own for a sandbox, where the machine lets this process make one.
 
 Rlimits bound a process's address space, not the memory it can make the kernel hold for it
 (tmpfs and shared-memory pages, pipe and socket buffers, page tables). A memory cgroup counts all
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CgroupParent", "SandboxGroup", "find_parent", "sandbox_group"]
+__all__ = ["CgroupParent", "MemoryCgroup", "find_parent", "memory_cgroup"]
 
 _ROOT = Path("/sys/fs/cgroup")
 _COUNTER = itertools.count()
@@ -46,7 +46,7 @@ class CgroupParent:
 
 
 @dataclass(frozen=True)
-class SandboxGroup:
+class MemoryCgroup:
     """One sandbox's memory cgroup: where it is, and a descriptor of its ``cgroup.procs``."""
 
     path: Path
@@ -84,7 +84,7 @@ def find_parent() -> CgroupParent | None:
             candidates.append(CgroupParent(_ROOT / "memory" / relative, 1))
     for candidate in candidates:
         try:
-            with sandbox_group(candidate, 64 * 1024 * 1024):
+            with memory_cgroup(candidate, 64 * 1024 * 1024):
                 pass
         except OSError:
             continue
@@ -103,7 +103,7 @@ def _sweep(parent: CgroupParent) -> None:
 
 
 @contextlib.contextmanager
-def sandbox_group(parent: CgroupParent, limit_bytes: int) -> Iterator[SandboxGroup]:
+def memory_cgroup(parent: CgroupParent, limit_bytes: int) -> Iterator[MemoryCgroup]:
     """A new memory cgroup of ``limit_bytes`` (plus slack) for one sandbox, for the block.
 
     Yields:
@@ -126,7 +126,7 @@ def sandbox_group(parent: CgroupParent, limit_bytes: int) -> Iterator[SandboxGro
                 (group / "memory.memsw.limit_in_bytes").write_text(limit)
         fd = os.open(group / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         try:
-            yield SandboxGroup(group, fd)
+            yield MemoryCgroup(group, fd)
         finally:
             os.close(fd)
     finally:

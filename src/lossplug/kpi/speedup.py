@@ -7,18 +7,19 @@ loop forever, print the wrong answer) raises: the result says what went wrong. O
 raise.
 
 The programs a model writes are untrusted: the compiler, the compiled program and the Python
-reference each run inside a Linux namespace sandbox (:mod:`lossplug.kpi._sandbox`) that sees no
+reference each run inside a Linux namespace sandbox (:mod:`lossplug.kpi.sandbox`) that sees no
 other process, no network, only what its step needs (the compiled program: itself and its shared
-libraries), no environment variable but ``PATH``, ``LANG`` and ``HOME``, and no writable memory
-that is not sized. Where no sandbox can be built the call raises
+libraries), no environment variable but ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR``, and no
+writable memory that is not sized. Where no sandbox can be built the call raises
 :class:`SandboxUnavailableError`; ``sandbox="none"`` (or ``LOSSPLUG_SANDBOX=none``) runs them
 unsandboxed, only under the resource limits, and only when asked.
 
-Timing is CPU time (user + system) of the program's whole process tree, measured by the
-sandbox's launcher without the sandbox's own start-up, not wall-clock time; the wall time is
-reported beside it. In the sandbox the compiled program may start threads (their time adds up)
-but no process, so it cannot hide work in a child whose time the kernel never reports (one
-reaped on its own when the parent ignores ``SIGCHLD``).
+Timing is CPU time (user + system) of the program's whole process tree, not wall-clock time; the
+wall time is reported beside it. In the sandbox both are measured by the sandbox's launcher from
+the moment it starts the program, so bwrap's set-up of the sandbox is in neither. There the
+compiled program may start threads (their time adds up) but no process, so it cannot hide work in
+a child whose time the kernel never reports (one reaped on its own when the parent ignores
+``SIGCHLD``).
 
 Training and evaluation machines are shared: other processes competing for the cores stretch
 wall-clock time by a varying amount, while the CPU time a program consumes stays nearly the same.
@@ -27,13 +28,13 @@ of a parallel program add up; neither matters for the single-threaded, compute-b
 translation benchmarks are made of. The time limit itself is wall-clock, so a program that
 sleeps forever is stopped too. Timings still vary from run to run: with ``repeats`` the least
 time of each program on each input is kept and the spread of the repeats is reported, so that a
-speed-up within the noise can be told from a real one. Both timings include process start-up
-(for Python, the interpreter's: about 15 ms), which dominates for programs that run only a few
+speed-up within the noise can be told from a real one. Both timings include the program's own
+start-up (for Python, the interpreter's), which dominates for programs that run only a few
 milliseconds: use inputs large enough that the program does real work.
 
 The resource limits are applied by the sandbox's launcher, or without a sandbox with util-linux's
 ``prlimit`` where it is installed and a ``preexec_fn`` where it is not
-(:func:`lossplug.kpi._process.limits` explains why).
+(:func:`lossplug.kpi.sandbox.limits.unsandboxed` explains why).
 
 Example:
     >>> python_source = "n = int(input())\nprint(sum(i * i for i in range(n)))"
@@ -56,26 +57,37 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shlex
-import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lossplug.kpi._output import compare, normalise, shorten
-from lossplug.kpi._process import resource
-from lossplug.kpi._sandbox import (
-    Jail,
+from lossplug.kpi.sandbox import (
+    Run,
+    Sandbox,
     SandboxUnavailableError,
-    check_installation,
+    StepLimits,
+    Steps,
+    check_toolchain,
+    compare,
+    find_compiler,
+    normalise,
+    python_interpreter,
     resolve_sandbox,
+    resource,
+    run_problem,
+    shorten,
 )
-from lossplug.kpi._steps import Steps, installation, run_problem
 
-__all__ = ["SandboxUnavailableError", "SpeedupResult", "check_sandbox", "measure_speedup"]
+__all__ = [
+    "SandboxUnavailableError",
+    "SpeedupResult",
+    "check_limits",
+    "check_sandbox",
+    "measure_speedup",
+]
+
 
 # A program that does almost nothing can report a CPU time of zero; dividing by this instead
 # keeps the speedup finite.
@@ -112,10 +124,10 @@ class SpeedupResult:
         memory_isolation: How the memory a program can hold is bounded: ``"cgroup"`` (the
             sandbox, and the C++ program's run in a memory cgroup of its own that counts every
             page, shared memory and tmpfs included), ``"sized"`` (the sandbox where no cgroup
-            can be made: the
-            address-space limit, a sized scratch tmpfs, everything else read-only, no shared
-            memory), or ``"rlimit"`` (``sandbox="none"``: the address-space limit only). In the
-            sandbox the programs have ``oom_score_adj`` 1000: the kernel kills them first.
+            can be made: the address-space limit, a sized scratch tmpfs, everything else
+            read-only, no shared memory), or ``"rlimit"`` (``sandbox="none"``: the
+            address-space limit only). In the sandbox the programs have ``oom_score_adj`` 1000:
+            the kernel kills them first.
     """
 
     compiled: bool
@@ -149,15 +161,16 @@ def measure_speedup(
 
     The C++ program is compiled at ``-O2 -std=c++17`` from a fresh private directory. The
     compiler and both programs each run in a new sandbox (see the module docstring), without a
-    shell, with the input on the programs' standard input, a minimal environment (``PATH``,
-    ``LANG=C``), a wall-clock limit of ``timeout_s`` (the sandbox and everything in it are killed
-    when it is reached), an address-space limit of ``memory_mb`` MiB (``compile_memory_mb`` for
-    the compiler), a CPU-time limit just above ``timeout_s``, a file-size limit, at most 64
-    processes and threads, 256 open files and no core dumps. Every step can write only a private
-    64 MiB in-memory scratch directory, the compiler also the directory of the source. The
-    compiled program may start threads but no process. Python runs with the caller's
-    interpreter in isolated mode (``-I``). Compile time is not measured, but is limited like a
-    run.
+    shell, with the input on the programs' standard input, a minimal environment (``PATH`` and
+    ``LANG=C``; in the sandbox also ``HOME`` and ``TMPDIR``, the scratch directory), a
+    wall-clock limit of ``timeout_s`` (the program and everything it started are killed when it
+    is reached), an address-space limit of ``memory_mb`` MiB (``compile_memory_mb`` for the
+    compiler), a CPU-time limit just above ``timeout_s``, a file-size limit, at most 64
+    processes and threads, 256 open files and no core dumps. In the sandbox every step can write
+    only a private 64 MiB in-memory scratch directory, the compiler also the directory of the
+    source, and the compiled program may start threads but no process. Python runs with the
+    interpreter behind the caller's (a virtual environment's base interpreter) in isolated mode
+    (``-I``). Compile time is not measured, but is limited like a run.
 
     The standard outputs are compared line by line after removing trailing whitespace from each
     line and trailing empty lines. Times are CPU seconds (user + system); see the module
@@ -176,8 +189,8 @@ def measure_speedup(
         repeats: How many times to run each program on each input; at least 1.
         compiler: The C++ compiler command, possibly with extra words (``"clang++ -march=native"``).
             Defaults to ``$CXX``, else ``g++``, else ``clang++``. In the sandbox it sees only the
-            system directories and its own installation, and no environment variable but
-            ``PATH``, ``LANG`` and ``HOME``.
+            system directories, its own installation and the source, and no environment variable
+            but ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR``.
         sandbox: ``"bwrap"`` (the namespace sandbox) or ``"none"`` (no isolation: the programs
             run as the caller, with only the resource limits; for trusted code or machines where
             no sandbox can be built). Defaults to ``$LOSSPLUG_SANDBOX``, else ``"bwrap"``.
@@ -223,35 +236,27 @@ def measure_speedup(
             **fields,
         )
 
-    compiler_command = _find_compiler(compiler)
+    compiler_command = find_compiler(compiler)
     if compiler_command is None:
         tried = repr(compiler) if compiler is not None else "$CXX, g++ and clang++"
         return failure(compiled=False, error=f"no C++ compiler found (tried {tried})", **_NO_TIMES)
-    python = _python_interpreter()
+    python = python_interpreter()
     if python is None:
         return failure(compiled=False, error="no Python interpreter found", **_NO_TIMES)
-    jail = None
+    bwrap_sandbox = None
     if isolation == "bwrap":
-        _check_installations(compiler_command[0], python)
-        jail = Jail.get(compiler_command)
-        memory_isolation = "cgroup" if jail.cgroup is not None else "sized"
+        check_toolchain(compiler_command[0], python)
+        bwrap_sandbox = Sandbox.get(compiler_command)
+        memory_isolation = "cgroup" if bwrap_sandbox.cgroup is not None else "sized"
 
     # The private directory is a 0755 folder inside a 0700 one: other users of the host cannot
     # reach it, the sandbox's unprivileged user (which sees only the inner one) can.
     with (
         tempfile.TemporaryDirectory(prefix=f"lossplug-speedup-{os.getpid()}-") as tmp,
-        jail.identity() if jail is not None else contextlib.nullcontext() as uid,
+        bwrap_sandbox.identity() if bwrap_sandbox is not None else contextlib.nullcontext() as uid,
     ):
-        steps = Steps(
-            Path(tmp) / "call",
-            jail,
-            uid,
-            compiler_command,
-            python,
-            timeout_s=timeout_s,
-            memory_mb=memory_mb,
-            compile_memory_mb=compile_memory_mb,
-        )
+        limits = StepLimits(timeout_s, memory_mb, compile_memory_mb)
+        steps = Steps(Path(tmp) / "call", bwrap_sandbox, uid, compiler_command, python, limits)
         steps.write(python_source, cpp_source)
 
         compile_error = steps.compile()
@@ -259,6 +264,22 @@ def measure_speedup(
             return failure(compiled=False, error=compile_error, **_NO_TIMES)
 
         timings = _Timings()
+
+        def measured(program: str, stdin: bytes, index: int, where: str) -> Run | SpeedupResult:
+            """One run of ``program`` on input ``index``, timed; the call's result if it failed."""
+            trusted = program == "python"
+            run = steps.run_python(stdin) if trusted else steps.run_cpp(stdin)
+            problem = run_problem(run, timeout_s, memory_mb, trusted=trusted)
+            if problem is None:
+                timings.add(program, index, run.cpu_seconds, run.wall_seconds)
+                return run
+            error = (
+                f"Python reference failed{where}: {problem}" if trusted else f"C++ {problem}{where}"
+            )
+            return failure(
+                compiled=True, error=shorten(error), **timings.so_far(**{program: False})
+            )
+
         outputs: set[bytes] = set()
         for index, text in enumerate(inputs):
             where = f" on input {index + 1} of {len(inputs)}" if len(inputs) > 1 else ""
@@ -266,29 +287,17 @@ def measure_speedup(
             expected: bytes | None = None
             for _ in range(repeats):
                 # Alternating the two programs spreads any change in machine load over both.
-                python_run = steps.run_python(stdin_bytes)
-                problem = run_problem(python_run, timeout_s, memory_mb, trusted=True)
-                if problem is not None:
-                    return failure(
-                        compiled=True,
-                        error=shorten(f"Python reference failed{where}: {problem}"),
-                        **timings.so_far(python=False),
-                    )
-                timings.add("python", index, python_run.cpu_seconds, python_run.wall_seconds)
+                python_run = measured("python", stdin_bytes, index, where)
+                if isinstance(python_run, SpeedupResult):
+                    return python_run
                 if expected is None:
                     expected = normalise(python_run.stdout)
                     outputs.add(expected)
                 del python_run  # its output, up to the cap, is not held twice
 
-                cpp_run = steps.run_cpp(stdin_bytes)
-                problem = run_problem(cpp_run, timeout_s, memory_mb, trusted=False)
-                if problem is not None:
-                    return failure(
-                        compiled=True,
-                        error=shorten(f"C++ {problem}{where}"),
-                        **timings.so_far(cpp=False),
-                    )
-                timings.add("cpp", index, cpp_run.cpu_seconds, cpp_run.wall_seconds)
+                cpp_run = measured("cpp", stdin_bytes, index, where)
+                if isinstance(cpp_run, SpeedupResult):
+                    return cpp_run
                 mismatch = compare(expected, cpp_run.stdout, where)
                 del cpp_run
                 if mismatch is not None:
@@ -348,20 +357,6 @@ class _Timings:
         )
 
 
-def _check_installations(compiler: str, python: str) -> None:
-    """Refuse a compiler or interpreter whose installation would show the home or cwd."""
-    check_installation(
-        installation(compiler),
-        f"the C++ compiler {compiler}",
-        "pass compiler='/path/to/g++' (or set $CXX) to a compiler installed there",
-    )
-    check_installation(
-        os.path.realpath(sys.base_prefix),
-        f"the Python interpreter {python}",
-        "run lossplug with a Python installed there (a virtual environment may live anywhere)",
-    )
-
-
 def check_sandbox(sandbox: str | None = None, compiler: str | None = None) -> str:
     """The isolation :func:`measure_speedup` will use with these arguments, checked now.
 
@@ -377,22 +372,14 @@ def check_sandbox(sandbox: str | None = None, compiler: str | None = None) -> st
         SandboxUnavailableError: the sandbox is asked for and cannot be built here.
     """
     isolation = resolve_sandbox(sandbox)
-    compiler_command = _find_compiler(compiler)
-    python = _python_interpreter()
+    compiler_command = find_compiler(compiler)
+    python = python_interpreter()
     # Without a compiler each call reports that itself; there is nothing to build the sandbox with.
     if isolation == "bwrap" and compiler_command is not None:
         if python is not None:
-            _check_installations(compiler_command[0], python)
-        Jail.get(compiler_command)
+            check_toolchain(compiler_command[0], python)
+        Sandbox.get(compiler_command)
     return isolation
-
-
-def _python_interpreter() -> str | None:
-    """The real interpreter behind ``sys.executable`` (a venv's python is a link to it)."""
-    executable = getattr(sys, "_base_executable", None) or sys.executable
-    if not executable:
-        return None
-    return os.path.realpath(executable)
 
 
 def _validate(
@@ -447,21 +434,3 @@ def check_limits(
             raise TypeError(f"compiler must be a str or None, got {type(compiler).__name__}")
         if not compiler.strip():
             raise ValueError(f"compiler must name a command, got {compiler!r}")
-
-
-def _find_compiler(compiler: str | None) -> list[str] | None:
-    """The compiler command as an argument list with an absolute program path, or ``None``."""
-    if compiler is not None:
-        candidates = [compiler]
-    else:
-        # $CXX may be set but empty in CI images; treat that as unset.
-        candidates = [c for c in (os.environ.get("CXX", ""), "g++", "clang++") if c.strip()]
-    for candidate in candidates:
-        try:
-            words = shlex.split(candidate)
-        except ValueError:  # unbalanced quotes
-            continue
-        program = shutil.which(words[0]) if words else None
-        if program is not None:
-            return [program, *words[1:]]
-    return None

@@ -1,10 +1,11 @@
-r"""Running one child process under limits: its output kept within bounds, its time measured.
+r"""Running one child process with a time limit: its output kept within bounds, its time measured.
 
 :func:`run_process` starts a command in its own session with a wall-clock limit, feeds it its
 input, and keeps what it prints within a fixed amount of the caller's memory whatever the
-output's shape: standard output up to :data:`MAX_OUTPUT_BYTES` in one buffer (a longer output
-stops the program), standard error only its first and last :data:`STDERR_KEPT_BYTES` (enough to
-find the compiler's first error and the last line of a traceback).
+output's shape: standard output up to :data:`MAX_OUTPUT_BYTES` in one buffer, standard error only
+its first and last :data:`STDERR_KEPT_BYTES` (enough to find the compiler's first error and the
+last line of a traceback). Either stream running past :data:`MAX_OUTPUT_BYTES` stops the program.
+The resource limits are the caller's to apply (:mod:`lossplug.kpi.sandbox.limits`).
 
 Example:
     >>> run = run_process(["/bin/echo", "hi"], b"", 5.0, Path("/"), {"PATH": "/bin"}, None)
@@ -15,9 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,24 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-try:
-    import resource
-except ImportError:  # Windows: no rlimits, no process groups
-    resource = None  # type: ignore[assignment]
+__all__ = ["MAX_OUTPUT_BYTES", "STDERR_KEPT_BYTES", "Run", "run_process"]
 
-__all__ = ["MAX_OUTPUT_BYTES", "Run", "limit_options", "limit_values", "limits", "run_process"]
-
-# Processes (threads included) a program or the compiler may have at once: a fork storm stops here.
-MAX_PROCESSES = 64
 # Captured output is held in memory; a program printing in a tight loop until the time limit
 # could otherwise fill the caller's memory, since a file-size limit does not apply to pipes.
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 # Of standard error, the first and the last this many bytes are kept.
 STDERR_KEPT_BYTES = 8192
-# Files the programs may write (they should write none).
-MAX_FILE_BYTES = 16 * 1024 * 1024
-# Open files: each can hold a little kernel memory (a socket's buffers), so few.
-MAX_OPEN_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -64,62 +52,6 @@ class Run:
     start_error: str | None = None
     wall_seconds: float = 0.0
     oom_killed: bool = False
-
-
-def limits(timeout_s: float, memory_mb: int) -> tuple[list[str], Callable[[], None] | None]:
-    """How to start a program under the resource limits: a command prefix, or a ``preexec_fn``.
-
-    The limits are applied by running the program through util-linux's ``prlimit``, which sets
-    them on itself and then executes the program in the same process. A ``preexec_fn`` is the
-    fallback where ``prlimit`` is missing (macOS, minimal images). ``prlimit`` is preferred
-    because a ``preexec_fn`` makes ``subprocess`` fork the whole caller and run Python code in
-    the child, instead of a cheap ``vfork``: the Python documentation warns that this can
-    deadlock in a multi-threaded caller (a training loop with logger threads), and the CPU time
-    the child spends before and during ``exec`` (copy-on-write faults, tearing down the copied
-    address space) is charged to the measured program. With 1 GiB of tensors in the caller
-    that is about 19 ms per run, against under 1 ms through ``prlimit``, and it grows with the
-    caller's memory.
-    """
-    limits = limit_values(timeout_s, memory_mb)
-    prlimit = shutil.which("prlimit")
-    if prlimit is not None:
-        return [prlimit, *limit_options(limits), "--"], None
-
-    def apply_limits() -> None:
-        for _, which, soft, hard in limits:
-            resource.setrlimit(which, (soft, hard))
-
-    return [], apply_limits
-
-
-def limit_values(timeout_s: float, memory_mb: int) -> list[tuple[str, int, int, int]]:
-    """The limits of one run: ``(name for prlimit, resource, soft limit, hard limit)``."""
-    assert resource is not None
-    wanted = [
-        ("as", resource.RLIMIT_AS, memory_mb * 1024 * 1024, memory_mb * 1024 * 1024),
-        # A backstop to the wall-clock limit, for when the caller is itself stopped and cannot
-        # kill the program: the soft limit sends SIGXCPU, the hard one, a second later, SIGKILL.
-        ("cpu", resource.RLIMIT_CPU, math.ceil(timeout_s) + 1, math.ceil(timeout_s) + 2),
-        ("fsize", resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
-        ("core", resource.RLIMIT_CORE, 0, 0),
-        ("nproc", resource.RLIMIT_NPROC, MAX_PROCESSES, MAX_PROCESSES),
-        ("nofile", resource.RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
-        # POSIX message queues hold kernel memory that no other limit counts.
-        ("msgqueue", resource.RLIMIT_MSGQUEUE, 0, 0),
-    ]
-    # Lowering a hard limit is always allowed, raising it is not: never ask for more than the
-    # caller's own hard limit, or the program cannot start.
-    limits: list[tuple[str, int, int, int]] = []
-    for name, which, soft, hard in wanted:
-        _, current_hard = resource.getrlimit(which)
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        limits.append((name, which, soft, hard))
-    return limits
-
-
-def limit_options(limits: Sequence[tuple[str, int, int, int]]) -> list[str]:
-    return [f"--{name}={soft}:{hard}" for name, _, soft, hard in limits]
 
 
 def run_process(
