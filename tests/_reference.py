@@ -10,11 +10,15 @@ modules named ``_reference`` on the path.
   loss differentiable (autograd gives the float64 gradients), the logits materialised whole;
 * :func:`reference_cross_entropy_rows` and :func:`reference_linear_cross_entropy_rows`: plain
   cross-entropy (mean over the scored rows) a block of rows at a time, for inputs whose float64
-  logits would not fit, with the gradients written out (no autograd graph).
+  logits would not fit, with the gradients written out (no autograd graph);
+* :func:`reference_values`: the logged values (cross-entropy, perplexity, token accuracy,
+  entropy and the token count) over several batches, from their float64 sums.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -91,6 +95,30 @@ def reference_linear_cross_entropy(
     bias64 = None if bias is None else bias.double()
     logits = F.linear(hidden.double(), weight.double(), bias64)
     return reference_cross_entropy(logits, target, **options)
+
+
+def reference_values(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], **options: Any
+) -> dict[str, float]:
+    """The logged values over ``(logits, target)`` batches, token-weighted over all of them.
+
+    Sums the float64 statistics of :func:`reference_cross_entropy` (with ``options``) over the
+    batches, then applies each value's formula to the sums: ``cross_entropy`` (Σ nll / tokens),
+    ``perplexity`` (its ``exp``), ``token_accuracy``, ``entropy``, and ``tokens``.
+    """
+    sums = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
+    for logits, target in batches:
+        _, stats = reference_cross_entropy(logits, target, **options)
+        for key in sums:
+            sums[key] += stats[key].item()
+    n = sums["tokens"]
+    return {
+        "cross_entropy": sums["nll_sum"] / n,
+        "perplexity": math.exp(sums["nll_sum"] / n),
+        "token_accuracy": sums["correct"] / n,
+        "entropy": sums["entropy_sum"] / n,
+        "tokens": n,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

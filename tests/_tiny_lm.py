@@ -26,6 +26,33 @@ QUIET_TRAINER = dict(
 )
 
 
+#: What every ``transformers.Trainer`` of the tests shares: CPU, evaluation every ``eval_steps``,
+#: seed 0, and no checkpoints, reporting, progress bar or data-loading processes.
+QUIET_TRAINING_ARGS = dict(
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=3,
+    logging_steps=2,
+    eval_strategy="steps",
+    save_strategy="no",
+    learning_rate=5e-3,
+    report_to="none",
+    use_cpu=True,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    seed=0,
+)
+
+#: A Hugging Face decoder small enough for CPU tests: ``LlamaConfig(vocab_size=V, **TINY_DECODER)``.
+TINY_DECODER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
+
+
 def quiet_trainer(tmp_path, logger, callbacks, *, lightning=L, **overrides):
     """A ``lightning.Trainer`` with :data:`QUIET_TRAINER` settings on one CPU process."""
     settings = dict(

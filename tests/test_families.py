@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from _reference import reference_cross_entropy
-from _tiny_lm import NAMESPACES, logged_at, quiet_trainer
+from _reference import reference_values
+from _tiny_lm import NAMESPACES, QUIET_TRAINING_ARGS, TINY_DECODER, logged_at, quiet_trainer
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
@@ -33,15 +33,7 @@ from lossplug.integrations.transformers import (  # noqa: E402
 L, _, Recorder = NAMESPACES["lightning.pytorch"]
 VOCAB, IMAGE_TOKEN, IMAGE_TOKENS = 64, 63, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
-TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=32,
-)
+TEXT = dict(vocab_size=VOCAB, **TINY_DECODER)
 
 
 def gemma2():  # soft-capping: final_logit_softcapping, small enough to bend random logits
@@ -372,24 +364,19 @@ def test_a_wrapper_that_hands_its_labels_on_gets_the_model_inside_patched():
 
 
 # ------------------------------------------------------------------ short real training runs
-def reference_values(model, batches) -> dict[str, float]:
+#: the values checked against a short real run
+CHECKED = ("cross_entropy", "perplexity", "token_accuracy", "tokens")
+
+
+def model_values(model, batches) -> dict[str, float]:
     """Float64 token-weighted values of the unpatched computation over ``batches``."""
-    nll = tokens = correct = 0.0
     with torch.no_grad():
-        for inputs in batches:
-            plain = {k: v for k, v in inputs.items() if k != "labels"}
-            logits = model(**plain).logits.double()
-            for row in range(logits.shape[0]):
-                _, stats = reference_cross_entropy(logits[row], inputs["labels"][row], shift=True)
-                nll += stats["nll_sum"].item()
-                tokens += stats["tokens"].item()
-                correct += stats["correct"].item()
-    return {
-        "cross_entropy": nll / tokens,
-        "perplexity": math.exp(nll / tokens),
-        "token_accuracy": correct / tokens,
-        "tokens": tokens,
-    }
+        scored = [
+            (model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, inputs["labels"])
+            for inputs in batches
+        ]
+    values = reference_values(scored, shift=True)
+    return {name: values[name] for name in CHECKED}
 
 
 def dataset(family: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -401,20 +388,7 @@ def dataset(family: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def test_hf_trainer_callback_logs_exact_values_for_moe_and_vlm(family, tmp_path):
     model = patch_causal_lm(build(family))
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=3,
-        max_steps=4,
-        logging_steps=2,
-        eval_strategy="steps",
-        eval_steps=4,
-        save_strategy="no",
-        learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
+        **QUIET_TRAINING_ARGS, output_dir=str(tmp_path), max_steps=4, eval_steps=4
     )
     val = dataset(family, 5, seed=2)
     trainer = transformers.Trainer(
@@ -434,8 +408,8 @@ def test_hf_trainer_callback_logs_exact_values_for_moe_and_vlm(family, tmp_path)
         {key: torch.stack([row[key] for row in val[i : i + 3]]) for key in val[0]}
         for i in range(0, len(val), 3)
     ]
-    want = reference_values(trainer.model, batches)  # the weights of the evaluation
-    for name in ("cross_entropy", "perplexity", "token_accuracy", "tokens"):
+    want = model_values(trainer.model, batches)  # the weights of the evaluation
+    for name in CHECKED:
         assert logged[f"val/{name}"] == pytest.approx(want[name], rel=1e-5), name
 
 
@@ -464,8 +438,8 @@ def test_loss_monitor_logs_exact_values_for_moe_and_vlm(family, tmp_path):
     train = [batch(family, seed=s, rows=2) for s in (1, 2)]
     val = [batch(family, seed=s) for s in (3, 4)]
     # the train window of step 2 is its batch; its token count is over the whole run
-    want = {"train": reference_values(model, train[1:]), "val": reference_values(model, val)}
-    want["train"]["tokens"] = reference_values(model, train)["tokens"]
+    want = {"train": model_values(model, train[1:]), "val": model_values(model, val)}
+    want["train"]["tokens"] = model_values(model, train)["tokens"]
     recorder = Recorder()
     trainer = quiet_trainer(
         tmp_path,

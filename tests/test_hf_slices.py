@@ -58,7 +58,7 @@ def check_slices(row, reference, metrics=("perplexity", "cross_entropy", "token_
     for name, ref in reference.items():
         assert row[f"val/perplexity/{name}"] == pytest.approx(ref["perplexity"], rel=1e-5)
         assert row[f"val/cross_entropy/{name}"] == pytest.approx(ref["cross_entropy"], rel=1e-5)
-        assert row[f"val/token_accuracy/{name}"] == pytest.approx(ref["accuracy"], abs=1e-9)
+        assert row[f"val/token_accuracy/{name}"] == pytest.approx(ref["token_accuracy"], abs=1e-9)
         assert row[f"val/tokens/{name}"] == ref["tokens"]
         tokens += row[f"val/tokens/{name}"]
     assert tokens == row["val/tokens"]  # the slices add up to the whole

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import lossplug
+from _reference import reference_values
+from _tiny_lm import QUIET_TRAINING_ARGS, TINY_DECODER
 
 transformers = pytest.importorskip("transformers")
 from lossplug.integrations.transformers import (  # noqa: E402
@@ -21,15 +23,7 @@ TOKENS_PER_ROW = SEQ - 1 - (PROMPT - 1)  # labels shifted by one; the prompt is 
 
 
 def tiny_llama(seed: int = 0):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
+    config = transformers.LlamaConfig(vocab_size=VOCAB, **TINY_DECODER)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
 
@@ -50,21 +44,11 @@ def make_trainer(tmp_path, callback, *, model=None, patched=True, collator=None,
     if patched:
         patch_causal_lm(model)
     options = dict(
+        QUIET_TRAINING_ARGS,
         output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=3,
         gradient_accumulation_steps=2,
         max_steps=6,
-        logging_steps=2,
-        eval_strategy="steps",
         eval_steps=3,
-        save_strategy="no",
-        learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
     options.update(overrides)
     return transformers.Trainer(
@@ -79,22 +63,11 @@ def make_trainer(tmp_path, callback, *, model=None, patched=True, collator=None,
 
 def reference_val(model, dataset) -> dict[str, float]:
     """Token-weighted values over the eval set, in float64, at the model's weights."""
-    nll, tokens, correct = 0.0, 0, 0
     with torch.no_grad():
-        for row in dataset:
-            logits = model(input_ids=row["input_ids"][None]).logits[0, :-1].double()
-            target = row["labels"][1:]
-            keep = target != -100
-            logp = torch.log_softmax(logits[keep], dim=-1)
-            nll -= logp.gather(1, target[keep][:, None]).sum().item()
-            tokens += int(keep.sum())
-            correct += int((logits[keep].argmax(-1) == target[keep]).sum())
-    return {
-        "cross_entropy": nll / tokens,
-        "perplexity": math.exp(nll / tokens),
-        "accuracy": correct / tokens,
-        "tokens": tokens,
-    }
+        scored = [
+            (model(input_ids=row["input_ids"][None]).logits[0], row["labels"]) for row in dataset
+        ]
+    return reference_values(scored, shift=True)
 
 
 def rows_with(history, key):
@@ -130,7 +103,7 @@ def test_val_is_exact_and_train_is_logged_at_every_logging_step(tmp_path):
     last = val[-1]
     assert last["val/perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert last["val/cross_entropy"] == pytest.approx(ref["cross_entropy"], rel=1e-5)
-    assert last["val/token_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-9)
+    assert last["val/token_accuracy"] == pytest.approx(ref["token_accuracy"], abs=1e-9)
     assert last["val/tokens"] == ref["tokens"] == 7 * TOKENS_PER_ROW - (0 + 1 + 2 + 3 + 4 + 0 + 1)
     # eval_loss is a mean of batch means; ours is over the tokens
     assert abs(last["eval_loss"] - ref["cross_entropy"]) > 1e-4

@@ -15,7 +15,7 @@ from _programs import (
     SUM_OF_SQUARES_CPP,
     SUM_OF_SQUARES_PY,
 )
-from _tiny_lm import NAMESPACES, make_loader
+from _tiny_lm import NAMESPACES, make_loader, quiet_trainer
 from lossplug.kpi import KPIContext
 from lossplug.kpi.builtin import (
     CodeSpeedup,
@@ -25,7 +25,7 @@ from lossplug.kpi.builtin import (
     TrainingCost,
 )
 
-L, TinyLM, Recorder = NAMESPACES["lightning.pytorch"]
+_, TinyLM, Recorder = NAMESPACES["lightning.pytorch"]
 
 
 def test_throughput_cost_and_time_to_target_in_a_trainer(tmp_path):
@@ -35,18 +35,9 @@ def test_throughput_cost_and_time_to_target_in_a_trainer(tmp_path):
         TrainingCost(price_per_device_hour=3600.0, every_n_steps=2),  # $1 per device-second
         TimeToTarget("val/perplexity", target=1e6),
     ]
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=recorder,
-        callbacks=[lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)],
-        max_steps=6,
-        val_check_interval=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    callbacks = [lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)]
+    trainer = quiet_trainer(
+        tmp_path, recorder, callbacks, max_steps=6, val_check_interval=3, limit_val_batches=1
     )
     trainer.fit(TinyLM(), make_loader(6), make_loader(1, seed=3))
     tokens = dict(recorder.series("train/tokens"))

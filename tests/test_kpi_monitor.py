@@ -241,6 +241,12 @@ def test_runner_without_lightning():
     ],
 )
 def test_bad_kpi_configuration(kwargs, error, pattern):
+    assert_kpi_refuses(kwargs, error, pattern)
+
+
+def assert_kpi_refuses(kwargs, error, pattern):
+    """A KPI named "ok" returning 1.0, with ``kwargs`` (which may replace the name or the
+    function), raises ``error`` matching ``pattern``."""
     options = dict(name="ok", fn=lambda ctx: 1.0)
     options.update(kwargs)
     with pytest.raises(error, match=pattern):
@@ -447,10 +453,7 @@ def test_a_single_kpi_needs_no_list():
     ],
 )
 def test_more_bad_kpi_configuration(kwargs, error, pattern):
-    options = dict(name="ok", fn=lambda ctx: 1.0)
-    options.update(kwargs)
-    with pytest.raises(error, match=pattern):
-        KPI(options.pop("name"), options.pop("fn"), **options)
+    assert_kpi_refuses(kwargs, error, pattern)
 
 
 def test_kpi_decorator_takes_options_by_keyword():

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import lossplug
-from _tiny_lm import NAMESPACES, make_loader
+from _tiny_lm import NAMESPACES, make_loader, quiet_trainer
 from lossplug.kpi import KPI, KPIResult
 from lossplug.kpi.builtin import TrainingCost
 from lossplug.loggers import read_run, wandb_logger
 
-L, TinyLM, _ = NAMESPACES["lightning.pytorch"]
+_, TinyLM, _ = NAMESPACES["lightning.pytorch"]
 
 MIXED_ROWS = [{"a": 1, "b": "x", "c": 0.5}, {"a": "one", "b": None, "c": 2}]
 
@@ -41,17 +41,8 @@ def run(tmp_path_factory):
         KPI("diskfull", rows([{"a": 1}]), every_n_steps=2),
         KPI("pass.rate", lambda ctx: 0.1 * ctx.step, every_n_steps=2),
     ]
-    trainer = L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)],
-        max_steps=4,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    callbacks = [lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)]
+    trainer = quiet_trainer(root, logger, callbacks, max_steps=4, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyLM(), make_loader(4))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lossplug
-from _reference import reference_cross_entropy
+from _reference import reference_values
 from _tiny_lm import (
     NAMESPACES,
     CloseProcessGroup,
@@ -18,28 +18,21 @@ from _tiny_lm import (
     quiet_trainer,
 )
 
+L = NAMESPACES["lightning.pytorch"][0]
 NAMES = ("cross_entropy", "perplexity", "token_accuracy", "entropy")
 
 
 def expected(seen) -> dict[str, float]:
     """Float64 values over recorded (logits, labels) micro-batches, independent of lossplug."""
-    total = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
-    for logits, labels in seen:
-        _, stats = reference_cross_entropy(logits, labels, shift=True)
-        for key in total:
-            total[key] += stats[key].item()
-    n = total["tokens"]
-    return {
-        "cross_entropy": total["nll_sum"] / n,
-        "perplexity": math.exp(total["nll_sum"] / n),
-        "token_accuracy": total["correct"] / n,
-        "entropy": total["entropy_sum"] / n,
-        "tokens": n,
-    }
+    return reference_values(seen, shift=True)
 
 
-def make_trainer(lightning, tmp_path, logger, callbacks, **kw):
-    return quiet_trainer(tmp_path, logger, callbacks, lightning=lightning, **kw)
+def make_trainer(tmp_path, logger, *callbacks, every=None, monitor=None, lightning=L, **kw):
+    """A quiet Trainer whose callbacks are ``monitor``, then ``callbacks``; the monitor is by
+    default a LossMonitor that logs every ``every`` steps (its own default when None)."""
+    if monitor is None:
+        monitor = lossplug.LossMonitor(**({} if every is None else {"log_every_n_steps": every}))
+    return quiet_trainer(tmp_path, logger, [monitor, *callbacks], lightning=lightning, **kw)
 
 
 def assert_close(got: float, want: float, key: str) -> None:
@@ -51,9 +44,8 @@ def test_logs_exact_windows_at_optimizer_steps(namespace, tmp_path):
     lightning, Module, Recorder = NAMESPACES[namespace]
     torch.manual_seed(0)
     module, recorder = Module(record=True), Recorder()
-    monitor = lossplug.LossMonitor(log_every_n_steps=2)
     trainer = make_trainer(
-        lightning, tmp_path, recorder, [monitor], max_steps=6, limit_val_batches=0
+        tmp_path, recorder, every=2, max_steps=6, limit_val_batches=0, lightning=lightning
     )
     trainer.fit(module, make_loader(6))
     steps = [step for step, _ in recorder.series("train/perplexity")]
@@ -75,16 +67,10 @@ def test_logs_exact_windows_at_optimizer_steps(namespace, tmp_path):
 
 
 def test_gradient_accumulation_logs_only_at_optimizer_steps(tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
     module, recorder = Module(record=True), Recorder()
     trainer = make_trainer(
-        lightning,
-        tmp_path,
-        recorder,
-        [lossplug.LossMonitor(log_every_n_steps=1)],
-        max_steps=3,
-        accumulate_grad_batches=4,
-        limit_val_batches=0,
+        tmp_path, recorder, every=1, max_steps=3, accumulate_grad_batches=4, limit_val_batches=0
     )
     trainer.fit(module, make_loader(12))
     rows = recorder.series("train/cross_entropy")
@@ -97,17 +83,11 @@ def test_gradient_accumulation_logs_only_at_optimizer_steps(tmp_path):
 
 @pytest.mark.parametrize("end", ["max_steps", "max_epochs"])
 def test_the_last_window_is_logged_when_fit_ends_inside_it(end, tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
     module, recorder = Module(record=True), Recorder()
     stop = dict(max_steps=5) if end == "max_steps" else dict(max_epochs=1, max_steps=-1)
     trainer = make_trainer(
-        lightning,
-        tmp_path,
-        recorder,
-        [lossplug.LossMonitor(log_every_n_steps=2)],
-        accumulate_grad_batches=2,
-        limit_val_batches=0,
-        **stop,
+        tmp_path, recorder, every=2, accumulate_grad_batches=2, limit_val_batches=0, **stop
     )
     trainer.fit(module, make_loader(10))
     assert [step for step, _ in recorder.series("train/perplexity")] == [2, 4, 5]
@@ -122,7 +102,7 @@ def test_the_last_window_is_logged_when_fit_ends_inside_it(end, tmp_path):
 
 @pytest.mark.parametrize("mode", ["logits", "custom"])
 def test_logits_and_extract_forms_give_the_same_numbers(mode, tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
     results = {}
     for form in ("stats", mode):
         torch.manual_seed(0)
@@ -135,7 +115,7 @@ def test_logits_and_extract_forms_give_the_same_numbers(mode, tmp_path):
 
         monitor = lossplug.LossMonitor(log_every_n_steps=1, shift=True, extract=extract)
         trainer = make_trainer(
-            lightning, tmp_path, recorder, [monitor], max_steps=3, limit_val_batches=0
+            tmp_path, recorder, monitor=monitor, max_steps=3, limit_val_batches=0
         )
         trainer.fit(module, make_loader(3))
         results[form] = recorder.series("train/perplexity")
@@ -147,17 +127,11 @@ def test_logits_and_extract_forms_give_the_same_numbers(mode, tmp_path):
 def test_validation_aggregate_is_monitorable_and_sanity_checks_are_not_logged(tmp_path):
     lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
     module, recorder = Module(record=True), Recorder()
-    early_stop = lightning.callbacks.EarlyStopping(
+    stop = lightning.callbacks.EarlyStopping(
         monitor="val/perplexity", stopping_threshold=1e6, mode="min"
     )
     trainer = make_trainer(
-        lightning,
-        tmp_path,
-        recorder,
-        [lossplug.LossMonitor(log_every_n_steps=1), early_stop],
-        max_steps=8,
-        val_check_interval=3,
-        num_sanity_val_steps=2,
+        tmp_path, recorder, stop, every=1, max_steps=8, val_check_interval=3, num_sanity_val_steps=2
     )
     trainer.fit(module, make_loader(8), make_loader(3, seed=5))
     val_rows = recorder.series("val/perplexity")
@@ -176,10 +150,8 @@ def test_validation_aggregate_is_monitorable_and_sanity_checks_are_not_logged(tm
 
 
 def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
-    trainer = make_trainer(
-        lightning, tmp_path, Recorder(), [lossplug.LossMonitor()], max_steps=5, limit_val_batches=0
-    )
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    trainer = make_trainer(tmp_path, Recorder(), max_steps=5, limit_val_batches=0)
     module = Module(mode="none")
     with pytest.raises(ValueError, match=r"LossMonitor found no token statistics.*training_step"):
         trainer.fit(module, make_loader(5))
@@ -187,9 +159,9 @@ def test_module_returning_no_statistics_fails_at_the_first_step(tmp_path):
 
 
 def test_validate_alone_returns_and_logs_the_values_once_and_test_says_it_logs_nothing(tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
     module, recorder = Module(record=True), Recorder()
-    trainer = make_trainer(lightning, tmp_path, recorder, [lossplug.LossMonitor()])
+    trainer = make_trainer(tmp_path, recorder)
     (results,) = trainer.validate(module, make_loader(3, seed=5))
     want = expected(module.seen["val"])
     for name in NAMES:
@@ -208,20 +180,14 @@ def test_validate_alone_returns_and_logs_the_values_once_and_test_says_it_logs_n
 
 
 def test_a_validation_step_returning_nothing_fails_at_the_sanity_check(tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
 
     class LogsOnly(Module):
         def validation_step(self, batch, batch_idx):
             self.log("my_val", 1.0)  # the usual step that returns nothing
 
     trainer = make_trainer(
-        lightning,
-        tmp_path,
-        Recorder(),
-        [lossplug.LossMonitor()],
-        max_steps=8,
-        val_check_interval=4,
-        num_sanity_val_steps=1,
+        tmp_path, Recorder(), max_steps=8, val_check_interval=4, num_sanity_val_steps=1
     )
     with pytest.raises(ValueError, match=r"no token statistics.*validation_step.*stages="):
         trainer.fit(LogsOnly(), make_loader(8), make_loader(2))
@@ -285,19 +251,16 @@ def test_good_configuration_is_kept():
 
 
 def test_resume_continues_aggregates_and_the_step_axis(tmp_path):
-    lightning, Module, Recorder = NAMESPACES["lightning.pytorch"]
+    _, Module, Recorder = NAMESPACES["lightning.pytorch"]
 
     def run(max_steps, recorder, ckpt_path=None, checkpoint=None):
         torch.manual_seed(0)
         module = Module()
-        callbacks = [lossplug.LossMonitor(log_every_n_steps=3)]
-        if checkpoint is not None:
-            callbacks.append(checkpoint)
         trainer = make_trainer(
-            lightning,
             tmp_path,
             recorder,
-            callbacks,
+            *([] if checkpoint is None else [checkpoint]),
+            every=3,
             max_steps=max_steps,
             limit_val_batches=0,
             enable_checkpointing=checkpoint is not None,
@@ -343,10 +306,10 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     module = Module(lr=0.0)
     csv_logger = lightning.loggers.CSVLogger(tmp_path, name="ddp", version=0)
     ddp = make_trainer(
-        lightning,
         tmp_path,
         csv_logger,
-        [lossplug.LossMonitor(log_every_n_steps=2), CloseProcessGroup()],
+        CloseProcessGroup(),
+        every=2,
         max_steps=4,
         limit_val_batches=0,
         devices=2,
@@ -358,14 +321,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
     torch.manual_seed(0)
     single_module, recorder = Module(lr=0.0), Recorder()
-    single = make_trainer(
-        lightning,
-        tmp_path,
-        recorder,
-        [lossplug.LossMonitor(log_every_n_steps=2)],
-        max_steps=4,
-        limit_val_batches=0,
-    )
+    single = make_trainer(tmp_path, recorder, every=2, max_steps=4, limit_val_batches=0)
     single.fit(single_module, datamodule=InOrderShards(16, batch_size=4))
     want = {step: logged_at(recorder, step) for step, _ in recorder.series("train/perplexity")}
     assert sorted(step for step in logged if "train/perplexity" in logged[step]) == [2, 4]
@@ -378,17 +334,11 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 def test_token_totals_summarise_as_their_last_value_in_a_real_wandb_run(tmp_path):
     from lossplug.loggers import read_run, wandb_logger
 
-    lightning, Module, _ = NAMESPACES["lightning.pytorch"]
+    _, Module, _ = NAMESPACES["lightning.pytorch"]
     torch.manual_seed(0)
     logger = wandb_logger("lossplug-summary", offline=True, save_dir=tmp_path, verbose=False)
     trainer = make_trainer(
-        lightning,
-        tmp_path,
-        logger,
-        [lossplug.LossMonitor(log_every_n_steps=2)],
-        max_steps=4,
-        val_check_interval=2,
-        limit_val_batches=1,
+        tmp_path, logger, every=2, max_steps=4, val_check_interval=2, limit_val_batches=1
     )
     trainer.fit(Module(), make_loader(4), make_loader(1, seed=5))
     logger.experiment.finish()
@@ -414,10 +364,10 @@ def test_checkpoint_named_after_val_perplexity_is_one_file_in_dirpath(tmp_path):
         mode="min",
     )
     trainer = make_trainer(
-        lightning,
         tmp_path,
         recorder,
-        [lossplug.LossMonitor(log_every_n_steps=1), checkpoint],
+        checkpoint,
+        every=1,
         max_steps=6,
         val_check_interval=2,
         enable_checkpointing=True,

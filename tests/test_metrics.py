@@ -14,39 +14,15 @@ import torchmetrics
 import lossplug
 from _ddp_worker import make_batches
 from _ddp_worker import run as ddp_run
-from _reference import reference_cross_entropy
+from _reference import reference_values
 from lossplug.metrics import (
+    BY_NAME,
     CrossEntropy,
     LanguageModelMetrics,
     Perplexity,
-    PredictiveEntropy,
     TokenAccuracy,
-    functional,
 )
-
-
-def reference_values(batches, **kw) -> dict[str, float]:
-    totals = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
-    for logits, target in batches:
-        _, stats = reference_cross_entropy(logits, target, **kw)
-        for name in totals:
-            totals[name] += stats[name].item()
-    n = totals["tokens"]
-    return {
-        "cross_entropy": totals["nll_sum"] / n,
-        "perplexity": math.exp(totals["nll_sum"] / n),
-        "token_accuracy": totals["correct"] / n,
-        "entropy": totals["entropy_sum"] / n,
-        "tokens": n,
-    }
-
-
-METRICS = {
-    "cross_entropy": CrossEntropy,
-    "perplexity": Perplexity,
-    "token_accuracy": TokenAccuracy,
-    "entropy": PredictiveEntropy,
-}
+from lossplug.monitoring import METRIC_NAMES
 
 
 @pytest.mark.parametrize(
@@ -62,7 +38,7 @@ def test_every_metric_matches_float64(dtype, options):
     if options.get("ignore_index") == 0:
         batches = [(x, t.clamp(min=0)) for x, t in batches]
     want = reference_values(batches, **options)
-    metrics = {name: cls(**options) for name, cls in METRICS.items()}
+    metrics = {name: forms.metric(**options) for name, forms in BY_NAME.items()}
     combined = LanguageModelMetrics(**options)
     for logits, target in batches:
         for metric in (*metrics.values(), combined):
@@ -74,8 +50,7 @@ def test_every_metric_matches_float64(dtype, options):
         assert value.dtype == torch.float64
         assert math.isclose(float(value), want[name], rel_tol=rel_tol), name
         assert float(together[name]) == float(value), name
-        functional_form = getattr(functional, "predictive_entropy" if name == "entropy" else name)
-        one_batch = functional_form(*batches[0], **options)
+        one_batch = BY_NAME[name].functional(*batches[0], **options)
         assert math.isclose(
             float(one_batch), reference_values(batches[:1], **options)[name], rel_tol=rel_tol
         )
@@ -95,22 +70,32 @@ def test_bf16_perplexity_is_exact_where_torchmetrics_is_not():
     print(f"torchmetrics relative error on bf16: {abs(float(theirs.compute()) / exact - 1):.2e}")
 
 
-def test_agrees_with_torchmetrics_perplexity_on_float32():
-    batches = [(x.float(), t) for x, t in make_batches(seed=5)]
+def test_every_logged_name_has_a_metric_and_a_value():
+    assert tuple(BY_NAME) == METRIC_NAMES
+    values = LanguageModelMetrics()
+    values.update(*make_batches(seed=3)[0])
+    assert set(values.compute()) == {*BY_NAME, "tokens"}
+
+
+def perplexity_here_and_in_torchmetrics(batches):
+    """Our ``Perplexity`` and torchmetrics', each updated with every batch."""
     ours, theirs = Perplexity(), torchmetrics.text.Perplexity(ignore_index=-100)
     for logits, target in batches:
         ours.update(logits, target)
         theirs.update(logits, target)
+    return ours, theirs
+
+
+def test_agrees_with_torchmetrics_perplexity_on_float32():
+    batches = [(x.float(), t) for x, t in make_batches(seed=5)]
+    ours, theirs = perplexity_here_and_in_torchmetrics(batches)
     assert math.isclose(float(ours.compute()), float(theirs.compute()), rel_tol=1e-5)
 
 
 def test_agrees_with_torchmetrics_perplexity_on_float64():
     """torchmetrics takes float64 logits; so must its drop-in (and keep its states' dtypes)."""
     batches = [(x.double(), t) for x, t in make_batches(seed=6)]
-    ours, theirs = Perplexity(), torchmetrics.text.Perplexity(ignore_index=-100)
-    for logits, target in batches:
-        ours.update(logits, target)
-        theirs.update(logits, target)
+    ours, theirs = perplexity_here_and_in_torchmetrics(batches)
     assert math.isclose(float(ours.compute()), float(theirs.compute()), rel_tol=1e-6)
     assert math.isclose(
         float(ours.compute()), reference_values(batches)["perplexity"], rel_tol=1e-12

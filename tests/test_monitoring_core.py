@@ -281,26 +281,25 @@ class UnshiftedLM(TinyLM):
         return {"loss": loss, "stats": stats}
 
 
-def test_labels_equal_to_the_inputs_without_shift_are_warned_about(tmp_path):
+def accuracy_warnings(tmp_path, module, steps: int) -> list[str]:
+    """The warnings about the token accuracy of a short run (LossMonitor every 2 steps)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = quiet_trainer(
-            tmp_path, Recorder(), [lossplug.LossMonitor(log_every_n_steps=2)], max_steps=6
+            tmp_path, Recorder(), [lossplug.LossMonitor(log_every_n_steps=2)], max_steps=steps
         )
-        trainer.fit(UnshiftedLM(), make_loader(6), make_loader(1, seed=3))
-    said = [str(w.message) for w in caught if "token accuracy of" in str(w.message)]
+        trainer.fit(module, make_loader(steps), make_loader(1, seed=3))
+    return [str(w.message) for w in caught if "token accuracy of" in str(w.message)]
+
+
+def test_labels_equal_to_the_inputs_without_shift_are_warned_about(tmp_path):
+    said = accuracy_warnings(tmp_path, UnshiftedLM(), steps=6)
     assert len(said) == 1, said
     assert "shift=True" in said[0] and "labels == input_ids" in said[0]
 
 
 def test_an_honest_first_window_is_not_warned_about(tmp_path):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = quiet_trainer(
-            tmp_path, Recorder(), [lossplug.LossMonitor(log_every_n_steps=2)], max_steps=4
-        )
-        trainer.fit(TinyLM(), make_loader(4), make_loader(1, seed=3))
-    assert not [w for w in caught if "token accuracy of" in str(w.message)]
+    assert not accuracy_warnings(tmp_path, TinyLM(), steps=4)
 
 
 class UnshiftedLogitsLM(TinyLM):

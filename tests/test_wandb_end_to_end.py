@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lossplug
-from _reference import reference_cross_entropy
-from _tiny_lm import NAMESPACES, make_loader
+from _reference import reference_values
+from _tiny_lm import NAMESPACES, make_loader, quiet_trainer
 from lossplug.kpi import KPI, KPIResult
 from lossplug.loggers import read_run, wandb_logger
 
@@ -17,19 +17,7 @@ L, TinyLM, _ = NAMESPACES["lightning.pytorch"]
 
 
 def window_values(seen):
-    sums = {"nll_sum": 0.0, "tokens": 0, "correct": 0, "entropy_sum": 0.0}
-    for logits, labels in seen:
-        _, stats = reference_cross_entropy(logits, labels, shift=True)
-        for key in sums:
-            sums[key] += stats[key].item()
-    n = sums["tokens"]
-    return {
-        "cross_entropy": sums["nll_sum"] / n,
-        "perplexity": math.exp(sums["nll_sum"] / n),
-        "token_accuracy": sums["correct"] / n,
-        "entropy": sums["entropy_sum"] / n,
-        "tokens": n,
-    }
+    return reference_values(seen, shift=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +35,10 @@ def run(tmp_path_factory):
         KPI("pass_rate", generations, every_n_steps=2, target=0.5),
         KPI("cost_usd", lambda ctx: 0.01 * ctx.step, at="validation_end", higher_is_better=False),
     ]
-    trainer = L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)],
-        max_steps=6,
-        val_check_interval=3,
-        limit_val_batches=2,
-        num_sanity_val_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    callbacks = [lossplug.LossMonitor(log_every_n_steps=2), lossplug.KPIMonitor(kpis)]
+    # validation after steps 3 and 6, and a one-batch sanity check first that is not logged
+    validation = dict(val_check_interval=3, limit_val_batches=2, num_sanity_val_steps=1)
+    trainer = quiet_trainer(root, logger, callbacks, max_steps=6, **validation)
     trainer.fit(module, make_loader(6), make_loader(2, seed=9))
     logger.experiment.finish()
     return read_run(root, wait=20.0), module

@@ -37,15 +37,8 @@ def cross_entropy(
 class CrossEntropy(_TokenStatsMetric):
     """Cross-entropy over everything seen: ``Σ nll / Σ tokens``, exact across batches and ranks.
 
-    Args:
-        ignore_index: target value that is not scored.
-        shift: score position ``t`` against ``target[..., t + 1]`` (causal LM).
-        softcap: soft-cap applied to the logits before the softmax, as in the training loss.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for ``update(logits, target)``.
-        kwargs: passed to :class:`torchmetrics.Metric` (``compute_on_cpu``, ``sync_on_compute``…).
-
-    ``update`` takes ``(logits, target)``, a :class:`~lossplug.TokenStats`, or
-    ``(losses, mask)`` of per-token negative log-likelihoods.
+    The arguments and the update forms are those of :class:`~lossplug.metrics.Perplexity`,
+    whose value is ``exp`` of this one.
 
     Example:
         >>> import torch
