@@ -1,7 +1,7 @@
 """CPU benchmark of what ``LossMonitor`` and ``KPIMonitor`` add to a Lightning training step.
 
 The training loop of ``examples/finetune.py`` (its ``ByteGPT`` and ``CausalLMFineTune``, imported
-from the file; half its batch, so that a step takes ~26 ms on 2 cores) runs in a real
+from the file; half its batch, for a short step) runs in a real
 ``lightning.pytorch.Trainer`` (progress bar, checkpointing and model summary off; a ``CSVLogger``
 in a temporary folder, or none with ``--logger none``) in these configurations:
 
@@ -49,8 +49,8 @@ logging steps and released at each batch's host-to-device copy; see :func:`check
 
 Usage::
 
-    python benchmarks/callback_overhead.py                # full run (about 90 s on 2 cores)
-    python benchmarks/callback_overhead.py --quick        # smaller model, fewer steps (seconds)
+    python benchmarks/callback_overhead.py                # full run
+    python benchmarks/callback_overhead.py --quick        # smaller model, fewer steps
     python benchmarks/callback_overhead.py --steps 100 --rounds 11
     python benchmarks/callback_overhead.py --check-sync   # on a CUDA machine
 """
@@ -102,11 +102,11 @@ CONFIGS = {
 class Shape:
     """The model and batch (``ByteGPT`` of ``examples/finetune.py``)."""
 
-    width: int = 96
-    layers: int = 3
-    heads: int = 4
-    batch: int = 8
-    seq_len: int = 96
+    width: int
+    layers: int
+    heads: int
+    batch: int
+    seq_len: int
 
     def __str__(self) -> str:
         return (
@@ -115,8 +115,8 @@ class Shape:
         )
 
 
-FULL = Shape()
-QUICK = Shape(width=64, layers=2, batch=4, seq_len=64)
+FULL = Shape(width=96, layers=3, heads=4, batch=8, seq_len=96)
+QUICK = Shape(width=64, layers=2, heads=4, batch=4, seq_len=64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +325,8 @@ class Timing:
 def measure(loop: Loop, configs: Sequence[str], rounds: int, warmup: int) -> dict[str, Any]:
     """``rounds`` rounds of every configuration after a warm-up round, the order rotated each
     round (each configuration takes each place equally often); ``{"timings": {config:
-    Timing}, "errors": {config: message}, "bg": share of all cores other processes used}``."""
+    Timing}, "errors": {config: message}, "background_cpu": share of all cores other processes
+    used}``."""
     parts: dict[str, dict[str, list[list[float]]]] = {c: {} for c in configs}
     errors: dict[str, str] = {}
     for config in configs:  # warm-up: imports, lazy set-up, thread pools, allocator
@@ -334,52 +335,18 @@ def measure(loop: Loop, configs: Sequence[str], rounds: int, warmup: int) -> dic
         except Exception:
             errors[config] = H.last_error_line()
     live = [c for c in configs if c not in errors]
-    before = H._cpu_sample()
-    for r in range(rounds):
-        for config in live[r % len(live) :] + live[: r % len(live)]:
-            gc.collect()
-            for part, times in loop.fit(config).items():
-                parts[config].setdefault(part, []).append(times[warmup:])
+    with H.background_meter() as load:
+        for r in range(rounds):
+            for config in live[r % len(live) :] + live[: r % len(live)]:
+                gc.collect()
+                for part, times in loop.fit(config).items():
+                    parts[config].setdefault(part, []).append(times[warmup:])
+            if sys.stdout.isatty():
+                print(f"\r  round {r + 1}/{rounds}", end="", flush=True)
         if sys.stdout.isatty():
-            print(f"\r  round {r + 1}/{rounds}", end="", flush=True)
-    if sys.stdout.isatty():
-        print()
-    after = H._cpu_sample()
-    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+            print()
     timings = {c: Timing(c, parts[c], first_step=warmup + 1) for c in live}
-    bg = max(0.0, busy - own) / total if total > 0 else None
-    return {"timings": timings, "errors": errors, "bg": bg}
-
-
-def measure_with_retries(
-    loop: Loop, configs: Sequence[str], args: argparse.Namespace, policy: dict[str, Any]
-) -> tuple[dict[str, Any], list[float | None]]:
-    """:func:`measure`, redone while the machine was busy (``--max-background``); the quietest
-    attempt is kept. Also returns the background CPU of every attempt."""
-    best: dict[str, Any] | None = None
-    shares: list[float | None] = []
-    limit = policy["max_background"]
-    for _ in range(1 + policy["retries"] if limit is not None else 1):
-        if limit is not None:
-            H.wait_for_quiet(limit, 120.0)  # as H.describe_policy says
-        attempt = measure(loop, configs, args.rounds, args.warmup)
-        share = attempt["bg"]
-        shares.append(share)
-        print(f"  attempt {len(shares)}: background CPU {H.fmt(H.pct(share), '.0f')}%", flush=True)
-        if best is None or (share is not None and best["bg"] is not None and share < best["bg"]):
-            best = attempt
-        if limit is None or share is None or share <= limit:
-            break
-    assert best is not None
-    return best, shares
-
-
-def _verdict(share: float) -> str:
-    """A cost (a share of the baseline's step) against the target, at the precision shown."""
-    shown = round(100 * share, 2)
-    if shown < TARGET_PCT:
-        return "met"
-    return "at the limit" if shown == TARGET_PCT else "**missed**"
+    return {"timings": timings, "errors": errors, "background_cpu": load["share"]}
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -426,7 +393,7 @@ def format_table(timings: dict[str, Timing], errors: dict[str, str]) -> str:
                 share = t.cost_s(base) / base.per_step("step")
                 cells[8] = f"{1e3 * t.cost_s(base):.3f}"
                 cells[9] = f"{100 * share:.2f}%"
-                cells[10] = _verdict(share)
+                cells[10] = H.verdict(100 * share, TARGET_PCT)
             else:
                 cells[10] = "(the loss, not a callback)"
         rows.append(cells)
@@ -439,7 +406,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     loop = Loop(shape, args.warmup + args.steps + 1, args.logger)
     configs = [c for c in CONFIGS if c != "D" or not args.no_plain]
-    info = H.machine_info()
+    info = H.machine_info(lightning=L.__version__)
     method = (
         f"{shape}; {args.rounds} rounds of {', '.join(configs)} (order rotated each round) after "
         f"a warm-up round, each a fit of {args.warmup} + {args.steps} optimizer steps (the first "
@@ -447,14 +414,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"median logging step) / 10; {H.describe_policy(policy)}"
     )
     print(H.header("lossplug callback overhead (CPU)", info, args.threads, method))
-    print(f"- lightning {L.__version__}; load average before: {H.loadavg()}", flush=True)
+    print(f"- load average before: {H.loadavg()}", flush=True)
     started = time.perf_counter()
-    result, shares = measure_with_retries(loop, configs, args, policy)
+
+    def attempt() -> dict[str, Any]:
+        result = measure(loop, configs, args.rounds, args.warmup)
+        print(f"  timed: background CPU {H.pct(result['background_cpu'])}", flush=True)
+        return result
+
+    result, shares = H.quietest(attempt, policy)
     seconds = time.perf_counter() - started
     print(f"- load average after: {H.loadavg()}; total wall time {seconds:.0f} s")
     print(
         "- background CPU (other processes, share of all cores) while timed: "
-        + ", ".join(f"{H.fmt(H.pct(s), '.0f')}%" for s in shares)
+        + ", ".join(map(H.pct, shares))
         + (" (one per attempt; the quietest is reported)" if len(shares) > 1 else "")
     )
     print(

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The CPU path under contention, in one command (~10 min on 2 cores): the cross-entropy,
-# Perplexity and linear cross-entropy benchmarks quiet and with 2 busy-looping processes
-# (lossplug ÷ anchor ratios, worst and median of several rounds), then the main job
-# (examples/finetune.py) timed with 2 busy processes; one summary table at the end.
+# The CPU path under contention, in one command: the cross-entropy, Perplexity and linear
+# cross-entropy benchmarks quiet and with 2 busy-looping processes (lossplug ÷ anchor ratios,
+# worst and median of several rounds), then the main job (examples/finetune.py) timed with 2
+# busy processes; one summary table at the end.
 #
 # Usage: benchmarks/contention.sh [BUSY] [ROUNDS]      (defaults: 2 busy processes, 3 rounds)
 set -euo pipefail

@@ -21,8 +21,9 @@
    target; N/A where an anchor is missing, SKIP for timings under ``--tiny``). The exit status
    is 1 when a correctness check fails, whatever the timings.
 
-``--quick`` (under 3 minutes on an H100) leaves out the ``N * V > 2**31`` case and
-``torch.compile``, and times 5 calls instead of 20.
+``--quick`` leaves out the ``N * V > 2**31`` case and ``torch.compile``, and times 5 calls
+instead of 20. The machinery (inputs, timing on the device, tables, verdicts, the header) is the
+CPU benchmarks' own, ``_harness.py``.
 
 ``--tiny`` runs the same code paths on the CPU with tiny shapes under ``TRITON_INTERPRET=1``
 (wall-clock timing, no memory numbers) so the script is known to work without a GPU; there the
@@ -38,31 +39,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 if "--tiny" in sys.argv[1:]:
     # Triton reads this when a kernel is defined, i.e. when lossplug's kernel module is imported.
     os.environ["TRITON_INTERPRET"] = "1"
 
+import _harness as H
 import torch
 import torch.nn.functional as F
+from _harness import IGNORE, MiB
 
+import _reference
 import lossplug
 
-# the float64 references live with the tests (tests/_reference.py); the benchmarks import them
-_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
-import _reference  # noqa: E402
-
-IGNORE = -100
-MiB = 2**20
 HBM_BYTES_PER_S = 3.0e12  # DESIGN.md floor: H100 SXM memory bandwidth
 # DESIGN.md targets, as multiples of the floor
 TARGET_FWD_BWD = 1.3
@@ -73,6 +69,19 @@ PEAK_FLOPS = 800e12
 TARGET_LCE_FLOOR = 1.4
 LCE_TIMING_SHAPE = (8192, 4096, 128256)  # N, D, V
 LCE_CHECK_SHAPE = (4099, 2040, 50257)
+BLOCK_BYTES = 256 * MiB  # inputs are built this much float32 at a time
+STAT_FIELDS = ("nll_sum", "tokens", "correct", "entropy_sum", "lse_sq_sum")  # TokenStats sums
+# relative tolerances of the statistics; perplexity's 1e-4 is the DESIGN.md rule, the sums can do
+# better (a near-tie may flip an argmax of the linear op, whose logits are rounded differently)
+STAT_TOLERANCES = {
+    "loss": 1e-5,
+    "nll_sum": 1e-5,
+    "tokens": 0.0,
+    "correct": 0.0,
+    "entropy_sum": 1e-4,
+    "lse_sq_sum": 1e-5,
+    "perplexity": 1e-4,
+}
 
 
 @dataclass
@@ -107,6 +116,11 @@ class Timing:
     def median_ms(self) -> float | None:
         return statistics.median(self.times_ms) if self.times_ms else None
 
+    @property
+    def x_floor(self) -> float | None:
+        """The median time as a multiple of the floor."""
+        return None if self.median_ms is None else self.median_ms / self.floor_ms
+
 
 # ----------------------------------------------------------------------------------------------
 # inputs and the float64 reference
@@ -123,13 +137,7 @@ def make_inputs(
     gen = torch.Generator(device=device).manual_seed(seed)
     target = torch.randint(0, vocab, (rows,), device=device, generator=gen)
     logits = torch.empty(rows, vocab, device=device, dtype=dtype)
-    step = max(1, (256 * MiB) // (4 * vocab))
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        z = torch.randn(stop - start, vocab, device=device, generator=gen).mul_(2.0)
-        bump = torch.rand(stop - start, device=device, generator=gen).mul_(14.0)
-        z[torch.arange(stop - start, device=device), target[start:stop]] += bump
-        logits[start:stop].copy_(z)
+    H.fill_logits(logits, target, gen, block_bytes=BLOCK_BYTES)
     ignored = torch.rand(rows, device=device, generator=gen) < 1 / 16
     target = target.masked_fill(ignored, IGNORE)
     return logits, target
@@ -197,29 +205,7 @@ def check_case(
     leaf.grad = None
     leaf.requires_grad_(False)
 
-    got = {
-        "loss": float(loss.detach()),
-        "nll_sum": float(stats.nll_sum),
-        "tokens": float(stats.tokens),
-        "correct": float(stats.correct),
-        "entropy_sum": float(stats.entropy_sum),
-        "lse_sq_sum": float(stats.lse_sq_sum),
-    }
-    # relative tolerances; perplexity's 1e-4 is the DESIGN.md rule, the sums can do better
-    tolerances = {
-        "loss": 1e-5,
-        "nll_sum": 1e-5,
-        "tokens": 0.0,
-        "correct": 0.0,
-        "entropy_sum": 1e-4,
-        "lse_sq_sum": 1e-5,
-    }
-    checks = [
-        Check(name, key, got[key], ref[key], _rel(got[key], ref[key]), tolerances[key])
-        for key in tolerances
-    ]
-    ppl, ppl_ref = float(stats.perplexity), float(torch.tensor(ref["loss"]).double().exp())
-    checks.append(Check(name, "perplexity", ppl, ppl_ref, _rel(ppl, ppl_ref), 1e-4))
+    checks = stat_checks(name, loss, stats, ref, STAT_TOLERANCES)
     excess = ref["grad_excess"]
     checks.append(Check(name, "grad (worst err / bound)", excess, 1.0, excess, 1.0))
     if shift:
@@ -227,10 +213,15 @@ def check_case(
     return checks
 
 
-def _rel(value: float, reference: float) -> float:
-    if reference == value:
-        return 0.0
-    return abs(value - reference) / max(abs(reference), 1e-30)
+def stat_checks(
+    name: str, loss: torch.Tensor, stats: Any, ref: dict[str, float], tol: dict[str, float]
+) -> list[Check]:
+    """The loss, every ``TokenStats`` sum and the perplexity against the float64 ``ref``."""
+    got = {"loss": float(loss.detach())}
+    got.update({key: float(getattr(stats, key)) for key in STAT_FIELDS})
+    got["perplexity"] = float(stats.perplexity)
+    ref = {**ref, "perplexity": float(torch.tensor(ref["loss"]).double().exp())}
+    return [Check(name, k, v, ref[k], H.rel_err(v, ref[k]) or 0.0, tol[k]) for k, v in got.items()]
 
 
 def run_correctness(device: torch.device, tiny: bool, quick: bool = False) -> list[Check]:
@@ -245,7 +236,7 @@ def run_correctness(device: torch.device, tiny: bool, quick: bool = False) -> li
     logits, target = make_inputs(*big, device, seed=1)
     checks += check_case(f"bf16 {big[0]}x{big[1]}", logits, target)
     del logits, target
-    _free(device)
+    H.free(device)
 
     if not quick:
         logits, target = make_inputs(*huge, device, seed=2)
@@ -254,7 +245,7 @@ def run_correctness(device: torch.device, tiny: bool, quick: bool = False) -> li
             label += " (N*V > 2^31)"
         checks += check_case(label, logits, target)
         del logits, target
-        _free(device)
+        H.free(device)
 
     # logits[:, :-1] of a [B, S+1, V] buffer: outer stride != S * V, plus shift=True
     b, s, v = strided
@@ -267,7 +258,7 @@ def run_correctness(device: torch.device, tiny: bool, quick: bool = False) -> li
         view=lambda t: t[:, :-1],
     )
     del flat, flat_target
-    _free(device)
+    H.free(device)
     return checks
 
 
@@ -275,65 +266,12 @@ def run_correctness(device: torch.device, tiny: bool, quick: bool = False) -> li
 # timing
 
 
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(
-    run: Callable[[], object],
-    reset: Callable[[], None],
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-) -> tuple[list[float], int | None]:
-    """Times of ``run`` in ms (CUDA events on a GPU, wall clock otherwise) and its peak memory.
-
-    ``reset`` runs between calls, outside the timed region (dropping gradients, restoring
-    clobbered inputs). The peak is measured on one call after the warm-up (compilation and
-    autotuning are done by then), above what was allocated before it.
-    """
-    for _ in range(warmup):
-        run()
-        reset()
-    _sync(device)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        reset()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-        reset()
-    return times, peak
-
-
 def _liger_loss() -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, str]:
     """Liger-Kernel's cross-entropy module, or None and why it is not available."""
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
     except Exception as exc:  # not installed, or an import that needs what is not here
-        return None, f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:60]})"
+        return None, _na(exc)
     return LigerCrossEntropyLoss(ignore_index=IGNORE), ""
 
 
@@ -381,15 +319,15 @@ def run_timings(device: torch.device, tiny: bool, repeats: int, compile_: bool) 
             logits.copy_(pristine)
             try:
                 run, reset = _mode_call(impl, mode, fn, logits, target, pristine)
-                timing.times_ms, timing.peak_extra_bytes = time_call(
+                timing.times_ms, timing.peak_extra_bytes = H.time_on_device(
                     run, reset, device, repeats, warmup
                 )
             except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
-                timing.note = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+                timing.note = _na(exc)
                 traceback.print_exc(limit=2)
             logits.requires_grad_(False)
             logits.grad = None
-            _free(device)
+            H.free(device)
     return results
 
 
@@ -455,29 +393,9 @@ def make_lce_inputs(
     seed: int,
     dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``hidden [rows, dim]``, ``weight [vocab, dim]`` and targets, built in slices.
-
-    ``weight`` is ``2 randn / sqrt(dim)`` (logits of standard deviation about 2); each hidden row
-    is ``randn`` plus a random multiple in ``[0, 14)`` of ``weight[y] / |weight[y]|^2``, which
-    lifts the logit of its target by that much, so the true class is often near the top as with
-    a trained model; one row in sixteen is ignored.
-    """
+    """:func:`_harness.linear_inputs` with one row in sixteen ignored."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    weight = torch.empty(vocab, dim, device=device, dtype=dtype)
-    step = max(1, (256 * MiB) // (4 * dim))
-    for start in range(0, vocab, step):
-        stop = min(start + step, vocab)
-        w = torch.randn(stop - start, dim, device=device, generator=gen)
-        weight[start:stop].copy_(w.mul_(2.0 / dim**0.5))
-    target = torch.randint(0, vocab, (rows,), device=device, generator=gen)
-    hidden = torch.empty(rows, dim, device=device, dtype=dtype)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        w_true = weight.index_select(0, target[start:stop]).float()  # the rounded values
-        bump = torch.rand(stop - start, device=device, generator=gen).mul_(14.0)
-        h = torch.randn(stop - start, dim, device=device, generator=gen)
-        h.addcmul_(w_true, (bump / w_true.square().sum(dim=1))[:, None])
-        hidden[start:stop].copy_(h)
+    hidden, weight, target = H.linear_inputs(rows, dim, vocab, dtype, gen, BLOCK_BYTES)
     ignored = torch.rand(rows, device=device, generator=gen) < 1 / 16
     return hidden, weight, target.masked_fill(ignored, IGNORE)
 
@@ -519,17 +437,7 @@ def _lce_tolerances(backend: str, dtype: torch.dtype) -> dict[str, float]:
     backend rounds bf16 logits to bf16 before scoring them (as the model's own head computes
     them): an error of up to ``2**-9 |z|`` per logit, hence its looser bf16 bounds.
     """
-    tol = {
-        "loss": 1e-5,
-        "nll_sum": 1e-5,
-        "tokens": 0.0,
-        "correct": 1e-3,
-        "entropy_sum": 1e-4,
-        "lse_sq_sum": 1e-5,
-        "perplexity": 1e-4,
-        "grad_h_err": 1e-5,
-        "grad_w_err": 1e-5,
-    }
+    tol = {**STAT_TOLERANCES, "correct": 1e-3, "grad_h_err": 1e-5, "grad_w_err": 1e-5}
     if dtype == torch.bfloat16:
         tol["grad_h_err"] = tol["grad_w_err"] = 1e-2
         if backend == "torch":
@@ -561,18 +469,8 @@ def check_lce_case(
         hidden.grad = weight.grad = None
         hidden.requires_grad_(False)
         weight.requires_grad_(False)
-    got = {
-        "loss": float(loss.detach()),
-        "nll_sum": float(stats.nll_sum),
-        "tokens": float(stats.tokens),
-        "correct": float(stats.correct),
-        "entropy_sum": float(stats.entropy_sum),
-        "lse_sq_sum": float(stats.lse_sq_sum),
-    }
     tol = _lce_tolerances(backend, hidden.dtype)
-    checks = [Check(name, k, got[k], ref[k], _rel(got[k], ref[k]), tol[k]) for k in got]
-    ppl, ppl_ref = float(stats.perplexity), float(torch.tensor(ref["loss"]).double().exp())
-    checks.append(Check(name, "perplexity", ppl, ppl_ref, _rel(ppl, ppl_ref), tol["perplexity"]))
+    checks = stat_checks(name, loss, stats, ref, tol)
     for key, what in (("grad_h_err", "hidden"), ("grad_w_err", "weight")):
         err = ref[key]
         checks.append(Check(name, f"grad {what} (max err / max ref)", err, 0.0, err, tol[key]))
@@ -590,9 +488,9 @@ def run_lce_correctness(device: torch.device, tiny: bool) -> list[Check]:
         for backend in backends:
             name = f"linear {label} N={rows} D={dim} V={vocab} {backend}"
             checks += check_lce_case(name, hidden, weight, target, backend)
-            _free(device)
+            H.free(device)
         del hidden, weight, target
-        _free(device)
+        H.free(device)
     return checks
 
 
@@ -678,17 +576,15 @@ def run_lce_timings(
                 loss.backward()
                 return loss
 
-            timing.times_ms, timing.peak_extra_bytes = time_call(
+            timing.times_ms, timing.peak_extra_bytes = H.time_on_device(
                 run, reset, device, repeats, warmup
             )
         except Exception as exc:  # not installed, or unsupported on this device
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            last = last.replace("|", "/")  # a table cell
-            timing.note = f"n/a ({type(exc).__name__}: {last[:100]})"
+            timing.note = _na(exc)
             if not isinstance(exc, ImportError):
                 traceback.print_exc(limit=2)
         reset()
-        _free(device)
+        H.free(device)
     return results, f"N={rows} D={dim} V={vocab}"
 
 
@@ -701,110 +597,81 @@ def format_lce_timings(results: list[Timing], shape: str) -> str:
         f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s; peak extra = max_memory_allocated above the inputs "
         f"(gradients included); ratios = {ours.impl if ours else 'lossplug'} ÷ that row",
         "",
-        "| impl | median ms | floor ms | x floor | peak extra MiB | lossplug time ratio | "
-        "lossplug mem ratio | target | note |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    head = ["impl", "median ms", "floor ms", "x floor", "peak extra MiB"]
+    head += ["lossplug time ratio", "lossplug mem ratio", "target", "note"]
+    rows = []
     for t in results:
-        med = t.median_ms
-        x_floor = None if med is None else med / t.floor_ms
-        peak = t.peak_extra_bytes
-        t_ratio = m_ratio = "—"
-        if t is not ours and ours is not None:
-            if ours.median_ms is not None and med:
-                t_ratio = f"{ours.median_ms / med:.2f}x"
+        peak, ratios, target = t.peak_extra_bytes, ["—", "—"], ""
+        if t is not ours and ours is not None:  # a zero or missing number has no ratio
+            if ours.median_ms is not None and t.median_ms:
+                ratios[0] = H.ratio(ours.median_ms, t.median_ms)
             if ours.peak_extra_bytes is not None and peak:
-                m_ratio = f"{ours.peak_extra_bytes / peak:.2f}x"
-        target = ""
-        if t is ours and x_floor is not None:
-            within = x_floor <= TARGET_LCE_FLOOR
-            target = f"<= {TARGET_LCE_FLOOR}x floor: {'yes' if within else 'NO'}"
+                ratios[1] = H.ratio(ours.peak_extra_bytes, peak)
+        if t is ours and t.x_floor is not None:
+            target = f"<= {TARGET_LCE_FLOOR}x floor: {_yes(t.x_floor <= TARGET_LCE_FLOOR)}"
             if cce is not None and cce.peak_extra_bytes and peak is not None:
-                target += f"; mem <= CCE: {'yes' if peak <= cce.peak_extra_bytes else 'NO'}"
-        lines.append(
-            f"| {t.impl} | {'n/a' if med is None else f'{med:.3f}'} | {t.floor_ms:.3g} | "
-            f"{'n/a' if x_floor is None else f'{x_floor:.3g}'} | "
-            f"{'n/a' if peak is None else f'{peak / MiB:.0f}'} | {t_ratio} | {m_ratio} | "
-            f"{target} | {t.note} |"
-        )
-    return "\n".join(lines)
+                target += f"; mem <= CCE: {_yes(peak <= cce.peak_extra_bytes)}"
+        cells = [t.impl, H.fmt(t.median_ms, ".3f"), f"{t.floor_ms:.3g}", H.fmt(t.x_floor, ".3g")]
+        rows.append([*cells, H.mib(peak), *ratios, target, t.note])
+    return "\n".join(lines + H.markdown_table(head, rows))
 
 
 # ----------------------------------------------------------------------------------------------
 # report
 
 
+def _na(exc: BaseException) -> str:
+    """Why a row has no number: the exception's type and last line, fit for a table cell."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1].replace("|", "/") if text else ""
+    return f"n/a ({type(exc).__name__}: {last[:100]})"
+
+
+def _yes(ok: bool) -> str:
+    """A target cell's answer (the PASS/FAIL lines are :func:`target_lines`)."""
+    return "yes" if ok else "NO"
+
+
 def environment(device: torch.device) -> dict[str, str]:
-    """Device name and library versions."""
+    """The machine, the device and the library versions of the anchors."""
     import triton
 
-    info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "lossplug": lossplug.__version__,
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-    for name, module in (
-        ("liger-kernel", "liger_kernel"),
-        ("cut-cross-entropy", "cut_cross_entropy"),
-    ):
-        try:
-            from importlib.metadata import version
-
-            __import__(module)
-            info[name] = version(name)
-        except Exception:
-            info[name] = "not installed"
-    return info
+    return H.machine_info(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        triton=triton.__version__,
+        TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "0"),
+        **{name: H.version_of(name) for name in ("liger-kernel", "cut-cross-entropy")},
+    )
 
 
 def format_checks(checks: list[Check]) -> str:
-    lines = [
-        "| case | quantity | lossplug | float64 ref | rel err | tol | ok |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    head = ["case", "quantity", "lossplug", "float64 ref", "rel err", "tol", "ok"]
+    rows = []
     for c in checks:
-        lines.append(
-            f"| {c.case} | {c.quantity} | {c.value:.9g} | {c.reference:.9g} | {c.error:.2e} | "
-            f"{c.tolerance:.0e} | {'PASS' if c.ok else 'FAIL'} |"
-        )
-    return "\n".join(lines)
+        cells = [c.case, c.quantity, f"{c.value:.9g}", f"{c.reference:.9g}", f"{c.error:.2e}"]
+        rows.append([*cells, f"{c.tolerance:.0e}", "PASS" if c.ok else "FAIL"])
+    return "\n".join(H.markdown_table(head, rows))
 
 
 def format_timings(results: list[Timing], shape: str) -> str:
     """Final table: time, floor ratio, peak extra memory, and the DESIGN.md target verdicts."""
-    liger_fb = next(
-        (t.median_ms for t in results if t.impl.startswith("liger") and t.mode == "fwd+bwd"), None
-    )
-    lines = [
-        f"bf16 {shape}; floor = logits bytes read (+ written) at 3.0 TB/s",
-        "",
-        "| impl | mode | median ms | floor ms | x floor | peak extra MiB | target | note |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    liger = next((t for t in results if t.impl.startswith("liger") and t.mode == "fwd+bwd"), None)
+    head = ["impl", "mode", "median ms", "floor ms", "x floor", "peak extra MiB", "target", "note"]
+    rows = []
     for t in results:
-        med = t.median_ms
-        ratio = None if med is None else med / t.floor_ms
         target = ""
-        if t.impl == "lossplug-triton" and ratio is not None:
+        if t.impl == "lossplug-triton" and t.x_floor is not None:
             if t.mode == "fwd+bwd":
-                target = f"<= {TARGET_FWD_BWD}x: {'yes' if ratio <= TARGET_FWD_BWD else 'NO'}"
-                if liger_fb is not None:
-                    target += f"; < liger: {'yes' if med < liger_fb else 'NO'}"
+                target = f"<= {TARGET_FWD_BWD}x: {_yes(t.x_floor <= TARGET_FWD_BWD)}"
+                if liger is not None and liger.median_ms is not None:
+                    target += f"; < liger: {_yes(t.median_ms < liger.median_ms)}"
             elif t.mode == "stats":
-                target = f"<= {TARGET_STATS}x: {'yes' if ratio <= TARGET_STATS else 'NO'}"
-        peak = "n/a" if t.peak_extra_bytes is None else f"{t.peak_extra_bytes / MiB:.0f}"
-        lines.append(
-            f"| {t.impl} | {t.mode} | {'n/a' if med is None else f'{med:.3f}'} | "
-            f"{t.floor_ms:.3g} | {'n/a' if ratio is None else f'{ratio:.3g}'} | {peak} | "
-            f"{target} | {t.note} |"
-        )
-    return "\n".join(lines)
-
-
-def _verdict(ok: bool | None) -> str:
-    return "N/A " if ok is None else "PASS" if ok else "FAIL"
+                target = f"<= {TARGET_STATS}x: {_yes(t.x_floor <= TARGET_STATS)}"
+        cells = [t.impl, t.mode, H.fmt(t.median_ms, ".3f"), f"{t.floor_ms:.3g}"]
+        rows.append([*cells, H.fmt(t.x_floor, ".3g"), H.mib(t.peak_extra_bytes), target, t.note])
+    title = f"bf16 {shape}; floor = logits bytes read (+ written) at 3.0 TB/s"
+    return "\n".join([title, "", *H.markdown_table(head, rows)])
 
 
 def target_lines(
@@ -812,53 +679,54 @@ def target_lines(
 ) -> list[str]:
     """One ``PASS``/``FAIL``/``N/A``/``SKIP`` line per target, with the number behind it."""
     lines = []
+    skip = " (--tiny: CPU wall clock)"  # GPU floors say nothing of CPU times
+
+    def add(label: str, ok: bool | None, detail: str) -> None:
+        """``detail``: ``": the number"``, or ``" (why there is none)"``."""
+        lines.append(f"{'SKIP' if detail == skip else H.pass_fail(ok)}  {label}{detail}")
+
     for name, group in (("cross-entropy", checks), ("linear cross-entropy", lce_checks)):
         if group:
-            bad = sum(not c.ok for c in group)
-            verdict = _verdict(bad == 0)
-            lines.append(f"{verdict}  correctness {name}: {len(group) - bad}/{len(group)} checks")
+            good = sum(c.ok for c in group)
+            add(f"correctness {name}", good == len(group), f": {good}/{len(group)} checks")
 
-    def median(impl: str, mode: str = "fwd+bwd") -> Timing | None:
+    def find(impl: str, mode: str = "fwd+bwd") -> Timing | None:
         return next((t for t in timings if t.impl == impl and t.mode == mode), None)
 
     def timed(label: str, t: Timing | None, limit: float) -> None:
         if t is None:
             return
         if tiny:
-            lines.append(f"SKIP  {label} (--tiny: CPU wall clock)")
-        elif t.median_ms is None:
-            lines.append(f"N/A   {label} ({t.note or 'not run'})")
+            add(label, None, skip)
+        elif t.x_floor is None:
+            add(label, None, f" ({t.note or 'not run'})")
         else:
-            ratio = t.median_ms / t.floor_ms
-            lines.append(f"{_verdict(ratio <= limit)}  {label}: {ratio:.2f}x floor")
+            add(label, t.x_floor <= limit, f": {t.x_floor:.2f}x floor")
 
-    timed(f"CE fwd+bwd <= {TARGET_FWD_BWD}x floor", median("lossplug-triton"), TARGET_FWD_BWD)
-    timed(f"CE stats <= {TARGET_STATS}x floor", median("lossplug-triton", "stats"), TARGET_STATS)
-    ours, liger = median("lossplug-triton"), median("liger CrossEntropyLoss")
+    timed(f"CE fwd+bwd <= {TARGET_FWD_BWD}x floor", find("lossplug-triton"), TARGET_FWD_BWD)
+    timed(f"CE stats <= {TARGET_STATS}x floor", find("lossplug-triton", "stats"), TARGET_STATS)
+    ours, liger = find("lossplug-triton"), find("liger CrossEntropyLoss")
     if ours is not None and liger is not None:
         label = "CE fwd+bwd faster than Liger CE"
         if tiny:
-            lines.append(f"SKIP  {label} (--tiny: CPU wall clock)")
+            add(label, None, skip)
         elif ours.median_ms is None or liger.median_ms is None:
-            lines.append(f"N/A   {label} ({(liger.note or ours.note) or 'not run'})")
+            add(label, None, f" ({(liger.note or ours.note) or 'not run'})")
         else:
-            ok = ours.median_ms < liger.median_ms
-            lines.append(
-                f"{_verdict(ok)}  {label}: {ours.median_ms:.3f} vs {liger.median_ms:.3f} ms"
-            )
-    cce = median("CCE linear_cross_entropy (cce)")
+            faster = ours.median_ms < liger.median_ms
+            add(label, faster, f": {ours.median_ms:.3f} vs {liger.median_ms:.3f} ms")
+    cce = find("CCE linear_cross_entropy (cce)")
     for impl in ("lossplug (torch backend)", "lossplug (triton)"):
-        t = median(impl)
+        t = find(impl)
         timed(f"linear CE fwd+bwd {impl} <= {TARGET_LCE_FLOOR}x floor", t, TARGET_LCE_FLOOR)
         if t is None or tiny:
             continue
         label = f"linear CE peak extra memory {impl} <= CCE's"
         if t.peak_extra_bytes is None or cce is None or cce.peak_extra_bytes is None:
-            lines.append(f"N/A   {label} ({cce.note if cce is not None else 'CCE not run'})")
+            add(label, None, f" ({cce.note if cce is not None else 'CCE not run'})")
         else:
             ok = t.peak_extra_bytes <= cce.peak_extra_bytes
-            mib = f"{t.peak_extra_bytes / MiB:.0f} vs {cce.peak_extra_bytes / MiB:.0f} MiB"
-            lines.append(f"{_verdict(ok)}  {label}: {mib}")
+            add(label, ok, f": {H.mib(t.peak_extra_bytes)} vs {H.mib(cce.peak_extra_bytes)} MiB")
     return lines
 
 
@@ -877,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="under 3 minutes: no N*V > 2**31 case, no torch.compile, 5 timed calls",
+        help="the short run: no N*V > 2**31 case, no torch.compile, 5 timed calls",
     )
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
@@ -894,11 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.tiny else 5 if args.quick else 20)
     compile_ = not (args.no_compile or args.quick)
     info = environment(device)
-    print("# lossplug GPU suite\n")
-    print("- " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; command: python {shlex.join(sys.argv)}")
-    timing_clock = "CUDA events" if device.type == "cuda" else "wall clock"
-    print(f"- timing: median of {repeats} calls ({timing_clock})\n", flush=True)
+    clock = "CUDA events" if device.type == "cuda" else "wall clock"
+    method = f"timing: median of {repeats} calls ({clock})"
+    print(H.header("lossplug GPU suite", info, torch.get_num_threads(), method) + "\n", flush=True)
 
     checks: list[Check] = []
     timings: list[Timing] = []
@@ -914,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = "64x1000" if args.tiny else "8192x128256"
         print(f"## Timings ({time.perf_counter() - t0:.1f} s)\n")
         print(format_timings(timings, shape) + "\n", flush=True)
-        _free(device)
+        H.free(device)
 
     lce_checks: list[Check] = []
     lce_timings: list[Timing] = []

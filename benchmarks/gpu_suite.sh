@@ -8,8 +8,8 @@
 # torch and triton). Without them those rows show n/a. Extra arguments go to gpu_suite.py, e.g.
 #   bash benchmarks/gpu_suite.sh --repeats 50 --json gpu_results.json
 #   bash benchmarks/gpu_suite.sh --linear-only       # only the linear cross-entropy section
-#   bash benchmarks/gpu_suite.sh --quick             # under 3 minutes: no N*V > 2**31 case,
-#                                                    # no torch.compile, 5 timed calls
+#   bash benchmarks/gpu_suite.sh --quick             # no N*V > 2**31 case, no torch.compile,
+#                                                    # 5 timed calls
 # The report ends with one PASS/FAIL line per target (correctness, DESIGN.md time and memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
