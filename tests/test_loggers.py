@@ -1,13 +1,16 @@
 """lossplug.loggers: the offline-by-default W&B logger and the ``.wandb`` file reader.
 
-Runs are real: written by wandb itself (offline, in temporary folders), once directly and once
-through ``wandb_logger`` under a small Lightning ``Trainer``, then read back with ``read_run``.
+Runs are real: written by wandb itself (offline, in temporary folders), once directly, once
+with a table and custom charts, and once through ``wandb_logger`` under a small Lightning
+``Trainer``, then read back with ``read_run``.
 Mode detection is tested through the pure ``resolve_mode``; nothing here goes online.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 import re
 import shutil
 import struct
@@ -18,7 +21,10 @@ from pathlib import Path
 import pytest
 
 from lossplug.loggers import (
+    DAMAGED,
+    NO_EXIT,
     MetricDefinition,
+    ReadProblem,
     api_key_source,
     describe_run,
     read_run,
@@ -29,6 +35,12 @@ from lossplug.loggers import (
 LOSSES = [0.9, 0.7, 0.8, 0.5]
 ACCS = [0.25, 0.5, 0.75, 1.0]
 BLOB = "x" * 70_000  # a config value large enough to span three 32 KiB blocks
+# A table of the kind the callbacks log at the end of fit, logged twice: the last one counts.
+TABLE_COLUMNS = ["step", "val/perplexity", "kpi/exact_match"]
+TABLES = [
+    [[1, 12.5, 0.25], [2, 10.0, 0.5]],
+    [[1, 12.5, 0.25], [2, 10.0, 0.5], [3, 9.0, float("nan")]],
+]
 AUTH_VARS = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC")
 
 
@@ -57,6 +69,30 @@ def direct_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run.summary["note"] = "done"
     run.finish()
     # finish() can return before wandb's writer has flushed the file: wait for the exit record.
+    assert read_run(root, wait=30).complete
+    return root
+
+
+@pytest.fixture(scope="module")
+def media_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that logs a table and two scatter charts of it, twice."""
+    import wandb
+
+    root = tmp_path_factory.mktemp("media")
+    run = wandb.init(mode="offline", dir=root, project="lossplug-test")
+    for rows in TABLES:
+        table = wandb.Table(columns=TABLE_COLUMNS, data=rows)
+        title = "exact match vs perplexity"
+        run.log(
+            {
+                "link/table": table,
+                "link/kpi_exact_match": wandb.plot.scatter(
+                    table, "val/perplexity", "kpi/exact_match", title=title
+                ),
+                "link/split": wandb.plot.scatter(table, "step", "val/perplexity", split_table=True),
+            }
+        )
+    run.finish()
     assert read_run(root, wait=30).complete
     return root
 
@@ -280,11 +316,100 @@ def test_garbage_after_a_valid_header_is_reported(tmp_path: Path) -> None:
     assert any("CRC mismatch" in e or "claims" in e for e in run.errors)
 
 
+def test_read_problems_say_their_kind_and_file(direct_run: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(read_run(direct_run).path.read_bytes()[:-10])  # inside the exit record
+
+    run = read_run(cut)
+
+    assert all(isinstance(e, ReadProblem) and e.file == "cut.wandb" for e in run.errors)
+    assert [e.kind for e in run.errors] == [DAMAGED, NO_EXIT]
+    truncated = run.errors[0]
+    assert truncated == f"cut.wandb: {truncated.detail}" and "truncated" in truncated.detail
+    # Still the plain message wherever it goes.
+    copied = pickle.loads(pickle.dumps(truncated))
+    assert (copied, copied.kind, copied.file) == (truncated, DAMAGED, "cut.wandb")
+    assert json.loads(json.dumps(run.errors)) == [str(e) for e in run.errors]
+
+
+def test_a_record_that_is_not_protobuf_names_no_file(tmp_path: Path) -> None:
+    payload = b"\xff" * 5
+    chunk = struct.pack("<IHB", zlib.crc32(bytes([1]) + payload), len(payload), 1) + payload
+    path = tmp_path / "odd.wandb"
+    path.write_bytes(b":W&B\xe1\xbe\x00" + chunk)
+
+    run = read_run(path)
+
+    assert [(e.kind, e.file) for e in run.errors] == [(DAMAGED, None), (NO_EXIT, "odd.wandb")]
+    assert run.errors[0].startswith("record at byte 7: not a valid W&B record")
+    assert run.errors[0].detail == run.errors[0]
+
+
+def test_read_problem_checks_its_kind_and_file() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ReadProblem("x.wandb: lost", "lost")
+    with pytest.raises(ValueError, match="does not begin with 'y\\.wandb'"):
+        ReadProblem("x.wandb: lost", DAMAGED, file="y.wandb")
+
+
 def test_missing_run_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_run(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no W&B run"):
         read_run(tmp_path)
+
+
+# --- tables and charts ----------------------------------------------------------------------
+
+
+def _same_rows(rows: list[list], expected: list[list]) -> bool:
+    # NaN is not equal to itself: compare the cells' reprs.
+    return repr(rows) == repr(expected)
+
+
+def test_logged_table_reads_back_from_the_run_folder(media_run: Path) -> None:
+    run = read_run(media_run)
+    assert run.complete and run.errors == []
+    # The history holds a reference; the table itself is a JSON file in the run's files/.
+    value = run.last("link/table")
+    assert value["_type"] == "table-file" and value["path"].startswith("media/table/link/")
+    assert (run.path.parent / "files" / value["path"]).is_file()
+    assert [row["link/table"]["nrows"] for row in run.history] == [len(t) for t in TABLES]
+
+    columns, rows = run.table("link/table")
+
+    assert columns == TABLE_COLUMNS and _same_rows(rows, TABLES[-1])
+    assert run.table("link/kpi_exact_match_table") == (columns, rows)  # the chart's copy
+    assert run.table("missing") is None and run.table("_step") is None
+    assert run.config == {}  # the charts' specs are W&B's bookkeeping, not the user's config
+
+
+def test_logged_scatter_reads_back_with_its_table(media_run: Path) -> None:
+    run = read_run(media_run)
+
+    chart = run.chart("link/kpi_exact_match")
+
+    assert chart.preset == "wandb/scatter/v0" and chart.title == "exact match vs perplexity"
+    assert (chart.x, chart.y) == ("val/perplexity", "kpi/exact_match")
+    assert chart.table_key == "link/kpi_exact_match_table"
+    assert chart.columns == TABLE_COLUMNS and _same_rows(chart.rows, TABLES[-1])
+    assert chart.points()[:2] == [(12.5, 0.25), (10.0, 0.5)]
+
+    split = run.chart("link/split")  # split_table=True moves the table to its own section
+    assert split.table_key == "Custom Chart Tables/link/split_table" and split.title == ""
+    assert split.points() == [(1, 12.5), (2, 10.0), (3, 9.0)]
+    assert run.chart("link/table") is None and run.chart("missing") is None
+
+
+def test_a_table_whose_file_is_gone_raises(media_run: Path, tmp_path: Path) -> None:
+    file = read_run(media_run).path
+    (tmp_path / file.parent.name).mkdir()
+    shutil.copy(file, tmp_path / file.parent.name / file.name)  # without files/
+    run = read_run(tmp_path / file.parent.name)
+    with pytest.raises(FileNotFoundError, match="table file media/table/link/"):
+        run.table("link/table")
+    with pytest.raises(FileNotFoundError):
+        run.chart("link/kpi_exact_match")
 
 
 # --- choosing the mode ---------------------------------------------------------------------------

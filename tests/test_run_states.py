@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lossplug.cli import EXIT_CRASHED, EXIT_INCOMPLETE, EXIT_OK, main
-from lossplug.loggers import read_run
+from lossplug.loggers import NO_EXIT, NOT_READ, read_run
 from lossplug.report import summarize
 
 PROJECT = "lossplug-states"
@@ -174,6 +174,7 @@ def test_run_without_exit_record_is_unfinished(
     # Cut at a record boundary: nothing is damaged, only the end is missing.
     assert len(run.errors) == 1 and "no exit record" in run.errors[0]
     assert "crashed" not in run.errors[0] and "still running or killed" in run.errors[0]
+    assert (run.errors[0].kind, run.errors[0].file) == (NO_EXIT, unfinished.name)
 
     assert main(["report", str(unfinished)]) == EXIT_INCOMPLETE
     out, err = capsys.readouterr()
@@ -361,6 +362,21 @@ def test_an_earlier_part_killed_before_its_end(
     assert re.search(r"part 1: .*UNFINISHED \(no exit record: still running or killed\)", out)
 
 
+def test_a_last_part_without_its_end_keeps_the_kind(resumed: dict, tmp_path: Path) -> None:
+    """Merging renames a part's problems after its folder; what kind each is stays."""
+    for file in resumed["parts"]:
+        shutil.copytree(file.parent, tmp_path / "wandb" / file.parent.name)
+    last = tmp_path / "wandb" / resumed["parts"][1].parent.name / resumed["parts"][1].name
+    last.write_bytes(_without_exit(last))
+
+    run = read_run(tmp_path)
+
+    assert run.state == "unfinished"
+    (error,) = run.errors
+    assert (error.kind, error.file) == (NO_EXIT, f"{last.parent.name}/{last.name}")
+    assert error == f"{error.file}: {error.detail}" and error.detail.startswith("no exit record")
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_an_unreadable_part_is_named(
     resumed: dict, tmp_path: Path, which: int, capsys: pytest.CaptureFixture[str]
@@ -380,6 +396,7 @@ def test_an_unreadable_part_is_named(
     (error,) = run.errors
     assert error.startswith(f"{files[which].parent.name}/{files[which].name}: part not read")
     assert "empty" in error
+    assert (error.kind, error.file) == (NOT_READ, f"{files[which].parent.name}/{files[which].name}")
     # A last part not yet written: the run is running again, whatever the first part's end.
     assert run.state == ("unfinished" if which == 1 else "finished")
     assert main(["report", str(tmp_path)]) == EXIT_INCOMPLETE
