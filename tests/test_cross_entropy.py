@@ -543,10 +543,10 @@ def test_scalar_loss_gradient_is_not_left_in_the_graph():
     while node is not None and "GradInForward" not in type(node).__name__:
         node = node.next_functions[0][0]
     assert node is not None, "the scalar loss did not take the forward-gradient path"
-    assert node.grad3 is not None and node.grad3.shape == (1, 18, 101)
-    held = node.grad3.data_ptr()  # not a reference: one would make autograd copy the buffer
+    assert node.grad_logits is not None and node.grad_logits.shape == (1, 18, 101)
+    held = node.grad_logits.data_ptr()  # not a reference: one would make autograd copy the buffer
     loss.backward()
-    assert node.grad3 is None
+    assert node.grad_logits is None
     assert x.grad.data_ptr() == held  # the leaf took the buffer, no copy
 
 

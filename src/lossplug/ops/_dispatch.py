@@ -15,18 +15,18 @@ from typing import Literal, NamedTuple, Protocol, overload, runtime_checkable
 
 import torch
 
-from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._spec import LinearGrads, LossSpec, NeededGrads, RowOutputs
 from lossplug.ops._torch import cross_entropy as torch_cross_entropy
 from lossplug.ops._torch import linear_cross_entropy as torch_linear_cross_entropy
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Ops whose ``"auto"`` stays on the chunked PyTorch path on CUDA too. linear_cross_entropy: at
-# DESIGN's shape (N=8192, D=4096, V=128256, bf16) the Triton backward adds its [64, D] and
-# [128, D] tile gradients with ~1.0e11 float32 atomics per call, whose HBM traffic alone is
-# ~240 ms on an H100, 5.4x DESIGN's 45 ms target; the PyTorch path runs its three matmuls on
-# cuBLAS (26 ms at peak) plus ~33 ms of elementwise passes, ~59 ms in all: about 4x faster by the
-# model of benchmarks/cost_model.py (benchmarks/RESULTS.md). backend="triton" still selects it.
+# Ops whose ``"auto"`` stays on the chunked PyTorch path on CUDA too. linear_cross_entropy: the
+# Triton backward adds every tile's share of the hidden and weight gradients with float32 atomics,
+# one per element of a [BLOCK_N, D] and a [BLOCK_V, D] tile for each of the N/BLOCK_N * V/BLOCK_V
+# tiles; at language-model sizes that traffic outweighs the PyTorch path's three cuBLAS matmuls
+# and its element-wise passes several times over (benchmarks/cost_model.py models both).
+# backend="triton" still selects it.
 TORCH_ON_CUDA = frozenset({"linear_cross_entropy"})
 
 
@@ -38,22 +38,22 @@ class CrossEntropyBackend(Protocol):
     #: a loss reduced to a scalar then gets its gradient in the forward sweep
     PRECOMPUTES_GRAD: bool
 
-    def forward(self, logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
-        """The per-row outputs of ``logits3 [outer, inner, V]`` (vocabulary stride 1) against
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
+        """The per-row outputs of ``logits [outer, inner, V]`` (vocabulary stride 1) against
         ``target [outer * inner]`` (int64)."""
         ...
 
     def backward(
         self,
-        logits3: torch.Tensor,
+        logits: torch.Tensor,
         target: torch.Tensor,
         lse: torch.Tensor,
         grad_rows: torch.Tensor,
         spec: LossSpec,
-        grad3: torch.Tensor,
+        grad_logits: torch.Tensor,
     ) -> None:
-        """Write the gradient of ``Σ grad_rows * loss_rows`` into ``grad3`` (``logits3``'s shape;
-        it may be ``logits3`` itself, for ``inplace_backward``)."""
+        """Write the gradient of ``Σ grad_rows * loss_rows`` into ``grad_logits`` (``logits``'
+        shape; it may be ``logits`` itself, for ``inplace_backward``)."""
         ...
 
 
@@ -63,14 +63,14 @@ class GradInForwardBackend(CrossEntropyBackend, Protocol):
 
     def forward_with_grad(
         self,
-        logits3: torch.Tensor,
+        logits: torch.Tensor,
         target: torch.Tensor,
         spec: LossSpec,
         weight: torch.Tensor,
-        grad3: torch.Tensor,
+        grad_logits: torch.Tensor,
     ) -> RowOutputs:
-        """:meth:`forward`, and the gradient of ``weight * Σ loss_rows`` written into ``grad3``
-        (``logits3``'s shape and dtype, never ``logits3`` itself)."""
+        """:meth:`forward`, and the gradient of ``weight * Σ loss_rows`` written into
+        ``grad_logits`` (``logits``' shape and dtype, never ``logits`` itself)."""
         ...
 
 
@@ -90,7 +90,7 @@ class LinearCrossEntropyBackend(Protocol):
         target: torch.Tensor,
         spec: LossSpec,
         *,
-        needs: tuple[bool, bool, bool] | None,
+        needs: NeededGrads | None,
     ) -> tuple[RowOutputs, LinearGrads | None]:
         """The per-row outputs of ``hidden [N, D] @ weight.T [D, V] + bias`` against ``target
         [N]``, and the gradients (of hidden, weight, bias) of the summed loss where ``needs``
@@ -106,7 +106,7 @@ class LinearCrossEntropyBackend(Protocol):
         lse: torch.Tensor,
         grad_rows: torch.Tensor,
         spec: LossSpec,
-        needs: tuple[bool, bool, bool],
+        needs: NeededGrads,
     ) -> LinearGrads:
         """The gradients of ``Σ grad_rows * loss_rows`` that ``needs`` asks for."""
         ...

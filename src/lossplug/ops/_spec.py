@@ -38,7 +38,7 @@ class LossSpec:
     z_loss: float
     softcap: float | None
     # False when only the NLL is wanted (perplexity metrics): backends may then skip the argmax
-    # and entropy, which cost as much as the rest on the CPU (on a GPU they are free)
+    # and entropy (the PyTorch path does: on a CPU they cost as much as the rest)
     full_stats: bool = True
     shift: bool = False
     reduction: Reduction = "mean"
@@ -141,6 +141,10 @@ class RowOutputs:
     entropy: torch.Tensor
     correct: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(loss, nll, lse, entropy, correct)``: the fields in order (not copies)."""
+        return self.loss, self.nll, self.lse, self.entropy, self.correct
+
     def mask_(self, ignored: torch.Tensor, invalid: torch.Tensor) -> RowOutputs:
         """Zero the ignored rows and make the loss of rows with an invalid label ``nan``.
 
@@ -153,6 +157,14 @@ class RowOutputs:
             out.masked_fill_(ignored, 0.0)
         self.correct.masked_fill_(ignored | invalid, 0)
         return self
+
+
+class NeededGrads(NamedTuple):
+    """Which gradients of the fused linear loss to compute: of ``hidden``, ``weight``, ``bias``."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
 
 
 class LinearGrads(NamedTuple):

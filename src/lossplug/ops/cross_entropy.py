@@ -130,8 +130,8 @@ def _cross_entropy(
     _check_logits_and_target(logits, target)
     _check_shift(spec, target)
     if spec.full_stats and not return_stats:
-        # no statistics wanted, none computed: the argmax and entropy cost as much as the rest
-        # on the CPU (on a GPU they are free)
+        # no statistics wanted, none asked for: the PyTorch path then skips the argmax and the
+        # entropy (on a CPU they cost as much as the rest); the Triton kernels compute them anyway
         spec = dataclasses.replace(spec, full_stats=False)
     loss_shape = _loss_shape(target, spec.shift)
     if logits.dim() == 1:  # a single row, as torch accepts for a 0-d target
@@ -143,18 +143,20 @@ def _cross_entropy(
         _check_target_values(target, vocab, spec.ignore_index, shifted=spec.shift)
 
     impl = _dispatch.resolve(backend, "cross_entropy", logits, "logits")
-    logits3 = _as_rows(logits)
+    logits_rows = _as_rows(logits)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
     tokens = (target_rows != spec.ignore_index).sum()
-    if not (torch.is_grad_enabled() and logits3.requires_grad):
-        rows = impl.forward(logits3.detach(), target_rows, spec)
+    if not (torch.is_grad_enabled() and logits_rows.requires_grad):
+        rows = impl.forward(logits_rows.detach(), target_rows, spec)
         loss = _reduce(rows.loss, tokens, spec)
     elif spec.reduction != "none" and not inplace_backward and impl.PRECOMPUTES_GRAD:
-        loss, *outputs = _GradInForwardCrossEntropy.apply(logits3, target_rows, tokens, spec, impl)
+        loss, *outputs = _GradInForwardCrossEntropy.apply(
+            logits_rows, target_rows, tokens, spec, impl
+        )
         rows = RowOutputs(*outputs)
     else:
         rows = RowOutputs(
-            *_FusedCrossEntropy.apply(logits3, target_rows, spec, impl, inplace_backward)
+            *_FusedCrossEntropy.apply(logits_rows, target_rows, spec, impl, inplace_backward)
         )
         loss = _reduce(rows.loss, tokens, spec)
     if spec.reduction == "none":
@@ -238,10 +240,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, logits3, target_rows, spec: LossSpec, impl: CrossEntropyBackend, inplace: bool
+        ctx, logits_rows, target_rows, spec: LossSpec, impl: CrossEntropyBackend, inplace: bool
     ):
-        rows = impl.forward(logits3, target_rows, spec)
-        ctx.save_for_backward(logits3, target_rows, rows.lse)
+        rows = impl.forward(logits_rows, target_rows, spec)
+        ctx.save_for_backward(logits_rows, target_rows, rows.lse)
         ctx.spec, ctx.impl, ctx.inplace = spec, impl, inplace
         ctx.mark_non_differentiable(rows.nll, rows.lse, rows.entropy, rows.correct)
         return rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct
@@ -249,14 +251,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradients are not themselves differentiable: say so, loudly
     def backward(ctx, grad_loss_rows, *_unused):
-        logits3, target_rows, lse = ctx.saved_tensors
-        grad3 = (
-            logits3
-            if ctx.inplace
-            else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
-        )
-        ctx.impl.backward(logits3, target_rows, lse, grad_loss_rows, ctx.spec, grad3)
-        return grad3, None, None, None, None
+        logits_rows, target_rows, lse = ctx.saved_tensors
+        grad_logits = logits_rows if ctx.inplace else _empty_grad(logits_rows)
+        ctx.impl.backward(logits_rows, target_rows, lse, grad_loss_rows, ctx.spec, grad_logits)
+        return grad_logits, None, None, None, None
 
 
 class _GradInForwardCrossEntropy(torch.autograd.Function):
@@ -271,16 +269,16 @@ class _GradInForwardCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits3, target_rows, tokens, spec: LossSpec, impl: GradInForwardBackend):
+    def forward(ctx, logits_rows, target_rows, tokens, spec: LossSpec, impl: GradInForwardBackend):
         if spec.reduction == "mean":
             # the float64 quotient cast once, as autograd's gradient of _reduce would be
             weight = 1.0 / _mean_denominator(tokens, spec).to(torch.float64)
         else:
             weight = torch.ones((), dtype=torch.float64, device=tokens.device)
-        grad3 = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
-        rows = impl.forward_with_grad(logits3, target_rows, spec, weight, grad3)
-        ctx.save_for_backward(logits3, target_rows, rows.lse, weight)
-        ctx.spec, ctx.impl, ctx.grad3 = spec, impl, grad3
+        grad_logits = _empty_grad(logits_rows)
+        rows = impl.forward_with_grad(logits_rows, target_rows, spec, weight, grad_logits)
+        ctx.save_for_backward(logits_rows, target_rows, rows.lse, weight)
+        ctx.spec, ctx.impl, ctx.grad_logits = spec, impl, grad_logits
         ctx.mark_non_differentiable(rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct)
         loss = _reduce(rows.loss, tokens, spec)
         return loss, rows.loss, rows.nll, rows.lse, rows.entropy, rows.correct
@@ -288,16 +286,21 @@ class _GradInForwardCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
-        logits3, target_rows, lse, weight = ctx.saved_tensors
-        grad3, ctx.grad3 = ctx.grad3, None
-        if grad3 is None:  # a second backward() through a retained graph: recompute it
-            grad3 = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+        logits_rows, target_rows, lse, weight = ctx.saved_tensors
+        grad_logits, ctx.grad_logits = ctx.grad_logits, None
+        if grad_logits is None:  # a second backward() through a retained graph: recompute it
+            grad_logits = _empty_grad(logits_rows)
             grad_rows = (grad_loss.to(torch.float64) * weight).to(lse.dtype).expand(lse.shape)
-            ctx.impl.backward(logits3, target_rows, lse, grad_rows, ctx.spec, grad3)
+            ctx.impl.backward(logits_rows, target_rows, lse, grad_rows, ctx.spec, grad_logits)
         elif grad_loss.device.type != "cpu" or bool(grad_loss != 1):
             # on the CPU the comparison costs nothing; elsewhere it would be a host sync
-            grad3.mul_(grad_loss)
-        return grad3, None, None, None, None
+            grad_logits.mul_(grad_loss)
+        return grad_logits, None, None, None, None
+
+
+def _empty_grad(logits_rows: torch.Tensor) -> torch.Tensor:
+    """An uninitialised, contiguous gradient buffer of the logits' shape and dtype."""
+    return torch.empty(logits_rows.shape, dtype=logits_rows.dtype, device=logits_rows.device)
 
 
 def _check_per_sequence(per_sequence_stats: bool, target: torch.Tensor) -> None:

@@ -10,7 +10,14 @@ from torch.autograd.function import once_differentiable
 
 from lossplug.ops import _dispatch
 from lossplug.ops._dispatch import LinearCrossEntropyBackend
-from lossplug.ops._spec import AllIgnored, LinearGrads, LossSpec, Reduction, RowOutputs
+from lossplug.ops._spec import (
+    AllIgnored,
+    LinearGrads,
+    LossSpec,
+    NeededGrads,
+    Reduction,
+    RowOutputs,
+)
 from lossplug.ops.cross_entropy import (
     _FLOAT_DTYPES,
     _check_per_sequence,
@@ -141,7 +148,7 @@ def _linear_cross_entropy(
     _check_per_sequence(per_sequence_stats, target)
     _check_shift(spec, target)
     if spec.full_stats and not return_stats:
-        # as in cross_entropy: no statistics wanted, no argmax or entropy computed
+        # as in cross_entropy: no statistics wanted, no argmax or entropy asked for
         spec = dataclasses.replace(spec, full_stats=False)
     loss_shape = _loss_shape(target, spec.shift)
     if spec.shift:
@@ -154,39 +161,28 @@ def _linear_cross_entropy(
 
     impl = _dispatch.resolve(backend, "linear_cross_entropy", hidden, "hidden")
     # the row count is given, not inferred (-1): with D = 0 there would be nothing to infer from
-    hidden2 = hidden.reshape(target.numel(), dim)
+    hidden_rows = hidden.reshape(target.numel(), dim)
     target_rows = target.reshape(-1).to(torch.int64).contiguous()
     tokens = (target_rows != spec.ignore_index).sum()
+    inputs = (hidden_rows, weight, bias)
+    differentiable = any(t is not None and t.requires_grad for t in inputs)
     # the backends choose their own precisions; autocast would reroute their matmuls
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, rows = _loss_and_rows(hidden2, weight, bias, target_rows, tokens, spec, impl)
+        if torch.is_grad_enabled() and differentiable:
+            loss, *row_stats = _FusedLinearCrossEntropy.apply(
+                *inputs, target_rows, tokens, spec, impl
+            )
+            # only the statistics are read from the rows; their loss field is not per row here
+            rows = RowOutputs(loss, *row_stats)
+        else:
+            detached = [None if t is None else t.detach() for t in inputs]
+            rows, _ = impl.forward(*detached, target_rows, spec, needs=None)
+            loss = _reduce(rows.loss, tokens, spec)
     if spec.reduction == "none":
         loss = _unshift(loss, target.shape, spec.shift, loss_shape)
     if not return_stats:
         return loss
     return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
-
-
-def _loss_and_rows(
-    hidden2: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target_rows: torch.Tensor,
-    tokens: torch.Tensor,
-    spec: LossSpec,
-    impl: LinearCrossEntropyBackend,
-) -> tuple[torch.Tensor, RowOutputs]:
-    """The (reduced) loss, with a gradient when one is wanted, and the per-row outputs."""
-    differentiable = any(t is not None and t.requires_grad for t in (hidden2, weight, bias))
-    if torch.is_grad_enabled() and differentiable:
-        loss, *row_stats = _FusedLinearCrossEntropy.apply(
-            hidden2, weight, bias, target_rows, tokens, spec, impl
-        )
-        # only the statistics are read from the rows; their loss field is not per row here
-        return loss, RowOutputs(loss, *row_stats)
-    detached = [None if t is None else t.detach() for t in (hidden2, weight, bias)]
-    rows, _ = impl.forward(*detached, target_rows, spec, needs=None)
-    return _reduce(rows.loss, tokens, spec), rows
 
 
 def _autocast_inputs(
@@ -218,7 +214,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        hidden2: torch.Tensor,
+        hidden_rows: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         target_rows: torch.Tensor,
@@ -226,13 +222,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         spec: LossSpec,
         impl: LinearCrossEntropyBackend,
     ):
-        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        needs = NeededGrads(*(bool(n) for n in ctx.needs_input_grad[:3]))
         precompute = spec.reduction != "none" and impl.PRECOMPUTES_GRAD
         rows, grads = impl.forward(
-            hidden2, weight, bias, target_rows, spec, needs=needs if precompute else None
+            hidden_rows, weight, bias, target_rows, spec, needs=needs if precompute else None
         )
         loss = _reduce(rows.loss, tokens, spec)
-        ctx.save_for_backward(hidden2, weight, bias, target_rows, rows.lse, tokens)
+        ctx.save_for_backward(hidden_rows, weight, bias, target_rows, rows.lse, tokens)
         ctx.spec, ctx.impl, ctx.needs = spec, impl, needs
         ctx.precomputed = grads
         ctx.mark_non_differentiable(rows.nll, rows.lse, rows.entropy, rows.correct)
@@ -241,7 +237,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradients are not themselves differentiable: say so, loudly
     def backward(ctx, grad_loss, *_unused):
-        hidden2, weight, bias, target_rows, lse, tokens = ctx.saved_tensors
+        hidden_rows, weight, bias, target_rows, lse, tokens = ctx.saved_tensors
         # float32 arithmetic, float64 for float64 inputs (their rows and gradients are float64)
         grad_loss = grad_loss.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         if ctx.spec.reduction == "mean":
@@ -254,10 +250,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             grad_rows = grad_loss.expand(target_rows.shape) if grad_loss.dim() == 0 else grad_loss
             grads = ctx.impl.backward(
-                hidden2, weight, bias, target_rows, lse, grad_rows, ctx.spec, ctx.needs
+                hidden_rows, weight, bias, target_rows, lse, grad_rows, ctx.spec, ctx.needs
             )
         return (
-            _cast(grads.hidden, hidden2),
+            _cast(grads.hidden, hidden_rows),
             _cast(grads.weight, weight),
             _cast(grads.bias, bias),
             None,

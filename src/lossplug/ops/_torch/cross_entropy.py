@@ -1,9 +1,9 @@
 """Chunked PyTorch path of the fused cross-entropy: any device, bounded extra memory.
 
-Rows are processed a chunk at a time through two reusable float32 workspaces, so a bf16/fp16 input
-is upcast one chunk at a time (exact, never a full fp32 copy) and the extra memory does not grow
-with the number of tokens. float64 logits are computed in float64 throughout (workspaces and row
-outputs included): whoever passes float64 asks for its precision.
+Rows are processed a chunk at a time through reusable float32 workspaces, a few per thread, so a
+bf16/fp16 input is upcast one chunk at a time (exact, never a full fp32 copy) and the extra memory
+does not grow with the number of tokens. float64 logits are computed in float64 throughout
+(workspaces and row outputs included): whoever passes float64 asks for its precision.
 
 On a CPU with several torch threads the chunks are shared out among that many worker threads,
 each running torch single-threaded with workspaces of its own. Each chunk costs a dozen small ops;
@@ -28,8 +28,9 @@ from lossplug.ops._spec import LossSpec, RowOutputs
 #: ``forward_with_grad`` exists: a scalar loss gets its gradient in the forward sweep.
 PRECOMPUTES_GRAD = True
 
-#: Bytes of one workspace (two are used, three for a soft-capped backward). Chunks of this size
-#: stay in the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
+#: Bytes of one workspace (a thread uses at most two; three when the forward also writes the
+#: gradient of soft-capped half-precision logits with statistics). Chunks of this size stay in
+#: the last-level cache of a typical CPU; smaller ones pay in per-op overhead.
 WORKSPACE_BYTES = 8 * 2**20
 
 # exp(-150) is 0 in float32 and exp(-800) in float64: clamping the log-probabilities there changes
@@ -49,13 +50,14 @@ def _chunk_rows(vocab: int, n_rows: int, itemsize: int = 4) -> int:
     return max(1, min(n_rows, WORKSPACE_BYTES // (itemsize * vocab)))
 
 
-def _row_chunks(logits3: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_row, view)`` with ``view`` a 2-D strided view of consecutive rows."""
-    n_outer, n_inner, _ = logits3.shape
+def _row_chunks(logits: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_row, view)`` of ``logits`` ``[outer, inner, V]``, ``view`` a 2-D strided
+    view of consecutive rows."""
+    n_outer, n_inner, _ = logits.shape
     for outer in range(n_outer):
         for start in range(0, n_inner, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_inner)
-            yield outer * n_inner + start, logits3[outer, start:stop]
+            yield outer * n_inner + start, logits[outer, start:stop]
 
 
 _Item = TypeVar("_Item")
@@ -213,55 +215,68 @@ def score_chunk(
     return row_loss, row_nll, row_lse, row_entropy, row_correct
 
 
-def _empty_rows(n_rows: int, compute: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Uninitialised ``loss, nll, lse, entropy`` (``compute``) and ``correct`` (int32), ``[n]``."""
-    rows = [torch.empty(n_rows, dtype=compute, device=device) for _ in range(4)]
-    return [*rows, torch.empty(n_rows, dtype=torch.int32, device=device)]
+class _ForwardPass:
+    """The row outputs of a forward pass over ``logits`` ``[outer, inner, V]``, filled a chunk of
+    rows at a time, and what every chunk needs: the compute dtype, the chunk size, the targets."""
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> None:
+        n_outer, n_inner, self.vocab = logits.shape
+        self.n_rows = n_outer * n_inner
+        self.compute = compute_dtype(logits.dtype)
+        self.fp = dict(dtype=self.compute, device=logits.device)
+        # uninitialised: every row is written by its chunk
+        self.outputs = RowOutputs(
+            *(torch.empty(self.n_rows, **self.fp) for _ in range(4)),
+            correct=torch.empty(self.n_rows, dtype=torch.int32, device=logits.device),
+        )
+        self.rows_per_chunk = _chunk_rows(self.vocab, n_inner, self.compute.itemsize)
+        self.ignored, self.invalid, self.target_safe = spec.target_masks(target, self.vocab)
+
+    def workspace(self) -> torch.Tensor:
+        """A chunk-sized workspace of the compute dtype."""
+        return torch.empty(self.rows_per_chunk, self.vocab, **self.fp)
+
+    def store(self, row0: int, values: tuple[torch.Tensor, ...]) -> None:
+        """Write a chunk's row outputs, from row ``row0`` on."""
+        for out, value in zip(self.outputs.tensors(), values, strict=True):
+            out[row0 : row0 + value.shape[0]] = value
+
+    def result(self) -> RowOutputs:
+        return self.outputs.mask_(self.ignored, self.invalid)
 
 
 def _chunk_pairs(
-    logits3: torch.Tensor, grad3: torch.Tensor, rows_per_chunk: int
+    logits: torch.Tensor, grad_logits: torch.Tensor, rows_per_chunk: int
 ) -> list[tuple[tuple[int, torch.Tensor], torch.Tensor]]:
-    """Each ``(first_row, chunk)`` of the logits with the chunk of ``grad3`` its rows go to."""
+    """Each ``(first_row, chunk)`` of the logits with the chunk of ``grad_logits`` for its rows."""
     pairs = zip(
-        _row_chunks(logits3, rows_per_chunk), _row_chunks(grad3, rows_per_chunk), strict=True
+        _row_chunks(logits, rows_per_chunk), _row_chunks(grad_logits, rows_per_chunk), strict=True
     )
     return [(chunk, out) for chunk, (_, out) in pairs]
 
 
-def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
-    n_outer, n_inner, vocab = logits3.shape
-    n_rows = n_outer * n_inner
-    device = logits3.device
-    compute = compute_dtype(logits3.dtype)
-    fp = dict(dtype=compute, device=device)
-    loss, nll, lse, entropy, correct = outputs = _empty_rows(n_rows, compute, device)
-    if n_rows == 0:
-        return RowOutputs(*outputs)
-
-    rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
-    direct = logits3.dtype == compute and spec.softcap is None
-    ignored, invalid, target_safe = spec.target_masks(target, vocab)
+def forward(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
+    """The per-row outputs of ``logits`` ``[outer, inner, V]`` against ``target`` ``[N]``."""
+    rows = _ForwardPass(logits, target, spec)
+    if rows.n_rows == 0:
+        return rows.outputs
+    direct = logits.dtype == rows.compute and spec.softcap is None
 
     def work(chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
-        log_probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
-        probs_buf = torch.empty(rows_per_chunk, vocab, **fp)
+        log_probs_buf, probs_buf = rows.workspace(), rows.workspace()
         for row0, chunk in chunks:
-            rows = chunk.shape[0]
-            sl = slice(row0, row0 + rows)
+            n = chunk.shape[0]
             if direct:
                 z = chunk
             else:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
-                z = probs_buf[:rows].copy_(chunk)
+                z = probs_buf[:n].copy_(chunk)
                 if spec.softcap is not None:
                     softcap_(z, spec.softcap)
-            loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk(
-                z, target_safe[sl], spec, log_probs_buf[:rows], probs_buf[:rows]
-            )
+            target_safe = rows.target_safe[row0 : row0 + n]
+            rows.store(row0, score_chunk(z, target_safe, spec, log_probs_buf[:n], probs_buf[:n]))
 
-    run_chunks(work, list(_row_chunks(logits3, rows_per_chunk)), device, logits3.numel())
-
-    return RowOutputs(*outputs).mask_(ignored, invalid)
+    run_chunks(work, list(_row_chunks(logits, rows.rows_per_chunk)), logits.device, logits.numel())
+    return rows.result()
 
 
 def score_chunk_with_grad(
@@ -319,69 +334,63 @@ def score_chunk_with_grad(
 
 
 def forward_with_grad(
-    logits3: torch.Tensor,
+    logits: torch.Tensor,
     target: torch.Tensor,
     spec: LossSpec,
     weight: torch.Tensor,
-    grad3: torch.Tensor,
+    grad_logits: torch.Tensor,
 ) -> RowOutputs:
-    """:func:`forward`, and the gradient of ``weight * Σ loss_row`` written into ``grad3``.
+    """:func:`forward`, and the gradient of ``weight * Σ loss_row`` written into ``grad_logits``.
 
     For a loss reduced to a scalar (``"mean"``: ``weight = 1 / tokens``; ``"sum"``: 1) the gradient
     each row gets is known before ``backward()``: computing it while the chunk is in the cache
     saves the second sweep over the logits and its exponentials. ``backward()`` then only scales
-    it when the incoming gradient is not 1. ``grad3`` has the logits' shape and dtype and must not
-    be ``logits3``.
+    it when the incoming gradient is not 1. ``grad_logits`` has the logits' shape and dtype and
+    must not be ``logits``.
     """
-    n_outer, n_inner, vocab = logits3.shape
-    n_rows = n_outer * n_inner
-    device = logits3.device
-    compute = compute_dtype(logits3.dtype)
-    fp = dict(dtype=compute, device=device)
-    loss, nll, lse, entropy, correct = outputs = _empty_rows(n_rows, compute, device)
-    if n_rows == 0:
-        return RowOutputs(*outputs)
-
-    rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
-    ignored, invalid, target_safe = spec.target_masks(target, vocab)
-    row_weight = weight.to(compute).expand(n_rows).masked_fill(ignored, 0.0)
+    rows = _ForwardPass(logits, target, spec)
+    if rows.n_rows == 0:
+        return rows.outputs
+    row_weight = weight.to(rows.compute).expand(rows.n_rows).masked_fill(rows.ignored, 0.0)
     softcap = spec.softcap
     # the gradient is computed where it is stored when it has the compute dtype
-    staged = grad3.dtype != compute
-    upcast = logits3.dtype != compute or softcap is not None
+    grad_via_workspace = grad_logits.dtype != rows.compute
+    upcast = logits.dtype != rows.compute or softcap is not None
 
     full = spec.full_stats
     # workspaces only where a value must outlive the next one: an upcast chunk is shifted and
     # exponentiated in place, and without statistics d is not needed after e (written over it)
     need_shifted = full and not upcast
-    need_grad_buf = staged and full
+    need_grad_buf = grad_via_workspace and full
 
     def work(chunk_pairs: Iterable[tuple[tuple[int, torch.Tensor], torch.Tensor]]) -> None:
         def workspace(needed: bool) -> torch.Tensor | None:
-            return torch.empty(rows_per_chunk, vocab, **fp) if needed else None
+            return rows.workspace() if needed else None
 
         shifted_buf, z_buf = workspace(need_shifted), workspace(upcast)
         grad_buf, dtanh_buf = workspace(need_grad_buf), workspace(softcap is not None)
         for (row0, chunk), out in chunk_pairs:
-            rows = chunk.shape[0]
-            sl = slice(row0, row0 + rows)
+            n = chunk.shape[0]
+            sl = slice(row0, row0 + n)
             dtanh = None
             if upcast:  # upcast (and soft-cap) one chunk at a time, never the whole tensor
-                z = z_buf[:rows].copy_(chunk)
+                z = z_buf[:n].copy_(chunk)
                 if softcap is not None:
-                    dtanh = softcap_(z, softcap, dtanh_buf[:rows])
+                    dtanh = softcap_(z, softcap, dtanh_buf[:n])
             else:
                 z = chunk
-            dest = (grad_buf[:rows] if full else z) if staged else out
-            shifted = z if upcast else (shifted_buf[:rows] if full else dest)
-            loss[sl], nll[sl], lse[sl], entropy[sl], correct[sl] = score_chunk_with_grad(
-                z, target_safe[sl], row_weight[sl], spec, shifted, dest, dtanh
+            dest = (grad_buf[:n] if full else z) if grad_via_workspace else out
+            shifted = z if upcast else (shifted_buf[:n] if full else dest)
+            values = score_chunk_with_grad(
+                z, rows.target_safe[sl], row_weight[sl], spec, shifted, dest, dtanh
             )
-            if staged:
+            rows.store(row0, values)
+            if grad_via_workspace:
                 out.copy_(dest)
 
-    run_chunks(work, _chunk_pairs(logits3, grad3, rows_per_chunk), device, logits3.numel())
-    return RowOutputs(*outputs).mask_(ignored, invalid)
+    chunks = _chunk_pairs(logits, grad_logits, rows.rows_per_chunk)
+    run_chunks(work, chunks, logits.device, logits.numel())
+    return rows.result()
 
 
 def grad_coefficients(
@@ -424,24 +433,24 @@ def probs_to_grad_(
 
 
 def backward(
-    logits3: torch.Tensor,
+    logits: torch.Tensor,
     target: torch.Tensor,
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
-    grad3: torch.Tensor,
+    grad_logits: torch.Tensor,
 ) -> None:
-    """Write ``grad_rows * d loss_rows / d logits`` into ``grad3`` (which may be ``logits3``)."""
-    n_outer, n_inner, vocab = logits3.shape
+    """Write ``grad_rows * d loss_rows / d logits`` into ``grad_logits`` (which may be
+    ``logits``)."""
+    n_outer, n_inner, vocab = logits.shape
     if n_outer * n_inner == 0:
         return
-    device = logits3.device
-    compute = compute_dtype(logits3.dtype)
-    fp = dict(dtype=compute, device=device)
+    compute = compute_dtype(logits.dtype)
+    fp = dict(dtype=compute, device=logits.device)
     rows_per_chunk = _chunk_rows(vocab, n_inner, compute.itemsize)
     softcap = spec.softcap
     # a gradient in the compute dtype is computed where it is stored; otherwise via a workspace
-    staged = grad3.dtype != compute
+    grad_via_workspace = grad_logits.dtype != compute
 
     ignored, _, target_safe = spec.target_masks(target, vocab)
     g = grad_rows.to(compute).masked_fill(ignored, 0.0)
@@ -450,17 +459,19 @@ def backward(
     target_safe = target_safe[:, None]
 
     def work(chunk_pairs: Iterable[tuple[tuple[int, torch.Tensor], torch.Tensor]]) -> None:
-        work_buf = torch.empty(rows_per_chunk, vocab, **fp) if staged or softcap else None
+        work_buf = (
+            torch.empty(rows_per_chunk, vocab, **fp) if grad_via_workspace or softcap else None
+        )
         dtanh_buf = torch.empty(rows_per_chunk, vocab, **fp) if softcap is not None else None
         for (row0, chunk), out in chunk_pairs:
-            rows = chunk.shape[0]
-            sl = slice(row0, row0 + rows)
-            dest = work_buf[:rows] if staged else out
+            n = chunk.shape[0]
+            sl = slice(row0, row0 + n)
+            dest = work_buf[:n] if grad_via_workspace else out
             dtanh = None
             if softcap is not None:
-                z = work_buf[:rows].copy_(chunk)
-                dtanh = softcap_(z, softcap, dtanh_buf[:rows])
-            elif staged:  # upcast into the workspace
+                z = work_buf[:n].copy_(chunk)
+                dtanh = softcap_(z, softcap, dtanh_buf[:n])
+            elif grad_via_workspace:  # upcast into the workspace
                 z = dest.copy_(chunk)
             else:
                 z = chunk
@@ -476,7 +487,8 @@ def backward(
                 None if uniform_delta is None else uniform_delta[sl],
                 dtanh,
             )
-            if staged:
+            if grad_via_workspace:
                 out.copy_(dest)
 
-    run_chunks(work, _chunk_pairs(logits3, grad3, rows_per_chunk), device, logits3.numel())
+    chunks = _chunk_pairs(logits, grad_logits, rows_per_chunk)
+    run_chunks(work, chunks, logits.device, logits.numel())

@@ -4,9 +4,10 @@ Tokens are processed a chunk of rows at a time (512 rows, or 32 MiB of logits wh
 the chunk's logits are computed into a float32 workspace by one matmul, scored a cache-sized block
 of rows at a time by the cross-entropy path's code, turned into their gradient in place and
 multiplied back out into the gradients of the hidden states, the weight and the bias. The full
-``[N, V]`` logits never exist; the extra memory is the chunk workspace, two block-sized ones and
-the float32 weight-gradient accumulator, none of which grows with the number of tokens. float64
-inputs are computed in float64 throughout (workspaces and accumulators included).
+``[N, V]`` logits never exist; the extra memory is the chunk workspace (and its copy in the
+inputs' dtype for half-precision inputs), one or two block-sized ones per thread and the float32
+weight-gradient accumulator, none of which grows with the number of tokens. float64 inputs are
+computed in float64 throughout (workspaces and accumulators included).
 
 When the loss is reduced to a scalar its gradient is known up to one factor in the forward pass,
 so the gradients are computed there (three matmuls in all, the minimum) and only scaled in the
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._spec import LinearGrads, LossSpec, NeededGrads, RowOutputs
 from lossplug.ops._torch.cross_entropy import (
     compute_dtype,
     run_chunks,
@@ -51,36 +52,8 @@ def _rows_per_chunk(vocab: int, n_rows: int, itemsize: int = 4) -> int:
     return max(1, min(n_rows, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (itemsize * vocab))))
 
 
-def _fields(outputs: RowOutputs) -> tuple[torch.Tensor, ...]:
-    return outputs.loss, outputs.nll, outputs.lse, outputs.entropy, outputs.correct
-
-
 def _rows_per_block(vocab: int, rows_per_chunk: int, itemsize: int = 4) -> int:
     return max(1, min(rows_per_chunk, BLOCK_BYTES // (itemsize * vocab)))
-
-
-def _score_block(
-    z: torch.Tensor,
-    target: torch.Tensor,
-    g: torch.Tensor | None,
-    spec: LossSpec,
-    bias_z: torch.Tensor | None,
-    log_probs_buf: torch.Tensor,
-    dtanh_buf: torch.Tensor | None,
-) -> tuple[torch.Tensor, ...]:
-    """Row outputs of a block of logits ``z`` (float32, or float64 for float64 inputs); with
-    ``g``, ``z`` becomes its gradient."""
-    if bias_z is not None:
-        z.add_(bias_z)
-    dtanh = None
-    if spec.softcap is not None:
-        dtanh = softcap_(z, spec.softcap, dtanh_buf if g is not None else None)
-    if g is None:
-        return score_chunk(z, target, spec, log_probs_buf, z)
-    # one exponential per logit for the statistics and the gradient, which lands back in the
-    # logits' memory (z - max too, when no statistics need it beside the exponentials)
-    shifted = log_probs_buf if spec.full_stats else z
-    return score_chunk_with_grad(z, target, g, spec, shifted, z, dtanh)
 
 
 def _score_blocks(
@@ -92,9 +65,13 @@ def _score_blocks(
     chunk_rows: list[torch.Tensor],
     rows_per_block: int,
 ) -> None:
-    """:func:`_score_block` over the chunk ``z`` a block of rows at a time, its row outputs
-    written into ``chunk_rows``; on a CPU the blocks are shared out among torch's threads (see
-    :func:`~lossplug.ops._torch.cross_entropy.run_chunks`), each with workspaces of its own."""
+    """The row outputs of the chunk of logits ``z`` (float32, or float64 for float64 inputs),
+    written into ``chunk_rows``; with ``g``, ``z`` becomes its gradient.
+
+    A block of rows at a time, so that the many element-wise passes run in the cache; on a CPU
+    the blocks are shared out among torch's threads (see
+    :func:`~lossplug.ops._torch.cross_entropy.run_chunks`), each with workspaces of its own.
+    """
     rows, vocab = z.shape
     fp = dict(dtype=z.dtype, device=z.device)
     with_dtanh = g is not None and spec.softcap is not None
@@ -103,16 +80,24 @@ def _score_blocks(
         log_probs_buf = torch.empty(rows_per_block, vocab, **fp)
         dtanh_buf = torch.empty(rows_per_block, vocab, **fp) if with_dtanh else None
         for b0, b1 in blocks:
-            block_rows = _score_block(
-                z[b0:b1],
-                target[b0:b1],
-                None if g is None else g[b0:b1],
-                spec,
-                bias_z,
-                log_probs_buf[: b1 - b0],
-                None if dtanh_buf is None else dtanh_buf[: b1 - b0],
-            )
-            for out, value in zip(chunk_rows, block_rows, strict=True):
+            z_block, y_block, log_probs = z[b0:b1], target[b0:b1], log_probs_buf[: b1 - b0]
+            if bias_z is not None:
+                z_block.add_(bias_z)
+            dtanh = None
+            if spec.softcap is not None:
+                dtanh_out = None if dtanh_buf is None else dtanh_buf[: b1 - b0]
+                dtanh = softcap_(z_block, spec.softcap, dtanh_out)
+            if g is None:
+                values = score_chunk(z_block, y_block, spec, log_probs, z_block)
+            else:
+                # one exponential per logit for the statistics and the gradient, which lands
+                # back in the logits' memory (z - max too, when no statistics need it beside
+                # the exponentials)
+                shifted = log_probs if spec.full_stats else z_block
+                values = score_chunk_with_grad(
+                    z_block, y_block, g[b0:b1], spec, shifted, z_block, dtanh
+                )
+            for out, value in zip(chunk_rows, values, strict=True):
                 out[b0:b1] = value
 
     blocks = [(b0, min(b0 + rows_per_block, rows)) for b0 in range(0, rows, rows_per_block)]
@@ -126,7 +111,7 @@ def forward(
     target: torch.Tensor,
     spec: LossSpec,
     *,
-    needs: tuple[bool, bool, bool] | None,
+    needs: NeededGrads | None,
 ) -> tuple[RowOutputs, LinearGrads | None]:
     """Per-row outputs and, when ``needs`` is given, the gradients of the summed row losses."""
     return _run(hidden, weight, bias, target, spec, grad_rows=None, needs=needs)
@@ -140,7 +125,7 @@ def backward(
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
-    needs: tuple[bool, bool, bool],
+    needs: NeededGrads,
 ) -> LinearGrads:
     """Gradients of ``Σ grad_rows * loss_rows``, recomputing the logits chunk by chunk."""
     del lse  # the recomputed chunk gives it again, exactly
@@ -158,7 +143,7 @@ def _run(
     spec: LossSpec,
     *,
     grad_rows: torch.Tensor | None,
-    needs: tuple[bool, bool, bool] | None,
+    needs: NeededGrads | None,
 ) -> tuple[RowOutputs, LinearGrads | None]:
     """The row outputs of ``hidden [N, D] @ weight.T [D, V] (+ bias)`` and, when ``needs`` asks,
     the gradients of ``Σ grad_rows * loss_rows`` (``grad_rows`` ``None``: all ones).
@@ -205,7 +190,7 @@ def _run(
         # The element-wise work runs a few rows at a time, so its many passes hit the cache
         # while the matmuls get the whole chunk; it leaves the logits' gradient in place.
         _score_blocks(z, y, g, spec, bias_z, chunk_rows, work.rows_per_block)
-        for out, value in zip(_fields(outputs), chunk_rows, strict=True):
+        for out, value in zip(outputs.tensors(), chunk_rows, strict=True):
             chunk.put(out, value)
         if grads is not None:
             _accumulate_grads(grads, z, h, weight, chunk, work)
@@ -217,12 +202,12 @@ def _zero_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    needs: tuple[bool, bool, bool] | None,
+    needs: NeededGrads | None,
     compute: torch.dtype,
 ) -> LinearGrads | None:
     """Zeroed gradients of hidden, weight and bias where ``needs`` asks (``None`` if nowhere):
     hidden's in its dtype, the weight's and the bias's accumulated in ``compute``."""
-    want_h, want_w, want_b = needs if needs is not None else (False, False, False)
+    want_h, want_w, want_b = needs if needs is not None else NeededGrads(False, False, False)
     want_b = want_b and bias is not None
     if not (want_h or want_w or want_b):
         return None

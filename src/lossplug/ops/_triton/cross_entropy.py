@@ -23,11 +23,10 @@ from lossplug.ops._spec import LossSpec, RowOutputs
 from lossplug.ops._triton._math import _lse_entropy, _lse_update, _row_grad, _softcap
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The backward recomputes the softmax from the saved log-sum-exp. Writing a scalar loss's
-# gradient in the forward kernel instead would save one read of the logits when the incoming
-# gradient is 1, and cost a read and a write more when it is not (gradient accumulation, loss
-# scaling), which only the backward knows (the cost model, benchmarks/RESULTS.md); the choice
-# waits for a GPU to measure both on.
+# The backward recomputes the softmax from the saved log-sum-exp rather than the forward writing
+# a scalar loss's gradient: that saves one read of the logits only when the incoming gradient is
+# 1, and costs a read and a write more when it is not (gradient accumulation, loss scaling),
+# which only the backward knows (benchmarks/cost_model.py weighs both).
 PRECOMPUTES_GRAD = False
 # The interpreter pays per loop step, a GPU per register: large blocks there, moderate here.
 MAX_BLOCK_V_INTERPRETED, MAX_BLOCK_V_GPU = 16384, 4096
@@ -36,13 +35,13 @@ NUM_WARPS = 8
 
 @triton.jit
 def _ce_forward_kernel(
-    logits_ptr,
-    target_ptr,
-    loss_ptr,
-    nll_ptr,
-    lse_ptr,
-    entropy_ptr,
-    correct_ptr,
+    logits_ptr,  # [outer, inner, V], vocabulary stride 1
+    target_ptr,  # [N] int64, N = outer * inner
+    loss_ptr,  # [N] float32
+    nll_ptr,  # [N] float32
+    lse_ptr,  # [N] float32
+    entropy_ptr,  # [N] float32
+    correct_ptr,  # [N] int32
     n_inner,
     stride_outer,
     stride_inner,
@@ -107,11 +106,11 @@ def _ce_forward_kernel(
 
 @triton.jit
 def _ce_backward_kernel(
-    logits_ptr,
-    target_ptr,
-    lse_ptr,
-    grad_rows_ptr,
-    grad_ptr,
+    logits_ptr,  # [outer, inner, V], vocabulary stride 1
+    target_ptr,  # [N] int64, N = outer * inner
+    lse_ptr,  # [N] float32
+    grad_rows_ptr,  # [N] float32: the incoming gradient of each row's loss
+    grad_ptr,  # [outer, inner, V], vocabulary stride 1: the logits' gradient
     n_inner,
     stride_outer,
     stride_inner,
@@ -171,64 +170,68 @@ def warps(interpreted: bool = INTERPRETED) -> dict[str, int]:
     return {} if interpreted else {"num_warps": NUM_WARPS}
 
 
-def forward(logits3: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
-    n_outer, n_inner, vocab = logits3.shape
-    n_rows = n_outer * n_inner
-    f32 = dict(dtype=torch.float32, device=logits3.device)
+def softcap_args(spec: LossSpec) -> dict:
+    """``softcap`` and ``HAS_SOFTCAP`` of a kernel launch (the cap is not read without it)."""
+    return dict(
+        softcap=spec.softcap if spec.softcap is not None else 1.0,
+        HAS_SOFTCAP=spec.softcap is not None,
+    )
+
+
+def _shared_args(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> dict:
+    """The arguments both kernels take, by name, and the launch options."""
+    vocab = logits.shape[2]
+    return dict(
+        logits_ptr=logits,
+        target_ptr=target,
+        n_inner=logits.shape[1],
+        stride_outer=logits.stride(0),
+        stride_inner=logits.stride(1),
+        vocab=vocab,
+        ignore_index=spec.ignore_index,
+        label_smoothing=spec.label_smoothing,
+        z_loss=spec.z_loss,
+        **softcap_args(spec),
+        **launch_params(vocab),
+    )
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> RowOutputs:
+    """The per-row outputs of ``logits`` ``[outer, inner, V]`` against ``target`` ``[N]``."""
+    n_rows = logits.shape[0] * logits.shape[1]
+    f32 = dict(dtype=torch.float32, device=logits.device)
     loss, nll, lse, entropy = (torch.empty(n_rows, **f32) for _ in range(4))
-    correct = torch.empty(n_rows, dtype=torch.int32, device=logits3.device)
+    correct = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
     if n_rows > 0:
         _ce_forward_kernel[(n_rows,)](
-            logits3,
-            target,
-            loss,
-            nll,
-            lse,
-            entropy,
-            correct,
-            n_inner,
-            logits3.stride(0),
-            logits3.stride(1),
-            vocab,
-            spec.ignore_index,
-            spec.label_smoothing,
-            spec.z_loss,
-            spec.softcap if spec.softcap is not None else 1.0,
-            HAS_SOFTCAP=spec.softcap is not None,
+            loss_ptr=loss,
+            nll_ptr=nll,
+            lse_ptr=lse,
+            entropy_ptr=entropy,
+            correct_ptr=correct,
             HAS_SMOOTHING=spec.label_smoothing > 0,
-            **launch_params(vocab),
+            **_shared_args(logits, target, spec),
         )
     return RowOutputs(loss, nll, lse, entropy, correct)
 
 
 def backward(
-    logits3: torch.Tensor,
+    logits: torch.Tensor,
     target: torch.Tensor,
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
-    grad3: torch.Tensor,
+    grad_logits: torch.Tensor,
 ) -> None:
-    n_outer, n_inner, vocab = logits3.shape
-    n_rows = n_outer * n_inner
+    """Write ``grad_rows * d loss_rows / d logits`` into ``grad_logits`` (``logits``' shape)."""
+    n_rows = logits.shape[0] * logits.shape[1]
     if n_rows == 0:
         return
     _ce_backward_kernel[(n_rows,)](
-        logits3,
-        target,
-        lse,
-        grad_rows.to(torch.float32).contiguous(),
-        grad3,
-        n_inner,
-        logits3.stride(0),
-        logits3.stride(1),
-        grad3.stride(0),
-        grad3.stride(1),
-        vocab,
-        spec.ignore_index,
-        spec.label_smoothing,
-        spec.z_loss,
-        spec.softcap if spec.softcap is not None else 1.0,
-        HAS_SOFTCAP=spec.softcap is not None,
-        **launch_params(vocab),
+        lse_ptr=lse,
+        grad_rows_ptr=grad_rows.to(torch.float32).contiguous(),
+        grad_ptr=grad_logits,
+        grad_stride_outer=grad_logits.stride(0),
+        grad_stride_inner=grad_logits.stride(1),
+        **_shared_args(logits, target, spec),
     )

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lossplug.ops._spec import LinearGrads, LossSpec, RowOutputs
+from lossplug.ops._spec import LinearGrads, LossSpec, NeededGrads, RowOutputs
 from lossplug.ops._triton._math import _lse_update, _row_grad, _softcap
-from lossplug.ops._triton.cross_entropy import INTERPRETED, warps
+from lossplug.ops._triton.cross_entropy import INTERPRETED, softcap_args, warps
 
 PRECOMPUTES_GRAD = False
 
@@ -49,7 +49,7 @@ def launch_params(
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP=4)
     # Moderate on a GPU: register pressure of the [BLOCK_N, BLOCK_V] float32 tile plus the
     # dot operands. Chosen so that every specialization compiles with no spills on sm_80 and
-    # sm_90 (benchmarks/gpu_compile.py; speed not measured, no GPU was at hand):
+    # sm_90 (benchmarks/gpu_compile.py checks it), not tuned for speed:
     # - 16-bit inputs: BLOCK_D=64 spilled 48-56 bytes on sm_80 when both the hidden and the
     #   weight gradient are wanted (255 registers); BLOCK_D=32 fits both archs.
     # - float32 inputs: the dots run on FP32 units, not tensor cores, with the operands in
@@ -67,22 +67,39 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _load_rows(row_ptrs, row_mask, d, d_mask, DOT_FP32: tl.constexpr):
+    """The ``[R, BLOCK_D]`` tile at columns ``d`` of the rows that ``row_ptrs`` (``[R, 1]``) point
+    to, 0 where masked: an operand of ``tl.dot`` (float32 when ``DOT_FP32``)."""
+    tile = tl.load(row_ptrs + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _token_rows(order_ptr, target_ptr, first, n_active, BLOCK_N: tl.constexpr):
+    """The ``BLOCK_N`` scored tokens from slot ``first`` of the order on: their rows, the mask of
+    the slots before ``n_active``, and their targets."""
+    slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = slots < n_active
+    rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
+    return rows, row_mask, tl.load(target_ptr + rows, mask=row_mask, other=0)
+
+
+@triton.jit
 def _logits_tile(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
+    h_ptrs,  # [BLOCK_N, 1]: the tile's rows of hidden
+    row_mask,  # [BLOCK_N]
+    w_ptrs,  # [BLOCK_V, 1]: the tile's rows of weight (one per vocabulary column)
+    cols,  # [BLOCK_V]: the tile's vocabulary columns
+    col_mask,  # [BLOCK_V]
+    bias_ptr,  # [V], read only when HAS_BIAS
     dim,
-    stride_h,
-    stride_w,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -93,23 +110,9 @@ def _logits_tile(
     for k in range(0, dim, BLOCK_D):
         d = k + offs_d
         d_mask = d < dim
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_h + d[None, :],
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            weight_ptr + cols[:, None] * stride_w + d[None, :],
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
+        h = _load_rows(h_ptrs, row_mask, d, d_mask, DOT_FP32)
+        w = _load_rows(w_ptrs, col_mask, d, d_mask, DOT_FP32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -119,13 +122,13 @@ def _logits_tile(
 
 @triton.jit
 def _lce_forward_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    target_ptr,
-    order_ptr,
-    n_active_ptr,
-    part_ptr,
+    hidden_ptr,  # [N, D]
+    weight_ptr,  # [V, D]
+    bias_ptr,  # [V]
+    target_ptr,  # [N]
+    order_ptr,  # [N]: the rows, scored ones first
+    n_active_ptr,  # [1]: how many rows are scored
+    part_ptr,  # [6, splits, N] float32
     n_rows,
     vocab,
     split_cols,
@@ -136,24 +139,22 @@ def _lce_forward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Partial results of one block of tokens over one split of the vocabulary.
 
-    ``part_ptr`` is ``[6, splits, n_rows]`` float32: running max, sum of exponentials and
-    entropy term (both relative to that max), sum of logits, argmax and true-class logit.
+    ``part_ptr`` holds, per split and row: running max, sum of exponentials and entropy term
+    (both relative to that max), sum of logits, argmax and true-class logit.
     """
     n_active = tl.load(n_active_ptr)
     first = tl.program_id(0).to(tl.int64) * BLOCK_N
     split = tl.program_id(1).to(tl.int64)
     if first < n_active:
-        slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = slots < n_active
-        rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
-        y = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        rows, row_mask, y = _token_rows(order_ptr, target_ptr, first, n_active, BLOCK_N)
+        h_ptrs = hidden_ptr + rows[:, None] * stride_h
         offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
         run_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -167,24 +168,21 @@ def _lce_forward_kernel(
             cols = start + offs_v
             col_mask = cols < col_stop
             z = _logits_tile(
-                hidden_ptr,
-                weight_ptr,
-                bias_ptr,
-                rows,
-                row_mask,
-                cols,
-                col_mask,
-                dim,
-                stride_h,
-                stride_w,
-                softcap,
-                HAS_BIAS,
-                HAS_SOFTCAP,
-                DOT_FP32,
-                IEEE,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_D,
+                h_ptrs=h_ptrs,
+                row_mask=row_mask,
+                w_ptrs=weight_ptr + cols[:, None] * stride_w,
+                cols=cols,
+                col_mask=col_mask,
+                bias_ptr=bias_ptr,
+                dim=dim,
+                softcap=softcap,
+                HAS_BIAS=HAS_BIAS,
+                HAS_SOFTCAP=HAS_SOFTCAP,
+                DOT_FP32=DOT_FP32,
+                DOT_PRECISION=DOT_PRECISION,
+                BLOCK_N=BLOCK_N,
+                BLOCK_V=BLOCK_V,
+                BLOCK_D=BLOCK_D,
             )
             z_true += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
             run_zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -204,17 +202,17 @@ def _lce_forward_kernel(
 
 @triton.jit
 def _lce_backward_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    target_ptr,
-    order_ptr,
-    n_active_ptr,
-    lse_ptr,
-    grad_rows_ptr,
-    grad_h_ptr,
-    grad_w_ptr,
-    grad_b_ptr,
+    hidden_ptr,  # [N, D]
+    weight_ptr,  # [V, D]
+    bias_ptr,  # [V]
+    target_ptr,  # [N]
+    order_ptr,  # [N]: the rows, scored ones first
+    n_active_ptr,  # [1]: how many rows are scored
+    lse_ptr,  # [N] float32
+    grad_rows_ptr,  # [N] float32: the incoming gradient of each row's loss
+    grad_h_ptr,  # [N, D] float32, written only when WANT_H
+    grad_w_ptr,  # [V, D] float32, written only when WANT_W
+    grad_b_ptr,  # [V] float32, written only when WANT_B
     n_rows,
     vocab,
     dim,
@@ -229,7 +227,7 @@ def _lce_backward_kernel(
     WANT_W: tl.constexpr,
     WANT_B: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -248,33 +246,29 @@ def _lce_backward_kernel(
     n_active = tl.load(n_active_ptr)
     first = block_n.to(tl.int64) * BLOCK_N
     if first < n_active:
-        slots = first + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = slots < n_active
-        rows = tl.load(order_ptr + slots, mask=row_mask, other=0)
-        y = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        rows, row_mask, y = _token_rows(order_ptr, target_ptr, first, n_active, BLOCK_N)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
         cols = block_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < vocab
+        h_ptrs = hidden_ptr + rows[:, None] * stride_h
+        w_ptrs = weight_ptr + cols[:, None] * stride_w
         z = _logits_tile(
-            hidden_ptr,
-            weight_ptr,
-            bias_ptr,
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            dim,
-            stride_h,
-            stride_w,
-            softcap,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-            DOT_FP32,
-            IEEE,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_D,
+            h_ptrs=h_ptrs,
+            row_mask=row_mask,
+            w_ptrs=w_ptrs,
+            cols=cols,
+            col_mask=col_mask,
+            bias_ptr=bias_ptr,
+            dim=dim,
+            softcap=softcap,
+            HAS_BIAS=HAS_BIAS,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            DOT_FP32=DOT_FP32,
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_N=BLOCK_N,
+            BLOCK_V=BLOCK_V,
+            BLOCK_D=BLOCK_D,
         )
         grad = _row_grad(z, cols, y, lse, g, label_smoothing, z_loss, vocab, softcap, HAS_SOFTCAP)
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
@@ -289,34 +283,16 @@ def _lce_backward_kernel(
             d = k + offs_d
             d_mask = d < dim
             if WANT_H:
-                w = tl.load(
-                    weight_ptr + cols[:, None] * stride_w + d[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                if DOT_FP32:
-                    w = w.to(tl.float32)
-                if IEEE:
-                    part_h = tl.dot(grad_dot, w, input_precision="ieee")
-                else:
-                    part_h = tl.dot(grad_dot, w)
+                w = _load_rows(w_ptrs, col_mask, d, d_mask, DOT_FP32)
+                part_h = tl.dot(grad_dot, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(
                     grad_h_ptr + rows[:, None] * dim + d[None, :],
                     part_h,
                     mask=row_mask[:, None] & d_mask[None, :],
                 )
             if WANT_W:
-                h = tl.load(
-                    hidden_ptr + rows[:, None] * stride_h + d[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                if IEEE:
-                    part_w = tl.dot(tl.trans(grad_dot), h, input_precision="ieee")
-                else:
-                    part_w = tl.dot(tl.trans(grad_dot), h)
+                h = _load_rows(h_ptrs, row_mask, d, d_mask, DOT_FP32)
+                part_w = tl.dot(tl.trans(grad_dot), h, input_precision=DOT_PRECISION)
                 tl.atomic_add(
                     grad_w_ptr + cols[:, None] * dim + d[None, :],
                     part_w,
@@ -331,13 +307,36 @@ def _order(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch
     return order, active.sum(dtype=torch.int32).reshape(1)
 
 
-def _flags(hidden: torch.Tensor, spec: LossSpec, bias: torch.Tensor | None, params: dict) -> dict:
+def _shared_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    spec: LossSpec,
+    params: dict,
+) -> dict:
+    """The arguments both kernels take, by name: the inputs, the order of the rows, the sizes,
+    the constexprs and the launch options of ``params`` (``GROUP`` is the backward's alone)."""
+    order, n_active = _order(target, spec.ignore_index)
     return dict(
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else hidden,  # not read without HAS_BIAS
+        target_ptr=target,
+        order_ptr=order,
+        n_active_ptr=n_active,
+        n_rows=hidden.shape[0],
+        vocab=weight.shape[0],
+        dim=hidden.shape[1],
+        stride_h=hidden.stride(0),
+        stride_w=weight.stride(0),
         HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=spec.softcap is not None,
         DOT_FP32=INTERPRETED,
-        IEEE=hidden.dtype == torch.float32 and not INTERPRETED,
-        **{k: v for k, v in params.items() if k != "GROUP"},  # GROUP: the backward's alone
+        # float32 inputs get full float32 products, not tf32's 10-bit mantissas; the setting
+        # changes nothing for 16-bit inputs, nor under the interpreter
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 and not INTERPRETED else "tf32",
+        **softcap_args(spec),
+        **{k: v for k, v in params.items() if k != "GROUP"},
     )
 
 
@@ -354,11 +353,11 @@ def forward(
     target: torch.Tensor,
     spec: LossSpec,
     *,
-    needs: tuple[bool, bool, bool] | None,
+    needs: NeededGrads | None,
 ) -> tuple[RowOutputs, LinearGrads | None]:
     """Per-row outputs; the gradients are left to :func:`backward` (``needs`` is ignored)."""
     del needs
-    n_rows, dim = hidden.shape
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
     device = hidden.device
@@ -366,7 +365,6 @@ def forward(
         # one tensor each: autograd marks the statistics non-differentiable, not the loss
         empty = [torch.zeros(0, dtype=torch.float32, device=device) for _ in range(4)]
         return RowOutputs(*empty, torch.zeros(0, dtype=torch.int32, device=device)), None
-    order, n_active = _order(target, spec.ignore_index)
     params = launch_params(hidden.dtype)
     block_n, block_v = params["BLOCK_N"], params["BLOCK_V"]
     splits = _splits(n_rows, vocab, block_n, block_v)
@@ -374,21 +372,9 @@ def forward(
     splits = triton.cdiv(vocab, split_cols)  # every split holds at least one column
     parts = torch.zeros(6, splits, n_rows, dtype=torch.float32, device=device)
     _lce_forward_kernel[(triton.cdiv(n_rows, block_n), splits)](
-        hidden,
-        weight,
-        bias if bias is not None else hidden,
-        target,
-        order,
-        n_active,
-        parts,
-        n_rows,
-        vocab,
-        split_cols,
-        dim,
-        hidden.stride(0),
-        weight.stride(0),
-        spec.softcap if spec.softcap is not None else 1.0,
-        **_flags(hidden, spec, bias, params),
+        part_ptr=parts,
+        split_cols=split_cols,
+        **_shared_args(hidden, weight, bias, target, spec, params),
     )
     return _combine(parts, target, vocab, spec), None
 
@@ -427,7 +413,7 @@ def backward(
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
-    needs: tuple[bool, bool, bool],
+    needs: NeededGrads,
 ) -> LinearGrads:
     """Gradients of ``Σ grad_rows * loss_rows``, in float32 (the op casts them to the inputs')."""
     n_rows, dim = hidden.shape
@@ -440,33 +426,21 @@ def backward(
     grad_w = torch.zeros(vocab, dim, **f32) if want_w else None
     grad_b = torch.zeros(vocab, **f32) if want_b else None
     if n_rows > 0 and (want_h or want_w or want_b):
-        order, n_active = _order(target, spec.ignore_index)
         params = launch_params(hidden.dtype)
         grid = (triton.cdiv(n_rows, params["BLOCK_N"]) * triton.cdiv(vocab, params["BLOCK_V"]),)
         _lce_backward_kernel[grid](
-            hidden,
-            weight,
-            bias if bias is not None else hidden,
-            target,
-            order,
-            n_active,
-            lse,
-            grad_rows.to(torch.float32).contiguous(),
-            grad_h if grad_h is not None else lse,
-            grad_w if grad_w is not None else lse,
-            grad_b if grad_b is not None else lse,
-            n_rows,
-            vocab,
-            dim,
-            hidden.stride(0),
-            weight.stride(0),
-            spec.label_smoothing,
-            spec.z_loss,
-            spec.softcap if spec.softcap is not None else 1.0,
+            lse_ptr=lse,
+            grad_rows_ptr=grad_rows.to(torch.float32).contiguous(),
+            # an unwanted gradient's pointer is never written: any float32 tensor stands in
+            grad_h_ptr=grad_h if grad_h is not None else lse,
+            grad_w_ptr=grad_w if grad_w is not None else lse,
+            grad_b_ptr=grad_b if grad_b is not None else lse,
+            label_smoothing=spec.label_smoothing,
+            z_loss=spec.z_loss,
             WANT_H=want_h,
             WANT_W=want_w,
             WANT_B=want_b,
             GROUP=params["GROUP"],
-            **_flags(hidden, spec, bias, params),
+            **_shared_args(hidden, weight, bias, target, spec, params),
         )
     return LinearGrads(grad_h, grad_w, grad_b)
