@@ -94,6 +94,19 @@ def wandb_loggers(trainer: Any) -> list[Any]:
     return found
 
 
+def wandb_runs(trainer: Any) -> list[Any]:
+    """The W&B runs of the trainer's W&B loggers (started if need be), disabled ones left out.
+
+    Call it on rank zero only: elsewhere a logger's ``experiment`` is a stand-in.
+    """
+    runs = []
+    for logger in wandb_loggers(trainer):
+        run = logger.experiment
+        if run is not None and not getattr(run, "disabled", False):
+            runs.append(run)
+    return runs
+
+
 def rank_reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """Sum over ranks through the trainer's strategy (the identity on one process)."""
     if trainer.world_size <= 1:

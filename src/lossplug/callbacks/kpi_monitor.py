@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lossplug.callbacks._compat import OffTheTrainingClock, define_wandb_metrics, wandb_loggers
+from lossplug.callbacks._compat import (
+    OffTheTrainingClock,
+    define_wandb_metrics,
+    wandb_loggers,
+    wandb_runs,
+)
+from lossplug.callbacks.loss_monitor import LossMonitor
 from lossplug.kpi._core import KPI
 from lossplug.kpi._runner import KPIOutcome
+from lossplug.loggers.wandb import log_link_table, write_kpi_config
 from lossplug.monitoring.keys import is_bookkeeping
 from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.links import LinkTable
 
 __all__ = ["KPIMonitor"]
 
@@ -36,6 +45,17 @@ class KPIMonitor(OffTheTrainingClock):
     the end of training when there is none), a KPI that looked up a metric key that is not
     logged is warned about once, with the closest logged names. Schedules, best values and
     reached targets survive a resume.
+
+    With a W&B logger, the run's config gets each KPI's description under ``lossplug_kpis``
+    (direction, target, unit, ``outcome``…: :meth:`~lossplug.KPI.describe`), and the link
+    between the model and the business is logged in W&B itself: after each validation's KPIs
+    have run (and at the end of fit, if values came in since), a ``wandb.Table`` ``link/table``
+    with columns ``step``, ``val/perplexity`` and each outcome KPI's values (not its cost and
+    health counters, not running totals, not KPIs with ``outcome=False``), one row per
+    validation step with the very values logged at that step, and a scatter plot
+    ``link/<kpi key>`` of each KPI against ``val/perplexity``. ``val/perplexity`` is the value
+    :class:`~lossplug.LossMonitor` logged (else the one in ``trainer.callback_metrics``); the
+    rows survive a resume.
 
     A KPI never changes the run it measures: it finds the random streams as training left them
     and leaves them so, a call past its ``timeout_s`` is stopped at its next call into the model
@@ -64,6 +84,8 @@ class KPIMonitor(OffTheTrainingClock):
         self.log_samples = log_samples
         self._seen_step = 0
         self._samples_seen = 0
+        self.links = LinkTable(self.session.kpis)
+        self._described: list[Any] = []  # the W&B runs whose config has the KPI descriptions
 
     @property
     def runner(self) -> Any:
@@ -75,6 +97,11 @@ class KPIMonitor(OffTheTrainingClock):
         return self.session.kpis
 
     # ---------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # each fit its own table, unless a checkpoint brings one back later
+            self.links.clear()
+
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.session.start()
@@ -98,8 +125,13 @@ class KPIMonitor(OffTheTrainingClock):
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            # every callback has logged its validation values (and run its KPIs) by now
+            perplexity = _logged_perplexity(trainer, self.links.x_key)
+            if perplexity is not None:
+                self.links.record(trainer.global_step, {self.links.x_key: perplexity})
+            self._log_links(trainer)
         super().on_validation_end(trainer, pl_module)
-        # every callback has logged its validation values by now: the names are known
         if not trainer.sanity_checking and not self.session.names_known:
             self.session.check_lookups(
                 _metrics(trainer), f"after the first validation (step {trainer.global_step})"
@@ -112,6 +144,7 @@ class KPIMonitor(OffTheTrainingClock):
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._run("train_end", trainer, pl_module)
+        self._log_links(trainer, only_if_changed=True)
         if not self.session.names_known:  # no validation ran
             self.session.check_lookups(_metrics(trainer), "by the end of training")
 
@@ -119,15 +152,21 @@ class KPIMonitor(OffTheTrainingClock):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         self.session.forget_declarations()  # a new W&B run may start with this fit
+        self._describe(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"runner": self.session.state_dict(), "samples_seen": self._samples_seen}
+        return {
+            "runner": self.session.state_dict(),
+            "samples_seen": self._samples_seen,
+            "links": self.links.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict["runner"])
         self._samples_seen = int(state_dict.get("samples_seen", 0))
+        self.links.load_state_dict(state_dict.get("links", {}))
 
     # -------------------------------------------------------------------------------- helpers
     def _run(self, event: str, trainer: Any, pl_module: Any) -> None:
@@ -170,7 +209,10 @@ class KPIMonitor(OffTheTrainingClock):
     ) -> None:
         if not outcome.metrics:
             return
+        # every rank keeps them (the values are broadcast), so that any rank's checkpoint does
+        self.links.record(step, outcome.metrics)
         if trainer.is_global_zero:
+            self._describe(trainer)
             metrics = outcome.metrics
             if self.log_samples and outcome.samples:
                 # the table first, so that a lost one is counted in the same row as the values
@@ -193,6 +235,36 @@ class KPIMonitor(OffTheTrainingClock):
         }
         trainer.callback_metrics.update(monitored)
 
+    def _describe(self, trainer: Any) -> None:
+        """Write the KPI descriptions into the config of each W&B run not written yet."""
+        if not trainer.is_global_zero or not wandb_loggers(trainer):
+            return
+        try:
+            for run in wandb_runs(trainer):
+                if not any(run is done for done in self._described):
+                    self._described.append(run)
+                    write_kpi_config(run, self.session.describe())
+        except Exception as exc:  # the config is lost, not the run
+            warnings.warn(
+                f"KPIMonitor: the KPI descriptions could not be written into the W&B run's "
+                f"config ({type(exc).__name__}: {exc}); training goes on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _log_links(self, trainer: Any, *, only_if_changed: bool = False) -> None:
+        """Log the link table and its scatter plots to every W&B run, on rank zero."""
+        if not trainer.is_global_zero or not wandb_loggers(trainer):
+            return
+        step = trainer.global_step
+
+        def write(columns: list[str], rows: list[list[Any]], kpi_keys: list[str]) -> None:
+            for run in wandb_runs(trainer):
+                log_link_table(run, columns, rows, kpi_keys, step, x_key=self.links.x_key)
+
+        # publish() never raises: a lost table is warned about once
+        self.links.publish(write, step=step, only_if_changed=only_if_changed)
+
     def _log_table(
         self, item: KPI, samples: list[dict[str, Any]], trainer: Any, step: int
     ) -> dict[str, float]:
@@ -207,6 +279,24 @@ class KPIMonitor(OffTheTrainingClock):
         except Exception as exc:  # a full disk, a row W&B refuses: the table is lost, not the run
             return self.runner.record_table_error(item, exc, step=step)
         return {}
+
+
+def _logged_perplexity(trainer: Any, key: str) -> float | None:
+    """``key`` as the loggers got it at this validation, or ``None`` when it was not logged.
+
+    A :class:`~lossplug.LossMonitor` logs its exact float; the trainer's callback metrics hold
+    it rounded to float32. A value the module logged itself (``self.log``) went to the loggers
+    as its callback metric's ``item()``.
+    """
+    for callback in trainer.callbacks:
+        if isinstance(callback, LossMonitor) and callback.logged_val is not None:
+            step, values = callback.logged_val
+            if step == trainer.global_step and key in values:
+                return float(values[key])
+    value = trainer.callback_metrics.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return None
 
 
 def _metrics(trainer: Any) -> dict[str, float]:

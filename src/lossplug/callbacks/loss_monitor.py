@@ -164,6 +164,9 @@ class LossMonitor(OffTheTrainingClock):
         self._seen_step = 0
         self._trainer: Any = None
         self._patched: list[Any] | None = None  # models patched by patch_causal_lm, found lazily
+        #: ``(step, values)`` of the last validation logged straight to the loggers during fit:
+        #: the exact floats, which KPIMonitor's link table pairs with the KPIs of that step
+        self.logged_val: tuple[int, dict[str, float]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -305,6 +308,8 @@ class LossMonitor(OffTheTrainingClock):
         if self.slice_by is not None and trainer.is_global_zero:
             self._define_slice_metrics(trainer)
         self._emit(trainer, pl_module, metrics, trainer.global_step, prog_bar=self.prog_bar)
+        if trainer.state.fn != "validate":  # trainer.validate() logs them through pl_module.log
+            self.logged_val = (trainer.global_step, dict(metrics))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -16,10 +16,12 @@ import torch
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from lossplug.kpi._core import KPI
+from lossplug.loggers.wandb import log_link_table, write_kpi_config
 from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.handoff import keep_inputs_for, models_with_stats, pop_stats_with_inputs
 from lossplug.monitoring.keys import METRIC_NAMES, check_metric_names
 from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.links import LinkTable
 from lossplug.monitoring.slices import check_slice_by, slice_labels
 from lossplug.monitoring.tracker import LossTracker
 
@@ -57,7 +59,12 @@ class LossplugCallback(TrainerCallback):
 
     With ``report_to="wandb"`` the values are logged to the W&B run under these names, against
     ``train/global_step`` (the Trainer's own W&B integration would file them under ``train/``,
-    as ``train/val/perplexity``); the callback's sums, token
+    as ``train/val/perplexity``). The run's config gets each KPI's description under
+    ``lossplug_kpis``, and after each evaluation's KPIs have run (and at the end of training, if
+    values came in since) the link between the model and the business is logged as under
+    :class:`~lossplug.KPIMonitor`: a ``wandb.Table`` ``link/table`` (``step``,
+    ``val/perplexity``, each outcome KPI's values at that evaluation step) and a scatter plot
+    ``link/<kpi key>`` per KPI, from rank zero. The callback's sums, token
     count and KPI state are saved in ``trainer_state.json`` with each checkpoint and taken back
     by ``trainer.train(resume_from_checkpoint=...)``.
 
@@ -126,6 +133,8 @@ class LossplugCallback(TrainerCallback):
         self._model: Any = None
         self._patched: list[Any] = []
         self._wandb = False  # a W&B integration reports: log to its run under our names
+        self._described: Any = None  # the W&B run whose config has the KPI descriptions
+        self.links = LinkTable(self.session.kpis)
         self._saved_window: Any = None
         self._restored = False
         self._args: Any = None
@@ -161,6 +170,7 @@ class LossplugCallback(TrainerCallback):
         self.tracker.start_training()
         self.tracker.window.reset()
         self.tracker.tokens_total = 0  # a callback reused for another trainer.train() restarts
+        self.links.clear()
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         if saved and not self._restored:
             self._load(saved, is_rank_zero=state.is_world_process_zero)
@@ -216,7 +226,9 @@ class LossplugCallback(TrainerCallback):
         rank_zero = state.is_world_process_zero
         ours: dict[str, float] = {}
         evaluated = any(key.startswith("eval_") and key.endswith("_runtime") for key in logs)
-        if self._in_eval or evaluated:  # the log of Trainer.evaluate(): every rank is here
+        evaluated = evaluated or self._in_eval
+        ended = False
+        if evaluated:  # the log of Trainer.evaluate(): every rank is here
             self._in_eval = False
             CLOCK.resume(self)
             if self._slice_error is not None:  # the next evaluation starts afresh
@@ -238,6 +250,7 @@ class LossplugCallback(TrainerCallback):
             due, self._due = self._due, []
             self._run_kpis("train_step", due, state, model)
         elif "train_runtime" in logs:  # the Trainer's end-of-training log, on every rank
+            ended = True
             # the steps since the last training log, when training ended between two logs
             ours.update(self.tracker.read_window(_all_reduce, is_rank_zero=rank_zero))
             self._learn(logs, ours)
@@ -250,8 +263,11 @@ class LossplugCallback(TrainerCallback):
         logs.update(ours)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(ours)  # appended before the callbacks ran
+        self.links.record(state.global_step, ours)
         if self._wandb and state.is_world_process_zero:
             self._log_to_wandb(ours, state.global_step)
+            if evaluated or ended:  # after the KPIs of an evaluation, or of the end of training
+                self._log_links(state.global_step, only_if_changed=ended)
         if not self.session.names_known and any(key.startswith("val/") for key in ours):
             self.session.check_lookups(self._known, "after the first evaluation")
         if control.should_save:
@@ -377,6 +393,17 @@ class LossplugCallback(TrainerCallback):
         run = wandb.run
         if run is None:
             return
+        if run is not self._described:
+            self._described = run
+            try:
+                write_kpi_config(run, self.session.describe())
+            except Exception as exc:  # the config is lost, not the run
+                warnings.warn(
+                    f"LossplugCallback: the KPI descriptions could not be written into the W&B "
+                    f"run's config ({type(exc).__name__}: {exc}); training goes on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         summaries = self.session.summaries(k for k in metrics if k.startswith("kpi/"))
         for key in metrics:
             if key.startswith("kpi/") or key in self._declared:
@@ -392,6 +419,27 @@ class LossplugCallback(TrainerCallback):
             )
         # the Trainer's W&B integration plots everything against train/global_step
         run.log({**metrics, "train/global_step": step})
+
+    def _log_links(self, step: int, *, only_if_changed: bool) -> None:
+        """Log the link table and its scatter plots to the W&B run, on the Trainer's x-axis."""
+        import wandb
+
+        run = wandb.run
+        if run is None or getattr(run, "disabled", False):
+            return
+
+        def write(columns: list[str], rows: list[list[Any]], kpi_keys: list[str]) -> None:
+            log_link_table(
+                run,
+                columns,
+                rows,
+                kpi_keys,
+                step,
+                x_key=self.links.x_key,
+                step_key="train/global_step",
+            )
+
+        self.links.publish(write, step=step, only_if_changed=only_if_changed)
 
     def _samples(self, state: Any) -> int | None:
         """Training samples seen on all ranks, as the Trainer counts them (full batches)."""
@@ -416,12 +464,14 @@ class LossplugCallback(TrainerCallback):
             "tokens_total": self.tracker.tokens_total,
             "window": self._saved_window,
             "runner": self.session.state_dict(),
+            "links": self.links.state_dict(),
         }
 
     def _load(self, saved: Mapping[str, Any], *, is_rank_zero: bool) -> None:
         # the saved window is the sum over ranks: one rank takes it back
         self.tracker.load_state_dict(saved, is_rank_zero=is_rank_zero)
         self.session.load_state_dict(saved.get("runner", {}))
+        self.links.load_state_dict(saved.get("links", {}))
 
 
 def _epoch(state: Any) -> int:

@@ -107,6 +107,11 @@ class KPI:
             ``True`` for all of the KPI's values, or the sub-names of the mapping entries that
             are (e.g. ``("total",)``). They are summarised by their last value (W&B summary
             ``last``), never by a best one, and have no best value or ``target``.
+        outcome: whether the value measures what the model produces (pass rate, speed-up of
+            its code, a judge's score), so that its link with perplexity means something; the
+            built-ins that measure the run itself (throughput, cost, time to a target) say
+            ``False``, and ``lossplug report`` links them only when asked (``--link KEY``).
+        unit: the unit of the value (``"USD"``, ``"s"``), shown on the report's axes.
 
     Example:
         >>> from lossplug import KPI
@@ -131,6 +136,8 @@ class KPI:
         primary: str | None = None,
         uses_model: bool = True,
         cumulative: bool | Collection[str] = False,
+        outcome: bool = True,
+        unit: str | None = None,
     ) -> None:
         check_name(name)
         if not callable(fn):
@@ -170,6 +177,7 @@ class KPI:
             ("higher_is_better", higher_is_better),
             ("rank_zero_only", rank_zero_only),
             ("uses_model", uses_model),
+            ("outcome", outcome),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{arg} must be True or False, got {value!r}")
@@ -177,6 +185,8 @@ class KPI:
             raise TypeError(f"primary must be None or a str, got {primary!r}")
         if primary == "":
             raise ValueError("primary must name an entry of the KPI's mapping, got ''")
+        if unit is not None and not isinstance(unit, str):
+            raise TypeError(f"unit must be None or a str, got {unit!r}")
         cumulative = _check_cumulative(cumulative)
         if target is not None and cumulative is True:
             raise ValueError(
@@ -207,10 +217,29 @@ class KPI:
         self.primary = primary
         self.uses_model = bool(uses_model)
         self.cumulative: bool | frozenset[str] = cumulative
+        self.outcome = outcome
+        self.unit = unit
 
     @property
     def key(self) -> str:
         return f"kpi/{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        """What a report needs to know of this KPI, as plain data for the run's config.
+
+        Example:
+            >>> KPI("pass_rate", len, target=0.8).describe()["target"]
+            0.8
+        """
+        cumulative = self.cumulative
+        return {
+            "higher_is_better": self.higher_is_better,
+            "target": self.target,
+            "primary": self.primary,
+            "cumulative": cumulative if isinstance(cumulative, bool) else sorted(cumulative),
+            "outcome": self.outcome,
+            "unit": self.unit,
+        }
 
     def is_cumulative(self, key: str) -> bool:
         """Whether the logged value ``key`` (``kpi/<name>`` or ``kpi/<name>/<sub>``) is a total."""

@@ -48,6 +48,7 @@ class Throughput(KPI):
 
     def __init__(self, name: str = "throughput", *, every_n_steps: int = 50, **options: Any):
         options.setdefault("uses_model", False)
+        options.setdefault("outcome", False)  # the speed of the run, not what the model produces
         # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
         # worker thread would cost a hand-over between threads (about a millisecond on a busy
         # machine) at every call
@@ -83,6 +84,8 @@ class TrainingCost(KPI):
     Args:
         price_per_device_hour: what one device (GPU, or CPU process) costs per hour.
         devices: how many devices are billed (default: the number of training processes).
+        currency: the unit of ``price_per_device_hour`` (``"USD"``, ``"EUR"``…), recorded with
+            the run so that ``lossplug report`` labels the cost with it.
         name: logged as ``kpi/<name>/total`` and ``kpi/<name>/per_million_tokens``.
 
     Example:
@@ -98,10 +101,13 @@ class TrainingCost(KPI):
         price_per_device_hour: float,
         *,
         devices: int | None = None,
+        currency: str | None = None,
         name: str = "cost",
         every_n_steps: int = 50,
         **options: Any,
     ) -> None:
+        if currency is not None and (not isinstance(currency, str) or not currency.strip()):
+            raise ValueError(f"currency must be None or a unit such as 'USD', got {currency!r}")
         if (
             isinstance(price_per_device_hour, bool)
             or not isinstance(price_per_device_hour, (int, float))
@@ -117,6 +123,8 @@ class TrainingCost(KPI):
         options.setdefault("higher_is_better", False)
         options.setdefault("uses_model", False)
         options.setdefault("cumulative", True)
+        options.setdefault("outcome", False)  # what the run cost, not what the model produces
+        options.setdefault("unit", currency)
         # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
         # worker thread would cost a hand-over between threads (about a millisecond on a busy
         # machine) at every call
@@ -124,6 +132,7 @@ class TrainingCost(KPI):
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self.price_per_device_hour = float(price_per_device_hour)
         self.devices = devices
+        self.currency = currency
         self._hours_before = 0.0  # device-hours of earlier runs of a resumed fit
         self._last_elapsed = 0.0
 
@@ -196,6 +205,7 @@ class TimeToTarget(KPI):
             ch if ch.isalnum() or ch in "_-." else "_" for ch in metric
         ).rstrip(".")
         options.setdefault("higher_is_better", False)  # fewer steps is better
+        options.setdefault("outcome", False)  # when the run got there, not what the model does
         options.setdefault("at", ("validation_end", "train_epoch_end"))
         options.setdefault("uses_model", False)
         # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a

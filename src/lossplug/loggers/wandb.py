@@ -5,6 +5,10 @@ uploads later), ``WANDB_MODE`` winning when set. Whether the user is logged in i
 local files and environment variables only, the way wandb itself finds an API key
 (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, then the netrc entry for the W&B host);
 nothing here touches the network.
+
+Also what lossplug's callbacks write to a run beyond plain values: the KPI descriptions in its
+config (:func:`write_kpi_config`) and the table and scatter plots that link perplexity to the
+outcome KPIs (:func:`log_link_table`).
 """
 
 from __future__ import annotations
@@ -15,20 +19,30 @@ import os
 import secrets
 import string
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 __all__ = [
+    "KPI_CONFIG_KEY",
+    "LINK_TABLE_KEY",
     "ModeChoice",
     "RunLocation",
     "api_key_source",
     "describe_run",
+    "log_link_table",
     "resolve_mode",
     "wandb_logger",
+    "write_kpi_config",
 ]
+
+#: The run config entry that describes the run's KPIs (``KPISession.describe()``).
+KPI_CONFIG_KEY = "lossplug_kpis"
+#: The key of the table linking the model-centric value to the outcome KPIs; each KPI's scatter
+#: plot is logged under ``link/<kpi key>``.
+LINK_TABLE_KEY = "link/table"
 
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
 # What wandb's settings accept for WANDB_MODE, mapped to the mode it means.
@@ -331,6 +345,101 @@ def describe_run(logger_or_run: Any) -> RunLocation:
     sync = f"wandb sync {run_dir}" if mode == "offline" and run_dir is not None else None
     url = getattr(run, "url", None) if mode != "offline" else None
     return RunLocation(mode=mode, run_id=run_id, run_dir=run_dir, sync_command=sync, url=url)
+
+
+def write_kpi_config(run: Any, description: Mapping[str, Any]) -> bool:
+    """Put the run's KPI descriptions in its config, under :data:`KPI_CONFIG_KEY`.
+
+    What each KPI is (direction, target, unit, whether it measures the model's outcome) then
+    travels with the run, for ``lossplug report`` and for anyone reading it on W&B. Written
+    again over an earlier value (a resumed run, a KPI given a new target).
+
+    Args:
+        run: a ``wandb`` run; ``None`` or a disabled run is skipped.
+        description: ``{kpi key: KPI.describe()}``, as ``KPISession.describe()`` gives it.
+
+    Returns:
+        Whether the config was written.
+
+    Example:
+        >>> write_kpi_config(None, {"kpi/pass_rate": {"target": 0.8}})
+        False
+    """
+    if not _is_live(run):
+        return False
+    run.config.update({KPI_CONFIG_KEY: dict(description)}, allow_val_change=True)
+    return True
+
+
+def log_link_table(
+    run: Any,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    kpi_keys: Sequence[str],
+    step: int,
+    *,
+    x_key: str = "val/perplexity",
+    step_key: str = "trainer/global_step",
+) -> bool:
+    """Log the link between a model-centric value and the KPIs: one table, one scatter per KPI.
+
+    In one ``run.log`` row, at ``step`` on the trainer's x-axis: a ``wandb.Table`` under
+    :data:`LINK_TABLE_KEY` (``link/table``), and for each KPI key a
+    ``wandb.plot.scatter(table, x_key, key, title="<key> vs <x_key>")`` under
+    ``link/<key>`` (its own copy of the table goes under ``link/<key>_table``, as W&B
+    writes a custom chart). The step goes in the row as ``step_key``, never as ``step=``,
+    which would drop rows whose step goes back.
+
+    Args:
+        run: a ``wandb`` run; ``None`` or a disabled run is skipped.
+        columns: ``step``, ``x_key``, then the KPI keys.
+        rows: one row per evaluation, as ``columns`` names its cells.
+        kpi_keys: the KPI keys to plot against ``x_key`` (columns of the table).
+        step: the trainer's step the row is logged at.
+        x_key: the column on the scatter plots' x-axis.
+        step_key: the trainer's x-axis: ``trainer/global_step`` (Lightning) or
+            ``train/global_step`` (``transformers.Trainer``).
+
+    Returns:
+        Whether the row was logged.
+
+    Raises:
+        ValueError: ``x_key`` or a KPI key is not a column.
+
+    Example:
+        After an evaluation::
+
+            log_link_table(
+                run,
+                ["step", "val/perplexity", "kpi/pass_rate"],
+                [[100, 9.5, 0.25], [200, 7.25, 0.5]],
+                ["kpi/pass_rate"],
+                step=200,
+            )
+    """
+    missing = [key for key in (x_key, *kpi_keys) if key not in columns]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not among the table's columns {list(columns)}")
+    if not _is_live(run):
+        return False
+    import wandb
+
+    def table() -> Any:
+        # a table object per chart: W&B binds each logged table to its own file
+        return wandb.Table(columns=list(columns), data=[list(row) for row in rows])
+
+    payload: dict[str, Any] = {LINK_TABLE_KEY: table()}
+    for key in kpi_keys:
+        title = f"{key} vs {x_key}"
+        payload[f"link/{key}"] = wandb.plot.scatter(table(), x_key, key, title=title)
+    payload[step_key] = step
+    run.log(payload)
+    return True
+
+
+def _is_live(run: Any) -> bool:
+    """A run that records: not ``None``, not a disabled (no-op) one."""
+    return run is not None and not getattr(run, "disabled", False)
 
 
 def _check_project(project: object) -> None:

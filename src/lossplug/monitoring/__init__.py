@@ -12,12 +12,23 @@ directly.
 - :mod:`~lossplug.monitoring.clock`: training time, evaluation and KPI time left out;
 - :mod:`~lossplug.monitoring.handoff`: statistics a patched model computed, a KPI's kept out;
 - :mod:`~lossplug.monitoring.tracker`: :class:`LossTracker`, the model-centric numbers of a run;
-- :mod:`~lossplug.monitoring.kpis`: :class:`KPISession`, the KPIs of a run.
+- :mod:`~lossplug.monitoring.kpis`: :class:`KPISession`, the KPIs of a run;
+- :mod:`~lossplug.monitoring.links`: :class:`LinkTable`, perplexity beside the outcome KPIs at
+  each evaluation step.
 """
 
 from lossplug.monitoring.clock import CLOCK, TrainingClock
 from lossplug.monitoring.keys import METRIC_NAMES, SUMMARIES
 from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.links import LinkTable
 from lossplug.monitoring.tracker import LossTracker
 
-__all__ = ["CLOCK", "METRIC_NAMES", "SUMMARIES", "KPISession", "LossTracker", "TrainingClock"]
+__all__ = [
+    "CLOCK",
+    "METRIC_NAMES",
+    "SUMMARIES",
+    "KPISession",
+    "LinkTable",
+    "LossTracker",
+    "TrainingClock",
+]

@@ -106,6 +106,11 @@ class KPISession:
         self._declared.update(new)
         return new
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Each KPI's :meth:`~lossplug.kpi.KPI.describe` by key, for the run's config: what a
+        report needs to draw targets and units and to tell outcomes from the run's machinery."""
+        return {item.key: item.describe() for item in self.kpis}
+
     def forget_declarations(self) -> None:
         """A new W&B run: every key is declared again."""
         self._declared = set()
