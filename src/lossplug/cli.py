@@ -1,25 +1,13 @@
-"""The ``lossplug`` command: report on a W&B run read back from disk, with no network.
+"""The ``lossplug`` command: report on W&B runs read back from disk, with no network.
 
 Usage::
 
-    lossplug report RUN [--plot FILE.png] [--json] [--keys PATTERN ...] [--cost-key KEY]
-                        [--wait SECONDS]
+    lossplug report RUN [RUN ...] [--plot FILE.png] [--json] [--keys PATTERN ...]
+                        [--link KEY] [--cost-key KEY] [--wait SECONDS]
     python -m lossplug.cli report RUN ...
 
-``RUN`` is a ``.wandb`` file, a run folder (``wandb/offline-run-*``), a ``wandb/`` folder or the
-save dir holding one (the latest run there is read). A folder gives the whole run: the parts of
-a resumed run (one run folder per process, same run id) are merged; a ``.wandb`` file is read
-alone. The table, JSON and plot come from :mod:`lossplug.report`; this module only parses
-arguments, prints and picks the exit code:
-
-- 0: the run finished (exit code 0) and was read whole;
-- 1: the run has no exit record (still running or killed), or its file is cut short or partly
-  corrupt: what could be read is shown;
-- 2: nothing could be read (missing path, not a W&B file, no run found), bad arguments, or the
-  plot asked for could not be drawn (e.g. matplotlib is missing: the table is still printed);
-- 3: the run crashed: its exit record has a non-zero exit code (what it logged is shown).
-
-When several apply, 2 wins over 3, and 3 over 1.
+What the report says is :mod:`lossplug.report`'s; this module parses arguments, finds the runs,
+prints, and picks the exit code (see ``lossplug report --help``).
 """
 
 from __future__ import annotations
@@ -28,23 +16,28 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from lossplug.loggers.run_reader import CRASHED, read_run
+from lossplug.loggers.run_reader import CRASHED, RunData, find_runs, read_run
 from lossplug.report import (
     PlotDependencyError,
+    compare_runs,
     cost_of_improvement,
+    format_comparison,
     format_table,
     link_kpis,
+    linked_kpis,
     numeric_keys,
+    plot_comparison,
     plot_run,
     problem_line,
     report_dict,
     select_keys,
     summarize,
 )
+from lossplug.report.data import as_json
 
 __all__ = [
     "EXIT_CRASHED",
@@ -75,7 +68,14 @@ where both were logged (a KPI value pairs with the perplexity logged at the same
 step; KPIs with fewer than 3 such pairs and running totals are left out), the
 perplexity at the step where the KPI first met its target, and, when the run
 logged a cost (TrainingCost's kpi/<name>/total), the cost of each KPI's
-improvement from its first value to its best.
+improvement from its first value to its best. Only KPIs of the model's outcome
+are linked and priced: those that measure the run itself (throughput, cost,
+time to a target) are named in one line, and linked with --link KEY.
+
+With several runs (several RUN arguments, or a folder holding several runs),
+one table with a row per run: its state, steps, wall time, the final and best
+val/perplexity (and its slices), every KPI's final and best, and its cost;
+--plot overlays their curves, one colour per run.
 
 The header says how the run ended: finished, CRASHED (non-zero exit code) or
 UNFINISHED (no exit record: still running or killed). A resumed run (one run
@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         metavar="RUN",
         type=Path,
+        nargs="+",
         help="a .wandb file, a run folder, a wandb/ folder or the save dir holding one "
         "(the latest run there is read); a folder gives the whole run, the parts of a resumed "
-        "run merged, a .wandb file only its own part",
+        "run merged, a .wandb file only its own part; a folder holding several save dirs or "
+        "run folders below it gives each of their runs",
     )
     report.add_argument(
         "--plot",
@@ -140,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="show (and plot) only the keys matching these glob patterns, e.g. 'val/*' "
         "'kpi/pass_rate'; a plain prefix such as 'kpi' matches the keys under it; "
         "bookkeeping keys (kpi/x/seconds, epoch, ...) show only when named, e.g. '*/seconds'",
+    )
+    report.add_argument(
+        "--link",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="also link (and price) this KPI, a key or a glob pattern, although it measures "
+        "the run rather than the model (throughput, cost, time to a target); repeatable",
     )
     report.add_argument(
         "--cost-key",
@@ -189,17 +199,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    try:
-        run = read_run(args.run, wait=args.wait)
-    except (OSError, ValueError) as exc:  # missing path, no run found, not a W&B file
-        return _fail(str(exc))
-    except Exception as exc:  # an unforeseen failure still gets one line, not a traceback
-        return _fail(f"could not read {args.run}: {type(exc).__name__}: {exc}")
-    if run.run_id is None and not run.history:
-        # The reader's messages start with the file name, which this line already shows.
-        first = run.errors[0].removeprefix(f"{run.path.name}: ") if run.errors else ""
-        return _fail(f"{run.path}: no W&B record could be read" + (f" ({first})" if first else ""))
+    runs: list[RunData] = []
+    unreadable: list[str] = []
+    for path in args.run:
+        try:
+            found = find_runs(path)
+        except (OSError, ValueError) as exc:  # missing path, no run found
+            unreadable.append(str(exc))
+            continue
+        for folder in found:
+            run, reason = _read(folder, args.wait)
+            if run is None:
+                unreadable.append(reason)
+            else:
+                runs.append(run)
+    if len(args.run) == 1 and len(runs) + len(unreadable) == 1:
+        return _report_one(runs[0], args) if runs else _fail(unreadable[0])
+    return _report_many(runs, unreadable, args)
 
+
+def _read(path: Path, wait: float) -> tuple[RunData | None, str]:
+    """The run at ``path``, or ``None`` and one line saying why it could not be read."""
+    try:
+        run = read_run(path, wait=wait)
+    except (OSError, ValueError) as exc:  # not a W&B file, unsupported version
+        return None, str(exc)
+    except Exception as exc:  # an unforeseen failure still gets one line, not a traceback
+        return None, f"could not read {path}: {type(exc).__name__}: {exc}"
+    if run.run_id is None and not run.history:
+        first = run.errors[0].detail if run.errors else ""
+        return None, f"{run.path}: no W&B record could be read" + (f" ({first})" if first else "")
+    return run, ""
+
+
+def _report_one(run: RunData, args: argparse.Namespace) -> int:
     if args.keys is not None and not select_keys(run, args.keys):
         available = ", ".join(numeric_keys(run)) or "none"
         return _fail(
@@ -208,41 +241,78 @@ def _report(args: argparse.Namespace) -> int:
         )
     rows = summarize(run, args.keys)
     # The section below the table follows --keys on the KPI side: the KPIs it links and prices.
-    links = link_kpis(run, args.keys)
+    links = link_kpis(run, args.keys, link=args.link)
+    left_out = linked_kpis(run, args.keys, args.link)[1]
     try:
-        costs = cost_of_improvement(run, args.keys, cost_key=args.cost_key)
+        costs = cost_of_improvement(run, args.keys, cost_key=args.cost_key, link=args.link)
     except ValueError as exc:  # --cost-key names no key of the run
         return _fail(f"--cost-key: {exc}")
 
-    code = EXIT_OK
-    problem = problem_line(run)
-    if problem:
-        _warn(problem)
-        code = EXIT_CRASHED if run.state == CRASHED else EXIT_INCOMPLETE
-
-    plot_path = None
-    if args.plot is not None:
-        try:
-            plot_path = plot_run(run, args.plot, keys=args.keys)
-        except PlotDependencyError as exc:
-            _warn(str(exc), level="error")
-            code = EXIT_UNREADABLE
-        except (OSError, ValueError) as exc:  # unwritable path, unknown image format, ...
-            _warn(f"could not write the plot {args.plot}: {exc}", level="error")
-            code = EXIT_UNREADABLE
-        except Exception as exc:  # a plotting failure must not hide the table
-            _warn(f"could not draw the plot: {type(exc).__name__}: {exc}", level="error")
-            code = EXIT_UNREADABLE
-
+    code = _run_code(run)
+    plot_path, plot_failed = _plot(lambda: plot_run(run, args.plot, keys=args.keys), args)
+    if plot_failed:
+        code = EXIT_UNREADABLE
     if args.json:
         data = report_dict(run, rows, links=links, costs=costs)
         data["plot"] = None if plot_path is None else str(plot_path)
         print(json.dumps(data, indent=2, allow_nan=False))
     else:
-        print(format_table(rows, run, links=links, costs=costs))
+        print(format_table(rows, run, links=links, costs=costs, left_out=left_out))
         if plot_path is not None:
             print(f"\nplot written to {plot_path}")
     return code
+
+
+def _report_many(runs: list[RunData], unreadable: list[str], args: argparse.Namespace) -> int:
+    codes = [_run_code(run) for run in runs]
+    for reason in unreadable:
+        _warn(reason, level="error")
+    rows = compare_runs(runs, args.keys, cost_key=args.cost_key)
+    plot_path, plot_failed = None, False
+    if runs:
+        plot_path, plot_failed = _plot(
+            lambda: plot_comparison(runs, args.plot, keys=args.keys), args
+        )
+    if args.json:
+        data = {
+            "runs": as_json(rows),
+            "not_read": list(unreadable),
+            "plot": None if plot_path is None else str(plot_path),
+        }
+        print(json.dumps(data, indent=2, allow_nan=False))
+    else:
+        print(format_comparison(rows, unreadable))
+        if plot_path is not None:
+            print(f"\nplot written to {plot_path}")
+    if unreadable or plot_failed or not runs:
+        return EXIT_UNREADABLE
+    # As for one run: a crash outranks an unfinished or damaged run.
+    return max(codes, key=lambda code: (code == EXIT_CRASHED, code))
+
+
+def _run_code(run: RunData) -> int:
+    """The exit code one run calls for, its problem said on stderr."""
+    problem = problem_line(run)
+    if not problem:
+        return EXIT_OK
+    _warn(problem)
+    return EXIT_CRASHED if run.state == CRASHED else EXIT_INCOMPLETE
+
+
+def _plot(draw: Callable[[], Path], args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """``(path written, failed)``: a plotting failure is said on stderr and never hides the
+    table."""
+    if args.plot is None:
+        return None, False
+    try:
+        return draw(), False
+    except PlotDependencyError as exc:
+        _warn(str(exc), level="error")
+    except (OSError, ValueError) as exc:  # unwritable path, unknown image format, ...
+        _warn(f"could not write the plot {args.plot}: {exc}", level="error")
+    except Exception as exc:  # a plotting failure must not hide the table
+        _warn(f"could not draw the plot: {type(exc).__name__}: {exc}", level="error")
+    return None, True
 
 
 def _fail(message: str) -> int:
