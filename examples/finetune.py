@@ -12,7 +12,8 @@ Validation is split in two slices, ``code`` (held-out source files) and ``prose`
 docstrings alone), logged as ``val/perplexity/code`` and ``val/perplexity/prose`` beside the
 overall ``val/perplexity``. At the end it prints a table of every metric (first, last, best and at
 which step), how each KPI moved with the perplexity, the run folder with the command that uploads
-it, and writes a plot of perplexity and the KPIs.
+it, and the two commands that train a second run and compare both; and it writes a plot of
+perplexity and the KPIs.
 ``--hf-model PATH`` fine-tunes a local Hugging Face causal LM (``pip install transformers``); a
 supported family trains through ``patch_causal_lm``, which never builds its logits.
 """
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     kpis = [
         Throughput(every_n_steps=log_every),
-        TrainingCost(args.price_per_device_hour, every_n_steps=log_every),
+        TrainingCost(args.price_per_device_hour, currency="USD", every_n_steps=log_every),
         code_kpi,
     ]
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
@@ -266,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntrained {trainer.global_step} steps in {seconds:.0f} s")
     print(f"plot: {plot}")
     print(where)
+    other_lr = f"{args.lr / 3:g}"
+    other_out = args.out.with_name(f"{args.out.name}-lr{other_lr}")
+    print(
+        "compare with a second run:\n"
+        f"  python examples/finetune.py --lr {other_lr} --out {other_out}\n"
+        f"  lossplug report {args.out} {other_out} --plot compare.png"
+    )
     return 0
 
 

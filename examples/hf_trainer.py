@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     log_every = max(1, min(10, args.max_steps // 6))
     kpis = [
         Throughput(every_n_steps=log_every),
-        TrainingCost(args.price_per_device_hour, every_n_steps=log_every),
+        TrainingCost(args.price_per_device_hour, currency="USD", every_n_steps=log_every),
         GenerationKPI(  # at each evaluation: the report links it with val/perplexity
             PROMPTS,
             python_tokenizes,

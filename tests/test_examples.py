@@ -93,6 +93,39 @@ def test_report_reads_the_run_back(finetune_run):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_the_main_job_says_how_to_compare_two_runs_and_that_works(finetune_run):
+    out, done = finetune_run
+    lines = done.stdout.splitlines()
+    at = lines.index("compare with a second run:")
+    train, report = (line.strip().split() for line in lines[at + 1 : at + 3])
+    assert train[:2] == ["python", "examples/finetune.py"] and report[:2] == ["lossplug", "report"]
+    second = run_example(str(ROOT / train[1]), *train[2:], "--max-steps", "30", cwd=out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    compared = run_example("-m", "lossplug.cli", *report[1:], cwd=out)
+    assert compared.returncode == 0, compared.stderr
+    table = compared.stdout.splitlines()
+    assert table[0] == "2 runs compared; each cell: final (best@step)"
+    assert "val/perplexity" in table[1] and "kpi/code_tokenizes" in table[1]
+    assert "cost USD (kpi/cost/total)" in table[1]
+    # unnamed runs are called by the folders the command names
+    assert [line.split()[0] for line in table[2:4]] == [report[2], report[3]]
+    assert (out / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_readme_quickstart_runs_as_pasted(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "quickstart.py").write_text(code)
+    done = run_example("quickstart.py", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = read_run(tmp_path, wait=30)
+    assert run.complete and len(run.series("val/perplexity")) >= 3
+    assert run.series("kpi/cost/total") and run.config["lossplug_kpis"]["kpi/cost"]["unit"] == "USD"
+    report = run_example("-m", "lossplug.cli", "report", ".", cwd=tmp_path)
+    assert report.returncode == 0 and "val/perplexity" in report.stdout, report.stderr
+
+
 def _save_tiny_hf_model(path: Path) -> None:
     """A tiny GPT-2 and a byte-level BPE tokenizer trained here: nothing is downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -82,10 +82,12 @@ def test_a_folder_of_runs_gives_one_row_per_run(runs_root, runs, capsys) -> None
     code, out, err = _report(capsys, str(runs_root))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "2 runs compared; each cell: final (best @ step)"
+    assert lines[0] == "2 runs compared; each cell: final (best@step)"
     head = lines[1].split()
     assert head[:4] == ["run", "state", "steps", "wall"]
     assert "val/perplexity" in head and "kpi/pass_rate" in head and "(kpi/cost/total)" in head
+    assert head[head.index("val/perplexity") + 1] == "(min)"
+    assert head[head.index("(kpi/cost/total)") - 1] == "USD"
     # machinery KPIs keep their columns: the table shows what each run did
     assert any(h.startswith("kpi/throughput/") for h in head)
     for lr, run, line in zip(LEARNING_RATES, runs, lines[2:4], strict=True):
@@ -169,7 +171,8 @@ def test_the_run_figure_draws_targets_units_and_readable_labels(runs) -> None:
     lines = {line.get_label(): line for line in kpi.get_lines()}
     assert list(lines["_target"].get_ydata()) == [TARGET, TARGET]
     assert list(lines["_met"].get_xdata()) == [20, 20]
-    assert any(t.get_text() == "target 0.5 met @ 20" for t in kpi.texts)
+    texts = [t.get_text() for t in kpi.texts]
+    assert "target 0.5" in texts and "met @ 20" in texts
     assert axes["kpi/cost/total"].get_ylabel() == "USD"
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:

@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     runs: list[RunData] = []
+    labels: list[str] = []  # what the user called each run: the path it came from
     unreadable: list[str] = []
     for path in args.run:
         try:
@@ -207,15 +208,16 @@ def _report(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:  # missing path, no run found
             unreadable.append(str(exc))
             continue
-        for folder in found:
+        for folder, label in zip(found, _labels(path, found), strict=True):
             run, reason = _read(folder, args.wait)
             if run is None:
                 unreadable.append(reason)
             else:
                 runs.append(run)
+                labels.append(label)
     if len(args.run) == 1 and len(runs) + len(unreadable) == 1:
         return _report_one(runs[0], args) if runs else _fail(unreadable[0])
-    return _report_many(runs, unreadable, args)
+    return _report_many(runs, labels, unreadable, args)
 
 
 def _read(path: Path, wait: float) -> tuple[RunData | None, str]:
@@ -263,15 +265,17 @@ def _report_one(run: RunData, args: argparse.Namespace) -> int:
     return code
 
 
-def _report_many(runs: list[RunData], unreadable: list[str], args: argparse.Namespace) -> int:
+def _report_many(
+    runs: list[RunData], labels: list[str], unreadable: list[str], args: argparse.Namespace
+) -> int:
     codes = [_run_code(run) for run in runs]
     for reason in unreadable:
         _warn(reason, level="error")
-    rows = compare_runs(runs, args.keys, cost_key=args.cost_key)
+    rows = compare_runs(runs, args.keys, cost_key=args.cost_key, labels=labels)
     plot_path, plot_failed = None, False
     if runs:
         plot_path, plot_failed = _plot(
-            lambda: plot_comparison(runs, args.plot, keys=args.keys), args
+            lambda: plot_comparison(runs, args.plot, keys=args.keys, labels=labels), args
         )
     if args.json:
         data = {
@@ -288,6 +292,21 @@ def _report_many(runs: list[RunData], unreadable: list[str], args: argparse.Name
         return EXIT_UNREADABLE
     # As for one run: a crash outranks an unfinished or damaged run.
     return max(codes, key=lambda code: (code == EXIT_CRASHED, code))
+
+
+def _labels(path: Path, folders: list[Path]) -> list[str]:
+    """What to call each run found under the ``path`` the user gave: the path itself for one
+    run, else its save dir below ``path`` (``lr-1e-3`` for ``lr-1e-3/wandb/offline-run-…``),
+    with the run folder where one save dir holds several runs."""
+    if len(folders) == 1:
+        return [str(path)]
+    save_dirs = [folder.parent.parent for folder in folders]  # <save dir>/wandb/<run folder>
+    return [
+        str(save.relative_to(path))
+        if save_dirs.count(save) == 1 and save != path
+        else str(folder.relative_to(path))
+        for save, folder in zip(save_dirs, folders, strict=True)
+    ]
 
 
 def _run_code(run: RunData) -> int:

@@ -18,6 +18,7 @@ from lossplug.report.keys import (
     declared_direction,
     is_bookkeeping,
     is_number,
+    kpi_description,
     kpi_keys,
     numeric_keys,
     select_keys,
@@ -56,6 +57,7 @@ class RunColumns:
         values: Its :class:`Final` of each compared key it logged.
         cost_key: The running cost total it logged, ``None`` when none.
         cost: The last value of that total.
+        currency: Its unit (``TrainingCost(currency=...)``), ``None`` when not recorded.
     """
 
     label: str
@@ -64,6 +66,7 @@ class RunColumns:
     values: tuple[Final, ...]
     cost_key: str | None
     cost: float | None
+    currency: str | None = None
 
     def get(self, key: str) -> Final | None:
         """The :class:`Final` of ``key``, ``None`` when this run did not log it."""
@@ -90,7 +93,11 @@ def compared_keys(runs: Sequence[RunData], keys: Iterable[str] | None = None) ->
 
 
 def compare_runs(
-    runs: Sequence[RunData], keys: Iterable[str] | None = None, *, cost_key: str | None = None
+    runs: Sequence[RunData],
+    keys: Iterable[str] | None = None,
+    *,
+    cost_key: str | None = None,
+    labels: Sequence[str | None] | None = None,
 ) -> list[RunColumns]:
     """One :class:`RunColumns` per run, all over the same :func:`compared_keys`.
 
@@ -99,6 +106,8 @@ def compare_runs(
         keys: Glob patterns choosing the keys, as in :func:`~lossplug.report.select_keys`.
         cost_key: The running cost total of the cost column; ``None`` finds each run's
             (:func:`~lossplug.report.find_cost_key`).
+        labels: What to call each run where it has no display name (e.g. the folder it was
+            read from); else its id, else its file.
 
     Returns:
         The rows, in the order of ``runs``.
@@ -112,20 +121,22 @@ def compare_runs(
         [('lr-1e-3', 7.5), ('lr-3e-3', 6.0)]
     """
     shown = compared_keys(runs, keys)
+    labels = [None] * len(runs) if labels is None else list(labels)
     out = []
-    for run in runs:
+    for run, label in zip(runs, labels, strict=True):
         present = set(numeric_keys(run))
         values = [_final(run, key) for key in shown if key in present]
         cost = find_cost_key(run) if cost_key is None else cost_key
         runtime = run.summary.get("_runtime", run.last("_runtime"))
         out.append(
             RunColumns(
-                label=run.name or run.run_id or str(run.path),
+                label=run.name or label or run.run_id or str(run.path),
                 run=run_info(run),
                 wall_seconds=float(runtime) if is_number(runtime) else None,
                 values=tuple(item for item in values if item is not None),
                 cost_key=cost,
                 cost=None if cost is None else _last_finite(run, cost),
+                currency=None if cost is None else _unit(run, cost),
             )
         )
     return out
@@ -146,14 +157,19 @@ def format_comparison(rows: Sequence[RunColumns], unreadable: Sequence[str] = ()
         >>> runs = [RunData(path=Path("a.wandb"), name="lr-3e-3", complete=True, exit_code=0,
         ...     history=[{"_step": 0, "val/perplexity": 9.0}, {"_step": 1, "val/perplexity": 6.0}])]
         >>> print(format_comparison(compare_runs(runs)))
-        1 run compared; each cell: final (best @ step)
-        run      state     steps  wall  val/perplexity
-        lr-3e-3  finished      1     -  6 (6 @ 1, min)
+        1 run compared; each cell: final (best@step)
+        run      state     steps  wall  val/perplexity (min)
+        lr-3e-3  finished      1     -  6 (6@1)
     """
     keys = list(dict.fromkeys(item.key for row in rows for item in row.values))
+    directions = {item.key: item.direction for row in rows for item in row.values}
     costs = {row.cost_key for row in rows if row.cost_key}
-    cost_head = f"cost ({costs.pop()})" if len(costs) == 1 else "cost"
-    head = ["run", "state", "steps", "wall", *keys]
+    currencies = {row.currency for row in rows if row.cost_key}
+    currency = currencies.pop() if len(currencies) == 1 else None  # one unit for all, or none
+    cost_head = "cost" + (f" {currency}" if currency else "")
+    cost_head += f" ({costs.pop()})" if len(costs) == 1 else ""
+    head = ["run", "state", "steps", "wall"]
+    head += [f"{key} ({directions[key]})" if directions[key] else key for key in keys]
     head += [cost_head] if any(row.cost_key for row in rows) else []
     cells = []
     for row in rows:
@@ -167,7 +183,7 @@ def format_comparison(rows: Sequence[RunColumns], unreadable: Sequence[str] = ()
         if len(head) > len(line):
             line.append(fmt_number(row.cost))
         cells.append(line)
-    lines = [f"{plural(len(rows), 'run')} compared; each cell: final (best @ step)"]
+    lines = [f"{plural(len(rows), 'run')} compared; each cell: final (best@step)"]
     lines += columns(head, cells, right={2, 3}) if rows else []
     if unreadable:
         lines += ["", "not read:", *(f"  - {item}" for item in unreadable)]
@@ -175,12 +191,19 @@ def format_comparison(rows: Sequence[RunColumns], unreadable: Sequence[str] = ()
 
 
 def plot_comparison(
-    runs: Sequence[RunData], path: str | Path, keys: Iterable[str] | None = None, *, dpi: int = 100
+    runs: Sequence[RunData],
+    path: str | Path,
+    keys: Iterable[str] | None = None,
+    *,
+    labels: Sequence[str | None] | None = None,
+    dpi: int = 100,
 ) -> Path:
     """Overlay the runs' ``val/perplexity`` (and slices) and KPI curves into an image file.
 
-    One panel per key of :func:`compared_keys`, one colour per run in every panel, each KPI's
-    target as a dashed line; see :func:`~lossplug.report.plot.build_comparison_figure`.
+    One panel per key of :func:`compared_keys` and one for the cost, one colour per run in every
+    panel, each KPI's target as a dashed line (see
+    :func:`~lossplug.report.plot.build_comparison_figure`).
+    ``labels`` name the runs in the legend, as in :func:`compare_runs`.
 
     Returns:
         The path written.
@@ -189,7 +212,10 @@ def plot_comparison(
         PlotDependencyError: matplotlib is not installed (``pip install "lossplug[plot]"``).
         ValueError: No key to draw.
     """
-    return save_figure(build_comparison_figure(runs, compared_keys(runs, keys)), path, dpi)
+    rows = compare_runs(runs, keys, labels=labels)
+    costs = list(dict.fromkeys(row.cost_key for row in rows if row.cost_key))
+    shown = compared_keys(runs, keys) + costs
+    return save_figure(build_comparison_figure(runs, shown, [row.label for row in rows]), path, dpi)
 
 
 def _final(run: RunData, key: str) -> Final | None:
@@ -212,12 +238,17 @@ def _last_finite(run: RunData, key: str) -> float | None:
     return float(finite[-1]) if finite else None
 
 
+def _unit(run: RunData, key: str) -> str | None:
+    unit = (kpi_description(run, key) or {}).get("unit")
+    return unit if isinstance(unit, str) and unit else None
+
+
 def _fmt_final(item: Final | None) -> str:
     if item is None:
         return "-"
     if item.best is None:
         return fmt_number(item.final.value)
-    best = f"{fmt_number(item.best.value)} @ {fmt_number(item.best.step)}, {item.direction}"
+    best = f"{fmt_number(item.best.value)}@{fmt_number(item.best.step)}"
     return f"{fmt_number(item.final.value)} ({best})"
 
 

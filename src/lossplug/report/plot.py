@@ -136,7 +136,7 @@ def build_figure(
         shared = shared or ax
         for label, key in members:
             _draw_curve(ax, run, key, label=label)
-        _finish_panel(ax, run, title, [key for _, key in members], step_key)
+        _finish_panel(ax, title, [key for _, key in members], step_key, [(run, None)])
     pairs = {key: values_by_step(run, key) for key in {LINK_METRIC, *(s.kpi for s in scatters)}}
     for item, cell in zip(scatters, cells[2], strict=True):
         _draw_scatter(fig.add_subplot(cell), item, pairs[item.kpi], pairs[LINK_METRIC])
@@ -145,13 +145,17 @@ def build_figure(
     return fig
 
 
-def build_comparison_figure(runs: Sequence[RunData], keys: Sequence[str]) -> Any:
+def build_comparison_figure(
+    runs: Sequence[RunData], keys: Sequence[str], labels: Sequence[str] | None = None
+) -> Any:
     """Several runs' curves overlaid: one panel per key, one colour per run in every panel.
 
     Args:
         runs: Runs from :func:`lossplug.loggers.read_run`, with at least one key to draw.
         keys: The keys to draw, one panel each (``val/perplexity`` on a log axis); each KPI's
-            target, when a run recorded one, as a dashed line.
+            target, when a run recorded one, as a dashed grey line, and the step each run
+            first met it as a dotted line in the run's colour.
+        labels: The legend's name of each run; default its display name, else its id.
 
     Returns:
         A ``matplotlib.figure.Figure``; the legend naming the runs sits below the panels.
@@ -163,20 +167,25 @@ def build_comparison_figure(runs: Sequence[RunData], keys: Sequence[str]) -> Any
     if not keys:
         raise ValueError("nothing to plot: no key that the runs logged matches")
     fig, (cells,) = _figure([len(keys)])
+    names = [
+        label or run.name or run.run_id or str(run.path)
+        for run, label in zip(runs, labels or [None] * len(runs), strict=True)
+    ]
     colours = [f"C{i % 10}" for i in range(len(runs))]
     shared = None
     for key, cell in zip(keys, cells, strict=True):
         ax = fig.add_subplot(cell, sharex=shared)
         shared = shared or ax
-        for run, colour in zip(runs, colours, strict=True):
-            _draw_curve(ax, run, key, label=_run_label(run), color=colour)
+        for run, name, colour in zip(runs, names, colours, strict=True):
+            _draw_curve(ax, run, key, label=name, color=colour)
         title = key.split("/", 1)[1] if key.startswith("val/") else key
-        _finish_panel(ax, runs[0], title, [key], "step", runs=runs, legend=False)
+        sources = list(zip(runs, colours, strict=True))
+        _finish_panel(ax, title, [key], runs[0].step_key(), sources, legend=False)
     from matplotlib.lines import Line2D
 
     handles = [
-        Line2D([], [], color=c, label=_run_label(r), marker="o", ms=3)
-        for r, c in zip(runs, colours, strict=True)
+        Line2D([], [], color=colour, label=name, marker="o", ms=3)
+        for name, colour in zip(names, colours, strict=True)
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(runs)), fontsize=8)
     fig.suptitle(f"{len(runs)} runs compared", fontsize=11)
@@ -231,18 +240,20 @@ def _draw_curve(ax: Any, run: RunData, key: str, **style: Any) -> None:
 
 def _finish_panel(
     ax: Any,
-    run: RunData,
     title: str,
     keys: Sequence[str],
     step_key: str,
+    sources: Sequence[tuple[RunData, str | None]],
     *,
-    runs: Sequence[RunData] = (),
     legend: bool = True,
 ) -> None:
-    """Targets, scale, unit, labels and the legend of a panel whose curves are drawn."""
-    for source in runs or [run]:
+    """Targets, scale, unit, labels and the legend of a panel whose curves are drawn.
+
+    ``sources`` are the runs drawn, each with its colour (``None``: the colour of its curve).
+    """
+    for source, colour in sources:
         for key in keys:
-            _draw_target(ax, source, key)
+            _draw_target(ax, source, key, colour)
     drawn = [y for line in ax.get_lines() for y in line.get_ydata() if line.get_label()[0] != "_"]
     positive = bool(drawn) and min(drawn) > 0
     # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable.
@@ -250,7 +261,7 @@ def _finish_panel(
         ax.set_yscale("log")
         if min(drawn) >= 1:
             _plain_log_ticks(ax.yaxis)
-    units = {_unit(source, key) for source in runs or [run] for key in keys} - {None}
+    units = {_unit(source, key) for source, _ in sources for key in keys} - {None}
     if len(units) == 1:
         ax.set_ylabel(units.pop(), fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -263,23 +274,40 @@ def _finish_panel(
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def _draw_target(ax: Any, run: RunData, key: str) -> None:
-    """The KPI's target as a dashed line, and the step it was first met as a dotted one."""
+def _draw_target(ax: Any, run: RunData, key: str, colour: str | None) -> None:
+    """The KPI's target as a dashed line (once a panel), the step it was met as a dotted one.
+
+    ``colour`` is the run's when several runs share the panel (the target line is then grey);
+    ``None`` takes the colour of the panel's curve.
+    """
     target = _target(run, key)
     if target is None:
         return
-    colour = ax.get_lines()[-1].get_color() if ax.get_lines() else "0.3"
-    ax.axhline(target, color=colour, ls="--", lw=1, alpha=0.8, label="_target")
-    step = target_step(run, key)
-    if step is not None:
-        ax.axvline(step, color=colour, ls=":", lw=1, alpha=0.8, label="_met")
+    curve = ax.get_lines()[-1].get_color() if ax.get_lines() else "0.3"
+    shown = [line for line in ax.get_lines() if line.get_label() == "_target"]
+    if not any(list(line.get_ydata()) == [target, target] for line in shown):
+        ax.axhline(target, color=(colour and "0.45") or curve, ls="--", lw=1, label="_target")
         ax.annotate(
-            f"target {fmt_number(target)} met @ {fmt_number(step)}",
-            (step, target),
-            xytext=(4, 4),
+            f"target {fmt_number(target)}",
+            (0, target),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 3),
             textcoords="offset points",
             fontsize=7,
-            color=colour,
+            color="0.3",
+        )
+    step = target_step(run, key)
+    if step is not None:
+        ax.axvline(step, color=colour or curve, ls=":", lw=1, label="_met")
+        # left of the line, so that a target met near the last step stays inside the panel
+        ax.annotate(
+            f"met @ {fmt_number(step)}",
+            (step, target),
+            xytext=(-3, -10),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+            color=colour or curve,
         )
 
 
@@ -300,10 +328,6 @@ def _unit(run: RunData, key: str) -> str | None:
     description = kpi_description(run, key)
     unit = description.get("unit") if description else None
     return unit if isinstance(unit, str) and unit else None
-
-
-def _run_label(run: RunData) -> str:
-    return run.name or run.run_id or str(run.path)
 
 
 def _plain_log_ticks(axis: Any) -> None:
