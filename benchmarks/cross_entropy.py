@@ -14,7 +14,7 @@ the case saw (bf16 inputs are compared with their own rounded values). Times are
 ``--repeats`` calls, lossplug and its anchors interleaved round-robin in one child process per
 group, so load from other processes hits all of them alike; that load is reported too. The
 measuring machinery and the command line are shared with the other CPU benchmarks
-(``_harness.py``).
+(``_harness/``).
 
 Usage::
 

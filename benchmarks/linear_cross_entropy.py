@@ -22,7 +22,7 @@ tokens: lossplug drops them before any matmul on CPU), and a Llama-3-sized head 
 D = 1024, V = 128256).
 
 Peak extra memory (resident set size above the inputs, the gradients of ``h`` and ``W``
-included) comes from one cold call of each case in its own child process (``_harness.py``); the
+included) comes from one cold call of each case in its own child process (``_harness/``); the
 same call gives the loss error and the largest gradient error against a float64 reference
 (materialised float64 logits, computed once per group in a child of its own from the very values
 the cases saw: bf16 inputs are compared with their own rounded values). Times are the median of

@@ -3,7 +3,7 @@
 Both metrics get the same logits ``[B, S, V]`` (fp32 or bf16) and targets of which about 10% are
 ``-100`` (ignored), and run ``reset()``, ``update(logits, target)`` and ``compute()`` under
 ``torch.no_grad()``. Measured per case, with the machinery of ``cross_entropy.py`` (in
-``_harness.py``): peak extra memory of one cold call in a child process of its own, the median
+``_harness/``): peak extra memory of one cold call in a child process of its own, the median
 time of ``--repeats`` calls made round-robin with the other metric in one process, and the
 perplexity's relative error against a float64 reference computed on the very values the metric
 saw (bf16 logits are compared with their own rounded values, so the error is the metric's own).
