@@ -21,13 +21,13 @@ from lossplug.kpi._core import KPI
 from lossplug.kpi._runner import KPIOutcome
 from lossplug.loggers.wandb import log_link_table, write_kpi_config
 from lossplug.monitoring.keys import is_bookkeeping
-from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.kpis import KPISession, ShowsKPISession
 from lossplug.monitoring.links import LinkTable
 
 __all__ = ["KPIMonitor"]
 
 
-class KPIMonitor(OffTheTrainingClock):
+class KPIMonitor(OffTheTrainingClock, ShowsKPISession):
     """Run :class:`~lossplug.KPI` functions on their schedules and log them as ``kpi/<name>``.
 
     Values go to every logger at the trainer's global step (the x-axis of the model metrics),
@@ -86,15 +86,6 @@ class KPIMonitor(OffTheTrainingClock):
         self._samples_seen = 0
         self.links = LinkTable(self.session.kpis)
         self._described: list[Any] = []  # the W&B runs whose config has the KPI descriptions
-
-    @property
-    def runner(self) -> Any:
-        """The :class:`~lossplug.kpi.KPIRunner` that calls the KPIs."""
-        return self.session.runner
-
-    @property
-    def kpis(self) -> list[KPI]:
-        return self.session.kpis
 
     # ---------------------------------------------------------------------------------- hooks
     @override

@@ -20,7 +20,7 @@ from lossplug.loggers.wandb import log_link_table, write_kpi_config
 from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.handoff import keep_inputs_for, models_with_stats, pop_stats_with_inputs
 from lossplug.monitoring.keys import METRIC_NAMES, check_metric_names
-from lossplug.monitoring.kpis import KPISession
+from lossplug.monitoring.kpis import KPISession, ShowsKPISession
 from lossplug.monitoring.links import LinkTable
 from lossplug.monitoring.slices import check_slice_by, slice_labels
 from lossplug.monitoring.tracker import LossTracker
@@ -33,7 +33,7 @@ __all__ = ["LossplugCallback"]
 STATE_KEY = "lossplug.LossplugCallback"
 
 
-class LossplugCallback(TrainerCallback):
+class LossplugCallback(TrainerCallback, ShowsKPISession):
     """Exact token-weighted metrics and KPIs in a ``transformers.Trainer``'s own logs.
 
     At each Trainer logging step, the window since the last one is added to the Trainer's log
@@ -138,15 +138,6 @@ class LossplugCallback(TrainerCallback):
         self._saved_window: Any = None
         self._restored = False
         self._args: Any = None
-
-    @property
-    def runner(self) -> Any:
-        """The :class:`~lossplug.kpi.KPIRunner` that calls the KPIs."""
-        return self.session.runner
-
-    @property
-    def kpis(self) -> list[KPI]:
-        return self.session.kpis
 
     def keys(self, stage: str) -> list[str]:
         """The keys logged for ``stage`` (``"train"`` or ``"val"``), KPIs aside."""

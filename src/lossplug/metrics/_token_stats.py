@@ -11,7 +11,7 @@ from torchmetrics import Metric
 
 from lossplug.ops._dispatch import check_backend
 from lossplug.ops._spec import LossSpec
-from lossplug.ops.cross_entropy import _cross_entropy
+from lossplug.ops.cross_entropy import measure_logits
 from lossplug.ops.stats import TokenStats
 
 _STATE_FIELDS = {
@@ -84,15 +84,7 @@ def _token_stats_update(
         raise ValueError(
             "update needs a target: update(logits, target), update(stats) or update(losses, mask)"
         )
-    with torch.no_grad():
-        _, stats = _cross_entropy(
-            preds.detach(),
-            target,
-            spec,
-            return_stats=True,
-            backend=backend,
-            per_sequence_stats=per_sequence,
-        )
+    _, stats = measure_logits(preds, target, spec, backend=backend, per_sequence_stats=per_sequence)
     return stats
 
 

@@ -13,7 +13,7 @@ from lossplug.metrics._token_stats import (
     _token_stats_update,
     _TokenStatsMetric,
 )
-from lossplug.ops.stats import TokenStats
+from lossplug.ops.stats import TokenStats, slice_name
 
 __all__ = ["LanguageModelMetrics", "language_model_metrics"]
 
@@ -198,17 +198,7 @@ def _slice_names(slices: Sequence[str | int] | None) -> tuple[str, ...]:
         return ()
     if isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence):
         raise TypeError(f"slices must be a sequence of slice names, got {slices!r}")
-    names = []
-    for label in slices:
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise TypeError(f"slices must hold str or int names, got {label!r}")
-        name = str(label)
-        if not name or "/" in name or not name.isprintable():
-            raise ValueError(
-                f"slice name {label!r} must be non-empty, printable and hold no '/' (it becomes "
-                "the last part of <key>/<slice>)"
-            )
-        names.append(name)
+    names = [slice_name(label, "slices", "<key>/<slice>") for label in slices]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"slices must name at least one slice, without repeats, got {slices!r}")
     return tuple(names)

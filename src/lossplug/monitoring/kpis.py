@@ -126,3 +126,19 @@ class KPISession:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.runner.load_state_dict(state)
+
+
+class ShowsKPISession:
+    """What a trainer adapter shows of its :class:`KPISession` (``self.session``): the runner
+    and the KPIs."""
+
+    session: KPISession
+
+    @property
+    def runner(self) -> KPIRunner:
+        """The :class:`~lossplug.kpi.KPIRunner` that calls the KPIs."""
+        return self.session.runner
+
+    @property
+    def kpis(self) -> list[KPI]:
+        return self.session.kpis

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from lossplug.ops.stats import slice_name
 
 
 def check_slice_by(slice_by: Any) -> None:
@@ -68,7 +69,7 @@ def slice_labels(
         )
     if len(labels) != count:
         raise ValueError(_count_message(where, len(labels), shape))
-    return [_slice_name(where, label) for label in labels]
+    return [slice_name(label, where, "val/<metric>/<slice>") for label in labels]
 
 
 def _count_message(where: str, got: int, shape: torch.Size) -> str:
@@ -77,15 +78,3 @@ def _count_message(where: str, got: int, shape: torch.Size) -> str:
         f"{math.prod(shape)} sequences (shape {tuple(shape)}): give one label per sequence "
         "(per row of the labels, whose last axis is the sequence)"
     )
-
-
-def _slice_name(where: str, label: Any) -> str:
-    if isinstance(label, bool) or not isinstance(label, (str, numbers.Integral)):
-        raise TypeError(f"{where} labels must be str or int, got {label!r}")
-    name = str(label)
-    if not name or "/" in name or not name.isprintable():
-        raise ValueError(
-            f"{where} label {label!r} cannot name a slice: it must be non-empty, printable and "
-            "hold no '/' (it becomes the last part of val/<metric>/<slice>)"
-        )
-    return name

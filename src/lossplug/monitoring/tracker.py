@@ -23,7 +23,7 @@ from lossplug.monitoring.keys import STAGES, metric_summary
 from lossplug.monitoring.loss_check import LossCheck, LossComparison, other_shift_nll
 from lossplug.monitoring.sums import Gather, Reduce, SliceAccumulator, StatsAccumulator
 from lossplug.ops._spec import LossSpec
-from lossplug.ops.cross_entropy import _cross_entropy
+from lossplug.ops.cross_entropy import measure_logits
 from lossplug.ops.stats import TokenStats
 
 # A "mean" loss and the monitor's NLL of the same logits agree to float32 rounding; a bf16 loss
@@ -175,16 +175,11 @@ class LossTracker:
         check = self._check(stage, loss)
         # per-token NLL only while checking: it gives the other shift convention for free
         spec = self.spec if check is None else dataclasses.replace(self.spec, reduction="none")
-        with torch.no_grad():
-            per_token, stats = _cross_entropy(
-                logits.detach(),
-                labels,
-                spec,
-                return_stats=True,
-                backend=backend,
-                per_sequence_stats=per_sequence,
-            )
-            if check is not None:
+        per_token, stats = measure_logits(
+            logits, labels, spec, backend=backend, per_sequence_stats=per_sequence
+        )
+        if check is not None:
+            with torch.no_grad():
                 other = other_shift_nll(
                     logits,
                     labels,

@@ -166,6 +166,27 @@ def _cross_entropy(
     return loss, _row_stats(rows, tokens, target_rows, spec, target.shape, per_sequence_stats)
 
 
+def measure_logits(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    spec: LossSpec,
+    *,
+    backend: str = "auto",
+    per_sequence_stats: bool = False,
+) -> tuple[torch.Tensor, TokenStats]:
+    """The loss and statistics of logits that are only measured: the fused pass, forward only,
+    with no graph (what the metrics and the monitors score)."""
+    with torch.no_grad():
+        return _cross_entropy(
+            logits.detach(),
+            target,
+            spec,
+            return_stats=True,
+            backend=backend,
+            per_sequence_stats=per_sequence_stats,
+        )
+
+
 def _reduce(loss_rows: torch.Tensor, tokens: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """The loss of ``spec.reduction`` in the rows' dtype (sums in float64); ``"none"`` returns
     the rows.

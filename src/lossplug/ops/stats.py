@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
-__all__ = ["TokenStats"]
+__all__ = ["TokenStats", "slice_name"]
 
 
 # Not frozen: Lightning rebuilds dataclasses found in a step's outputs (to detach and move their
@@ -156,3 +158,24 @@ class TokenStats:
     def mean_lse_sq(self) -> torch.Tensor:
         """Mean squared log-sum-exp (the quantity z-loss keeps small)."""
         return self.lse_sq_sum / self.tokens
+
+
+def slice_name(label: Any, where: str, key: str) -> str:
+    """``label`` as the name of a slice (the last part of ``key``), or an error naming it.
+
+    A slice is named by a ``str`` or an integer (NumPy's included), non-empty, printable and
+    without ``/``, since it becomes the last part of a logged key.
+
+    Example:
+        >>> slice_name(3, "slice_by", "val/<metric>/<slice>")
+        '3'
+    """
+    if isinstance(label, bool) or not isinstance(label, (str, numbers.Integral)):
+        raise TypeError(f"{where} labels must be str or int, got {label!r}")
+    name = str(label)
+    if not name or "/" in name or not name.isprintable():
+        raise ValueError(
+            f"{where} label {label!r} cannot name a slice: it must be non-empty, printable and "
+            f"hold no '/' (it becomes the last part of {key})"
+        )
+    return name
