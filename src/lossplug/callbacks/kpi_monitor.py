@@ -216,9 +216,9 @@ class KPIMonitor(OffTheTrainingClock, ShowsKPISession):
         # The values worth monitoring go where ModelCheckpoint, EarlyStopping and other KPIs
         # (ctx.metrics) read them: the trainer's callback metrics, the dict that
         # pl_module.log(..., logger=False) fills. Written there directly, since each
-        # pl_module.log call moves the whole logged result to its device (about 1 ms on a CPU,
-        # most of what a cheap KPI costs a step); CPU tensors, so that Lightning never
-        # synchronises with the device to read them.
+        # pl_module.log call moves the whole logged result to its device (most of what a cheap
+        # KPI costs a step); CPU tensors, so that Lightning never synchronises with the device
+        # to read them.
         monitored = {
             key: torch.tensor(float(value))
             for key, value in outcome.metrics.items()

@@ -353,8 +353,9 @@ class LossMonitor(OffTheTrainingClock):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         # The same values on every rank, for ModelCheckpoint/EarlyStopping, the progress bar and
-        # KPIs (train/tokens). Each pl_module.log costs ~0.3 ms, so rates stay logger-only; CPU
-        # tensors, because Lightning reads progress-bar values with .item() at every batch.
+        # KPIs (train/tokens). Each pl_module.log moves the logged result to the device, so rates
+        # stay logger-only; CPU tensors, because Lightning reads progress-bar values with .item()
+        # at every batch.
         for key, value in metrics.items():
             if key.endswith("tokens_per_sec"):
                 continue

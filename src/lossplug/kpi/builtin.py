@@ -47,12 +47,7 @@ class Throughput(KPI):
     """
 
     def __init__(self, name: str = "throughput", *, every_n_steps: int = 50, **options: Any):
-        options.setdefault("uses_model", False)
-        options.setdefault("outcome", False)  # the speed of the run, not what the model produces
-        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
-        # worker thread would cost a hand-over between threads (about a millisecond on a busy
-        # machine) at every call
-        options.setdefault("timeout_s", None)
+        _measures_the_run(options)  # the speed of the run, not what the model produces
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self._last: tuple[float, int | None, int | None] = (0.0, 0, 0)
 
@@ -120,15 +115,10 @@ class TrainingCost(KPI):
             isinstance(devices, bool) or not isinstance(devices, int) or devices < 1
         ):
             raise ValueError(f"devices must be None or an int >= 1, got {devices!r}")
+        _measures_the_run(options)  # what the run cost, not what the model produces
         options.setdefault("higher_is_better", False)
-        options.setdefault("uses_model", False)
         options.setdefault("cumulative", True)
-        options.setdefault("outcome", False)  # what the run cost, not what the model produces
         options.setdefault("unit", currency)
-        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
-        # worker thread would cost a hand-over between threads (about a millisecond on a busy
-        # machine) at every call
-        options.setdefault("timeout_s", None)
         super().__init__(name, self._measure, every_n_steps=every_n_steps, **options)
         self.price_per_device_hour = float(price_per_device_hour)
         self.devices = devices
@@ -204,14 +194,9 @@ class TimeToTarget(KPI):
         default_name = "time_to_" + "".join(
             ch if ch.isalnum() or ch in "_-." else "_" for ch in metric
         ).rstrip(".")
+        _measures_the_run(options)  # when the run got there, not what the model does
         options.setdefault("higher_is_better", False)  # fewer steps is better
-        options.setdefault("outcome", False)  # when the run got there, not what the model does
         options.setdefault("at", ("validation_end", "train_epoch_end"))
-        options.setdefault("uses_model", False)
-        # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
-        # worker thread would cost a hand-over between threads (about a millisecond on a busy
-        # machine) at every call
-        options.setdefault("timeout_s", None)
         super().__init__(name or default_name, self._check, **options)
         self.metric = metric
         self.metric_target = float(target)
@@ -475,6 +460,15 @@ class CodeSpeedup(KPI):
                 }
             )
         return KPIResult(pie_summary(results), samples=rows)
+
+
+def _measures_the_run(options: dict[str, Any]) -> None:
+    """The defaults of a built-in that measures the run from its context alone."""
+    options.setdefault("outcome", False)
+    options.setdefault("uses_model", False)
+    # lossplug's own arithmetic on the context: it cannot hang, so it runs inline, where a
+    # worker thread would cost a hand-over between threads at every call
+    options.setdefault("timeout_s", None)
 
 
 def pie_summary(results: Sequence[SpeedupResult | None]) -> dict[str, float]:
