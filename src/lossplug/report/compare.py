@@ -18,8 +18,8 @@ from lossplug.report.keys import (
     declared_direction,
     is_bookkeeping,
     is_number,
-    kpi_description,
     kpi_keys,
+    kpi_unit,
     numeric_keys,
     select_keys,
 )
@@ -136,7 +136,7 @@ def compare_runs(
                 values=tuple(item for item in values if item is not None),
                 cost_key=cost,
                 cost=None if cost is None else _last_finite(run, cost),
-                currency=None if cost is None else _unit(run, cost),
+                currency=None if cost is None else kpi_unit(run, cost),
             )
         )
     return out
@@ -236,11 +236,6 @@ def _final(run: RunData, key: str) -> Final | None:
 def _last_finite(run: RunData, key: str) -> float | None:
     finite = [v for _, v in run.values(key) if is_number(v) and math.isfinite(v)]
     return float(finite[-1]) if finite else None
-
-
-def _unit(run: RunData, key: str) -> str | None:
-    unit = (kpi_description(run, key) or {}).get("unit")
-    return unit if isinstance(unit, str) and unit else None
 
 
 def _fmt_final(item: Final | None) -> str:

@@ -20,7 +20,7 @@ from lossplug.loggers.run_reader import RunData
 from lossplug.report.keys import (
     WORD_END,
     WORD_START,
-    kpi_description,
+    kpi_unit,
     metric_direction,
     numeric_keys,
     values_by_step,
@@ -147,7 +147,7 @@ def cost_of_improvement(
             f"(cost-like keys: {[k for k in numeric_keys(run) if k.endswith('/total')]})"
         )
     cost = sorted(values_by_step(run, cost_key).items())
-    currency = (kpi_description(run, cost_key) or {}).get("unit")
+    currency = kpi_unit(run, cost_key)
     owner = cost_key.rsplit("/", 1)[0] + "/"  # the cost KPI's own values are not priced
     out = []
     for kpi in linked_kpis(run, keys, link)[0]:
@@ -188,7 +188,7 @@ def cost_of_improvement(
                 unit=unit,
                 cost_per_unit=cost_per_unit,
                 note=note,
-                currency=currency if isinstance(currency, str) else None,
+                currency=currency,
             )
         )
     return out

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lossplug.loggers.run_reader import RunData
+from lossplug.loggers.wandb import KPI_CONFIG_KEY
 
 MODEL_PREFIXES = ("train/", "val/", "test/")
 BUSINESS_PREFIXES = ("kpi/",)
@@ -59,8 +60,6 @@ _MACHINERY = re.compile(
     WORD_START + r"(?:throughput|per_sec(?:ond)?|costs?|price|usd|dollars?|spend|spent|bill"
     r"|seconds(?:_to_target)?|time_to\w*|wall|runtime)" + WORD_END
 )
-#: The run config entry where the callbacks describe each KPI (``KPI.describe()`` by key).
-KPI_CONFIG = "lossplug_kpis"
 
 
 def is_number(value: Any) -> bool:
@@ -156,16 +155,51 @@ def kpi_description(run: RunData, key: str) -> dict[str, Any] | None:
 
     Example:
         >>> from pathlib import Path
-        >>> run = RunData(path=Path("r.wandb"), config={KPI_CONFIG: {"kpi/pass": {"target": 0.8}}})
-        >>> kpi_description(run, "kpi/pass/python"), kpi_description(run, "kpi/other")
-        ({'target': 0.8}, None)
+        >>> run = RunData(path=Path("r.wandb"), config={"lossplug_kpis": {"kpi/p": {"unit": "%"}}})
+        >>> kpi_description(run, "kpi/p/python"), kpi_description(run, "kpi/other")
+        ({'unit': '%'}, None)
     """
-    described = run.config.get(KPI_CONFIG)
+    found = _described(run, key)
+    return None if found is None else found[1]
+
+
+def kpi_target(run: RunData, key: str) -> float | None:
+    """The target the run recorded for ``key``: its KPI's, for the KPI's own value, or for the
+    entry of a mapping KPI that is its ``primary``.
+
+    Example:
+        >>> from pathlib import Path
+        >>> run = RunData(path=Path("r.wandb"), config={"lossplug_kpis": {
+        ...     "kpi/pass": {"target": 0.8, "primary": "python"}}})
+        >>> kpi_target(run, "kpi/pass/python"), kpi_target(run, "kpi/pass/rust")
+        (0.8, None)
+    """
+    found = _described(run, key)
+    if found is None or not is_number(found[1].get("target")):
+        return None
+    owner, description = found
+    if key == owner or key[len(owner) + 1 :] == description.get("primary"):
+        return float(description["target"])
+    return None
+
+
+def kpi_unit(run: RunData, key: str) -> str | None:
+    """The unit the run recorded for ``key``'s KPI (``TrainingCost(currency="USD")``)."""
+    unit = (kpi_description(run, key) or {}).get("unit")
+    return unit if isinstance(unit, str) and unit else None
+
+
+def _described(run: RunData, key: str) -> tuple[str, dict[str, Any]] | None:
+    """``(KPI key, description)`` of the KPI that logged ``key``; the longest name owns it."""
+    described = run.config.get(KPI_CONFIG_KEY)
     if not isinstance(described, dict):
         return None
     owners = [k for k in described if key == k or key.startswith(k + "/")]
-    entry = described[max(owners, key=len)] if owners else None
-    return entry if isinstance(entry, dict) else None
+    if not owners:
+        return None
+    owner = max(owners, key=len)
+    entry = described[owner]
+    return (owner, entry) if isinstance(entry, dict) else None
 
 
 def measures_the_run(run: RunData, key: str) -> str | None:

@@ -12,7 +12,8 @@ from lossplug.report.keys import (
     GROUP_ORDER,
     is_number,
     key_group,
-    kpi_description,
+    kpi_target,
+    kpi_unit,
     select_keys,
     values_by_step,
 )
@@ -261,7 +262,7 @@ def _finish_panel(
         ax.set_yscale("log")
         if min(drawn) >= 1:
             _plain_log_ticks(ax.yaxis)
-    units = {_unit(source, key) for source, _ in sources for key in keys} - {None}
+    units = {kpi_unit(source, key) for source, _ in sources for key in keys} - {None}
     if len(units) == 1:
         ax.set_ylabel(units.pop(), fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -280,7 +281,7 @@ def _draw_target(ax: Any, run: RunData, key: str, colour: str | None) -> None:
     ``colour`` is the run's when several runs share the panel (the target line is then grey);
     ``None`` takes the colour of the panel's curve.
     """
-    target = _target(run, key)
+    target = kpi_target(run, key)
     if target is None:
         return
     curve = ax.get_lines()[-1].get_color() if ax.get_lines() else "0.3"
@@ -309,25 +310,6 @@ def _draw_target(ax: Any, run: RunData, key: str, colour: str | None) -> None:
             fontsize=7,
             color=colour or curve,
         )
-
-
-def _target(run: RunData, key: str) -> float | None:
-    """The target the run recorded for ``key``: its KPI's, for the KPI's value or its primary."""
-    description = kpi_description(run, key)
-    if not description or not is_number(description.get("target")):
-        return None
-    owner = next(k for k in run.config["lossplug_kpis"] if key == k or key.startswith(k + "/"))
-    entry = key[len(owner) + 1 :]
-    primary = description.get("primary")
-    if key == owner or entry == primary:
-        return float(description["target"])
-    return None
-
-
-def _unit(run: RunData, key: str) -> str | None:
-    description = kpi_description(run, key)
-    unit = description.get("unit") if description else None
-    return unit if isinstance(unit, str) and unit else None
 
 
 def _plain_log_ticks(axis: Any) -> None:
