@@ -25,22 +25,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# Waiting OpenMP threads spin by default: on a busy machine a spinning thread holds a core that a
-# descheduled one needs (on 2 busy cores, train_runtime was 23.8 s instead of 3.8 s). OpenMP reads
-# this once, when torch loads; yours wins.
+# Waiting OpenMP threads sleep rather than spin (finetune.py says why). OpenMP reads this once,
+# when torch loads; yours wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch.utils.data import Dataset
 
-from _python_corpus import (
-    PROMPTS,
-    Sliced,
-    Windows,
-    byte_ids,
-    python_tokenizes,
-    stdlib_sources,
-)
+from _python_corpus import PROMPTS, Sliced, Windows, byte_ids, python_tokenizes, stdlib_sources
+
+#: The model: a Llama over the 256 byte values (one token each), its context ``--seq-len`` bytes.
+LLAMA_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # 2 query heads share each key/value head
+}
 
 
 class ForTrainer(Dataset):
@@ -136,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*TRANSFORMERS_VERBOSITY.*")
     transformers.set_seed(args.seed)
     config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=args.seq_len,
+        vocab_size=256, max_position_embeddings=args.seq_len, **LLAMA_SIZES
     )
     model = patch_causal_lm(transformers.LlamaForCausalLM(config))  # the fused loss + its stats
 

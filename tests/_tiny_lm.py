@@ -42,15 +42,21 @@ QUIET_TRAINING_ARGS = dict(
     seed=0,
 )
 
+
+def tiny_sizes(hidden: int = 16, intermediate: int = 32, layers: int = 1, heads: int = 2, **more):
+    """Keyword arguments of a Hugging Face config for a transformer small enough for CPU tests:
+    its four sizes under the names most configs give them, then ``more`` as given."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        **more,
+    )
+
+
 #: A Hugging Face decoder small enough for CPU tests: ``LlamaConfig(vocab_size=V, **TINY_DECODER)``.
-TINY_DECODER = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=32,
-)
+TINY_DECODER = tiny_sizes(num_key_value_heads=1, max_position_embeddings=32)
 
 
 def quiet_trainer(tmp_path, logger, callbacks, *, lightning=L, **overrides):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from _runs import finish_run, offline_run
 from lossplug.cli import main
 from lossplug.loggers import read_run
 from lossplug.report import plot_run, summarize
@@ -37,19 +38,15 @@ PROJECT = "lossplug-cli-test"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The save dir of a finished offline run logged like LossMonitor and KPIMonitor do."""
-    import wandb
-
     root = tmp_path_factory.mktemp("cli_run")
-    run = wandb.init(mode="offline", dir=root, project=PROJECT, name="cli-run")
-    run.define_metric("trainer/global_step")
-    for key, summary in (
-        ("train/perplexity", "min"),
-        ("val/perplexity", "min"),
-        ("kpi/pass_rate", "max"),
-    ):
-        run.define_metric(key, step_metric="trainer/global_step", summary=summary)
     # train/cross_entropy and kpi/speedup get no summary: their direction is guessed by name.
-    run.define_metric("kpi/pass_rate/seconds", step_metric="trainer/global_step")
+    run = offline_run(
+        root,
+        PROJECT,
+        "cli-run",
+        {"train/perplexity": "min", "val/perplexity": "min", "kpi/pass_rate": "max"},
+        no_summary=["kpi/pass_rate/seconds"],
+    )
     for i, step in enumerate(STEPS):
         row = {
             "train/perplexity": TRAIN_PPL[i],
@@ -66,10 +63,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "kpi/speedup": SPEEDUP[j],
             }
         run.log(row)
-    run.finish()
-    # finish() can return before wandb's writer has flushed the file: wait for the exit record.
-    assert read_run(root, wait=30).complete
-    return root
+    return finish_run(run, root)
 
 
 @pytest.fixture(scope="module")

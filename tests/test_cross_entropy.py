@@ -16,6 +16,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative tolerance of the loss against float64 on the same input values: the op computes in
 # float32 whatever the input dtype, so half inputs are held to the float32 bound too
 LOSS_RTOL = 1e-5
+FLOAT32_AND_BFLOAT16 = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 GRAD_TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-7),
     torch.float16: dict(rtol=2e-3, atol=1e-7),
@@ -41,6 +42,11 @@ def make_target(shape, vocab, *, ignore_share=0.2, seed=1):
     t = torch.randint(0, vocab, shape, generator=gen)
     t[torch.rand(shape, generator=gen) < ignore_share] = -100
     return t
+
+
+def make_inputs(shape, dtype, *, seed):
+    """Logits of ``shape`` (seed ``seed``) and a target over their last dimension (``seed + 1``)."""
+    return make_logits(shape, dtype, seed=seed), make_target(shape[:-1], shape[-1], seed=seed + 1)
 
 
 def assert_stats_match(stats: lossplug.TokenStats, ref: dict, *, correct_atol: int = 0):
@@ -135,11 +141,10 @@ def test_same_as_torch_cross_entropy(backend, reduction, eps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@FLOAT32_AND_BFLOAT16
 def test_shift_equals_the_copying_pattern(backend, dtype):
     """``shift=True`` gives what causal LMs get from ``logits[:, :-1]`` and ``labels[:, 1:]``."""
-    logits = make_logits((3, 11, 301), dtype, seed=5)
-    labels = make_target((3, 11), 301, seed=6)
+    logits, labels = make_inputs((3, 11, 301), dtype, seed=5)
     x1 = logits.clone().requires_grad_()
     x2 = logits.clone().requires_grad_()
     shifted = lossplug.cross_entropy(x1, labels, shift=True, backend=backend)
@@ -194,10 +199,9 @@ def test_non_contiguous_inputs_are_read_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@FLOAT32_AND_BFLOAT16
 def test_inplace_backward_writes_the_gradient_into_the_logits(backend, dtype):
-    logits = make_logits((4, 5, 97), dtype, seed=31)
-    target = make_target((4, 5), 97, seed=32)
+    logits, target = make_inputs((4, 5, 97), dtype, seed=31)
     x_new = logits.clone().requires_grad_()
     lossplug.cross_entropy(x_new, target, backend=backend).backward()
 
@@ -343,14 +347,13 @@ def test_large_offsets_use_64_bit_arithmetic(layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@FLOAT32_AND_BFLOAT16
 def test_nll_only_pass_gives_the_same_nll_and_lse(backend, dtype):
     """The metrics' cheaper pass (no argmax, no entropy) changes none of the NLL numbers."""
     from lossplug.ops._spec import LossSpec
     from lossplug.ops.cross_entropy import _cross_entropy
 
-    logits = make_logits((3, 9, 517), dtype, seed=91)
-    target = make_target((3, 9), 517, seed=92)
+    logits, target = make_inputs((3, 9, 517), dtype, seed=91)
 
     def run(full_stats: bool):
         spec = LossSpec.validated(reduction="sum", shift=True, full_stats=full_stats)

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from _reference import reference_values
-from _tiny_lm import NAMESPACES, QUIET_TRAINING_ARGS, TINY_DECODER, logged_at, quiet_trainer
+from _tiny_lm import (
+    NAMESPACES,
+    QUIET_TRAINING_ARGS,
+    TINY_DECODER,
+    logged_at,
+    quiet_trainer,
+    tiny_sizes,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
@@ -57,14 +64,8 @@ def mixtral():  # a router loss added after the cross-entropy
 
 
 def llava():  # a VLM: image features merged into the text, then the language model's head
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,  # 4 patches: IMAGE_TOKENS
-    )
+    # 8 x 8 pixels in 4 x 4 patches: 4 patches, IMAGE_TOKENS
+    vision = transformers.CLIPVisionConfig(**tiny_sizes(image_size=8, patch_size=4))
     config = transformers.LlavaConfig(
         vision_config=vision,
         text_config=transformers.LlamaConfig(**TEXT),
@@ -75,15 +76,8 @@ def llava():  # a VLM: image features merged into the text, then the language mo
 
 
 def bert():  # the output layer inside a module (dense, activation, norm, then the decoder)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        is_decoder=True,
-    )
+    sizes = tiny_sizes(max_position_embeddings=32, is_decoder=True)
+    config = transformers.BertConfig(vocab_size=VOCAB, **sizes)
     return transformers.BertLMHeadModel(config)
 
 

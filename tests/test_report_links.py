@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _runs import finish_run, offline_run
 from lossplug.cli import main
 from lossplug.loggers import read_run
 from lossplug.report import (
@@ -67,21 +68,17 @@ def reference_spearman(xs: list[float], ys: list[float]) -> float:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished offline run: model metrics, slices, KPIs after validation, a running cost."""
-    import wandb
-
     root = tmp_path_factory.mktemp("links_run")
-    run = wandb.init(mode="offline", dir=root, project=PROJECT, name="links-run")
-    run.define_metric("trainer/global_step")
     # As KPIMonitor defines them: max/min by higher_is_better, last for running totals.
-    for key, summary in (
-        ("val/perplexity", "min"),
-        ("kpi/pass_rate", "max"),
-        ("kpi/error_rate", "min"),
-        ("kpi/judge/score", "max"),
-        ("kpi/cost/total", "last"),
-        ("kpi/cost/per_million_tokens", "last"),
-    ):
-        run.define_metric(key, step_metric="trainer/global_step", summary=summary)
+    summaries = {
+        "val/perplexity": "min",
+        "kpi/pass_rate": "max",
+        "kpi/error_rate": "min",
+        "kpi/judge/score": "max",
+        "kpi/cost/total": "last",
+        "kpi/cost/per_million_tokens": "last",
+    }
+    run = offline_run(root, PROJECT, "links-run", summaries)
     for step in sorted(set(TRAIN_STEPS) | set(COST_STEPS) | set(TRAIN_ONLY)):
         row: dict = {"trainer/global_step": step}
         if step in TRAIN_STEPS:
@@ -129,9 +126,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if step in RARE:
             kpis["kpi/rare"] = RARE[step]
         run.log(kpis)
-    run.finish()
-    assert read_run(root, wait=30).complete  # finish() can return before the file is flushed
-    return root
+    return finish_run(run, root)
 
 
 def _expected_links() -> list[dict]:

@@ -20,6 +20,7 @@ from _tiny_lm import (
     make_tokens,
     quiet_trainer,
     sliced_batches,
+    tiny_sizes,
 )
 from lossplug.callbacks.loss_monitor import slice_labels
 from lossplug.monitoring.sums import SliceAccumulator
@@ -444,15 +445,8 @@ def test_a_patched_hugging_face_model_is_split_by_slice_from_the_same_pass(tmp_p
 
     from lossplug.integrations.transformers import patch_causal_lm
 
-    config = transformers.LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    sizes = tiny_sizes(32, 48, heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(vocab_size=50, **sizes)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     batches = sliced_batches(VAL_SOURCES)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lossplug
 from _reference import reference_cross_entropy
-from _tiny_lm import CloseProcessGroup
+from _tiny_lm import CloseProcessGroup, tiny_sizes
 
 transformers = pytest.importorskip("transformers")
 from lossplug.integrations.transformers import (  # noqa: E402
@@ -29,18 +29,8 @@ from lossplug.integrations.transformers import (  # noqa: E402
 )
 
 VOCAB = 97
-DECODER = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+DECODER = tiny_sizes(32, 48, 2, 4, num_key_value_heads=2, max_position_embeddings=64)
+DECODER.update(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
