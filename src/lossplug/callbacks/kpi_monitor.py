@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -230,18 +229,10 @@ class KPIMonitor(OffTheTrainingClock, ShowsKPISession):
         """Write the KPI descriptions into the config of each W&B run not written yet."""
         if not trainer.is_global_zero or not wandb_loggers(trainer):
             return
-        try:
-            for run in wandb_runs(trainer):
-                if not any(run is done for done in self._described):
-                    self._described.append(run)
-                    write_kpi_config(run, self.session.describe())
-        except Exception as exc:  # the config is lost, not the run
-            warnings.warn(
-                f"KPIMonitor: the KPI descriptions could not be written into the W&B run's "
-                f"config ({type(exc).__name__}: {exc}); training goes on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        for run in wandb_runs(trainer):
+            if not any(run is done for done in self._described):
+                self._described.append(run)
+                write_kpi_config(run, self.session.describe(), writer="KPIMonitor")
 
     def _log_links(self, trainer: Any, *, only_if_changed: bool = False) -> None:
         """Log the link table and its scatter plots to every W&B run, on rank zero."""

@@ -386,15 +386,7 @@ class LossplugCallback(TrainerCallback, ShowsKPISession):
             return
         if run is not self._described:
             self._described = run
-            try:
-                write_kpi_config(run, self.session.describe())
-            except Exception as exc:  # the config is lost, not the run
-                warnings.warn(
-                    f"LossplugCallback: the KPI descriptions could not be written into the W&B "
-                    f"run's config ({type(exc).__name__}: {exc}); training goes on",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            write_kpi_config(run, self.session.describe(), writer="LossplugCallback")
         summaries = self.session.summaries(k for k in metrics if k.startswith("kpi/"))
         for key in metrics:
             if key.startswith("kpi/") or key in self._declared:

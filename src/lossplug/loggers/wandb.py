@@ -19,6 +19,7 @@ import os
 import secrets
 import string
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,16 +348,18 @@ def describe_run(logger_or_run: Any) -> RunLocation:
     return RunLocation(mode=mode, run_id=run_id, run_dir=run_dir, sync_command=sync, url=url)
 
 
-def write_kpi_config(run: Any, description: Mapping[str, Any]) -> bool:
+def write_kpi_config(run: Any, description: Mapping[str, Any], *, writer: str = "lossplug") -> bool:
     """Put the run's KPI descriptions in its config, under :data:`KPI_CONFIG_KEY`.
 
     What each KPI is (direction, target, unit, whether it measures the model's outcome) then
     travels with the run, for ``lossplug report`` and for anyone reading it on W&B. Written
-    again over an earlier value (a resumed run, a KPI given a new target).
+    again over an earlier value (a resumed run, a KPI given a new target). A failure is warned
+    about and never raised: the config is lost, not the run.
 
     Args:
         run: a ``wandb`` run; ``None`` or a disabled run is skipped.
         description: ``{kpi key: KPI.describe()}``, as ``KPISession.describe()`` gives it.
+        writer: who writes it, named in the warning.
 
     Returns:
         Whether the config was written.
@@ -367,7 +370,16 @@ def write_kpi_config(run: Any, description: Mapping[str, Any]) -> bool:
     """
     if not _is_live(run):
         return False
-    run.config.update({KPI_CONFIG_KEY: dict(description)}, allow_val_change=True)
+    try:
+        run.config.update({KPI_CONFIG_KEY: dict(description)}, allow_val_change=True)
+    except Exception as exc:
+        warnings.warn(
+            f"{writer}: the KPI descriptions could not be written into the W&B run's config "
+            f"({type(exc).__name__}: {exc}); training goes on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
     return True
 
 
