@@ -127,7 +127,10 @@ def compare_runs(
         present = set(numeric_keys(run))
         values = [_final(run, key) for key in shown if key in present]
         cost = find_cost_key(run) if cost_key is None else cost_key
-        runtime = run.summary.get("_runtime", run.last("_runtime"))
+        # the summary's _runtime is whole seconds; the last row's is exact but may come before
+        # the end of the run: the larger says more
+        runtimes = [t for t in (run.summary.get("_runtime"), run.last("_runtime")) if is_number(t)]
+        runtime = max(runtimes, default=None)
         out.append(
             RunColumns(
                 label=run.name or label or run.run_id or str(run.path),
