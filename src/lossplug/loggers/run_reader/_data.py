@@ -241,12 +241,12 @@ class RunData:
 
         Example:
             >>> import tempfile
-            >>> folder = Path(tempfile.mkdtemp())
-            >>> (folder / "files").mkdir()
-            >>> _ = (folder / "files" / "c.table.json").write_text(
-            ...     '{"columns": ["ppl", "kpi"], "data": [[12.0, 0.5], [9.0, 0.75]]}')
+            >>> files = Path(tempfile.mkdtemp(), "files")
+            >>> files.mkdir()
+            >>> table = '{"columns": ["ppl", "kpi"], "data": [[12.0, 0.5], [9.0, 0.75]]}'
+            >>> _ = (files / "c.table.json").write_text(table)
             >>> run = RunData(
-            ...     path=folder / "run-x.wandb",
+            ...     path=files.parent / "run-x.wandb",
             ...     history=[{"c_table": {"_type": "table-file", "path": "c.table.json"}}],
             ...     charts={"c": {"panel_type": "Vega2", "panel_config": {
             ...         "panelDefId": "wandb/scatter/v0", "fieldSettings": {"x": "ppl", "y": "kpi"},
