@@ -27,14 +27,7 @@ The modules follow the data:
 from lossplug.report.compare import compare_runs, format_comparison, plot_comparison
 from lossplug.report.cost import CostOfImprovement, cost_of_improvement, find_cost_key
 from lossplug.report.data import report_dict
-from lossplug.report.keys import (
-    guess_direction,
-    is_bookkeeping,
-    key_group,
-    metric_direction,
-    numeric_keys,
-    select_keys,
-)
+from lossplug.report.keys import numeric_keys, select_keys
 from lossplug.report.links import (
     LINK_METRIC,
     MIN_LINK_POINTS,
@@ -44,7 +37,7 @@ from lossplug.report.links import (
     spearman,
 )
 from lossplug.report.plot import PlotDependencyError, build_figure, plot_run
-from lossplug.report.summary import Point, Row, RunInfo, fmt_number, last_step, run_info, summarize
+from lossplug.report.summary import Point, Row, RunInfo, fmt_number, run_info, summarize
 from lossplug.report.text import format_links, format_table, problem_line
 
 __all__ = [
@@ -64,13 +57,8 @@ __all__ = [
     "format_comparison",
     "format_links",
     "format_table",
-    "guess_direction",
-    "is_bookkeeping",
-    "key_group",
-    "last_step",
     "link_kpis",
     "linked_kpis",
-    "metric_direction",
     "numeric_keys",
     "plot_comparison",
     "plot_run",

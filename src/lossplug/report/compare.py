@@ -37,7 +37,8 @@ class Final:
         key: The history key.
         final: Its last finite value.
         best: Its best finite value (the earliest on a tie), ``None`` without a direction.
-        direction: ``"min"``, ``"max"`` or ``None`` (see :func:`~lossplug.report.metric_direction`).
+        direction: ``"min"``, ``"max"`` or ``None``
+            (see :func:`~lossplug.report.keys.metric_direction`).
     """
 
     key: str

@@ -105,7 +105,7 @@ def cost_of_improvement(
 ) -> list[CostOfImprovement]:
     """What each KPI's improvement cost: the cost spent from its first to its best value.
 
-    For each KPI with a direction (see :func:`~lossplug.report.metric_direction`) and two or
+    For each KPI with a direction (see :func:`~lossplug.report.keys.metric_direction`) and two or
     more finite values: ``spent = cost(best.step) - cost(first.step)``, ``improvement = best -
     first`` in the KPI's direction, and ``cost_per_unit = spent / improvement * unit``, the cost
     of one round ``unit`` of improvement (see :class:`CostOfImprovement`). The cost at a step is
