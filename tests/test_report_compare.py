@@ -117,6 +117,12 @@ def test_the_json_holds_the_same_numbers_as_the_runs(runs_root, runs, capsys) ->
     assert finals[1] < finals[0]
 
 
+def test_keys_that_match_nothing_in_any_run_are_an_error(runs_root, capsys) -> None:
+    code, out, err = _report(capsys, str(runs_root), "--keys", "val/perplexty")
+    assert code == 2 and out == ""
+    assert "no numeric key of the 2 runs matches --keys val/perplexty" in err
+
+
 def test_a_run_that_cannot_be_read_is_listed_with_its_reason(runs_root, tmp_path, capsys):
     missing = tmp_path / "no_such_run"
     code, out, err = _report(capsys, str(runs_root / "lr0.02"), str(missing))
@@ -161,6 +167,12 @@ def test_links_leave_the_run_machinery_out_unless_asked(runs_root, capsys) -> No
     linked = {link["kpi"] for link in json.loads(out)["links"]}
     assert "kpi/pass_rate" in linked and "kpi/throughput/tokens_per_sec" in linked
     assert not any(k.startswith("kpi/cost/") for k in linked)
+
+    # a --link that names no KPI of the run is a mistake worth saying (a typo, a wrong run)
+    code, out, err = _report(capsys, run_dir, "--link", "kpi/throughput/token_per_sec")
+    assert code == 2 and out == ""
+    assert "--link kpi/throughput/token_per_sec names no KPI of this run" in err
+    assert "kpi/throughput/tokens_per_sec" in err
 
 
 def test_the_run_figure_draws_targets_units_and_readable_labels(runs) -> None:

@@ -38,6 +38,7 @@ from lossplug.report import (
     summarize,
 )
 from lossplug.report.data import as_json
+from lossplug.report.keys import kpi_keys, matches
 
 __all__ = [
     "EXIT_CRASHED",
@@ -241,6 +242,12 @@ def _report_one(run: RunData, args: argparse.Namespace) -> int:
             f"no numeric key matches --keys {' '.join(args.keys)} "
             f"(numeric keys in this run: {available})"
         )
+    kpis = kpi_keys(run, None)
+    unknown = [pattern for pattern in args.link if not any(matches(k, [pattern]) for k in kpis)]
+    if unknown:
+        return _fail(
+            f"--link {unknown[0]} names no KPI of this run (its KPIs: {', '.join(kpis) or 'none'})"
+        )
     rows = summarize(run, args.keys)
     # The section below the table follows --keys on the KPI side: the KPIs it links and prices.
     links = link_kpis(run, args.keys, link=args.link)
@@ -268,6 +275,8 @@ def _report_one(run: RunData, args: argparse.Namespace) -> int:
 def _report_many(
     runs: list[RunData], labels: list[str], unreadable: list[str], args: argparse.Namespace
 ) -> int:
+    if args.keys is not None and runs and not any(select_keys(run, args.keys) for run in runs):
+        return _fail(f"no numeric key of the {len(runs)} runs matches --keys {' '.join(args.keys)}")
     codes = [_run_code(run) for run in runs]
     for reason in unreadable:
         _warn(reason, level="error")
