@@ -186,6 +186,8 @@ def test_the_run_figure_draws_targets_units_and_readable_labels(runs) -> None:
     texts = [t.get_text() for t in kpi.texts]
     assert "target 0.5" in texts and "met @ 20" in texts
     assert axes["kpi/cost/total"].get_ylabel() == "USD"
+    # a running total grows from near zero: its spread is no reason for a log axis
+    assert axes["kpi/cost/total"].get_yscale() == "linear"
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
         legend = ax.get_legend()

@@ -10,6 +10,7 @@ from typing import Any
 from lossplug.loggers.run_reader import RunData
 from lossplug.report.keys import (
     GROUP_ORDER,
+    declared_direction,
     is_number,
     key_group,
     kpi_target,
@@ -257,8 +258,13 @@ def _finish_panel(
             _draw_target(ax, source, key, colour)
     drawn = [y for line in ax.get_lines() for y in line.get_ydata() if line.get_label()[0] != "_"]
     positive = bool(drawn) and min(drawn) > 0
-    # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable.
-    if positive and (title == "perplexity" or max(drawn) / min(drawn) > 20):
+    # Perplexity falls by orders of magnitude early on: a log axis keeps the end readable. A
+    # running total (a cost so far) grows from near zero: its spread says nothing of that.
+    totals = all(
+        declared_direction(source, key)[2] == "last" for source, _ in sources for key in keys
+    )
+    spread = positive and not totals and max(drawn) / min(drawn) > 20
+    if positive and (title == "perplexity" or spread):
         ax.set_yscale("log")
         if min(drawn) >= 1:
             _plain_log_ticks(ax.yaxis)
