@@ -284,7 +284,7 @@ def _report_many(
     plot_path, plot_failed = None, False
     if runs:
         plot_path, plot_failed = _plot(
-            lambda: plot_comparison(runs, args.plot, keys=args.keys, labels=labels), args
+            lambda: plot_comparison(runs, args.plot, keys=args.keys, rows=rows), args
         )
     if args.json:
         data = {

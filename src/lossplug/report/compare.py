@@ -25,7 +25,7 @@ from lossplug.report.keys import (
 )
 from lossplug.report.links import LINK_METRIC
 from lossplug.report.plot import build_comparison_figure, save_figure
-from lossplug.report.summary import Point, RunInfo, fmt_number, run_info
+from lossplug.report.summary import Point, RunInfo, fmt_number, run_info, run_label
 from lossplug.report.text import columns, plural
 
 
@@ -107,8 +107,8 @@ def compare_runs(
         keys: Glob patterns choosing the keys, as in :func:`~lossplug.report.select_keys`.
         cost_key: The running cost total of the cost column; ``None`` finds each run's
             (:func:`~lossplug.report.find_cost_key`).
-        labels: What to call each run where it has no display name (e.g. the folder it was
-            read from); else its id, else its file.
+        labels: What to call each run where it has no display name (the folder it was read
+            from; see :func:`~lossplug.report.summary.run_label`).
 
     Returns:
         The rows, in the order of ``runs``.
@@ -131,15 +131,15 @@ def compare_runs(
         # the summary's _runtime is whole seconds; the last row's is exact but may come before
         # the end of the run: the larger says more
         runtimes = [t for t in (run.summary.get("_runtime"), run.last("_runtime")) if is_number(t)]
-        runtime = max(runtimes, default=None)
+        cost_final = None if cost is None else _final(run, cost)
         out.append(
             RunColumns(
-                label=run.name or label or run.run_id or str(run.path),
+                label=run_label(run, label),
                 run=run_info(run),
-                wall_seconds=float(runtime) if is_number(runtime) else None,
+                wall_seconds=float(max(runtimes)) if runtimes else None,
                 values=tuple(item for item in values if item is not None),
                 cost_key=cost,
-                cost=None if cost is None else _last_finite(run, cost),
+                cost=None if cost_final is None else cost_final.final.value,
                 currency=None if cost is None else kpi_unit(run, cost),
             )
         )
@@ -199,7 +199,7 @@ def plot_comparison(
     path: str | Path,
     keys: Iterable[str] | None = None,
     *,
-    labels: Sequence[str | None] | None = None,
+    rows: Sequence[RunColumns] | None = None,
     dpi: int = 100,
 ) -> Path:
     """Overlay the runs' ``val/perplexity`` (and slices) and KPI curves into an image file.
@@ -207,7 +207,8 @@ def plot_comparison(
     One panel per key of :func:`compared_keys` and one for the cost, one colour per run in every
     panel, each KPI's target as a dashed line (see
     :func:`~lossplug.report.plot.build_comparison_figure`).
-    ``labels`` name the runs in the legend, as in :func:`compare_runs`.
+    ``rows`` are the runs' :func:`compare_runs` (computed when not given): their labels name
+    the runs in the legend, and their cost keys are drawn.
 
     Returns:
         The path written.
@@ -216,7 +217,7 @@ def plot_comparison(
         PlotDependencyError: matplotlib is not installed (``pip install "lossplug[plot]"``).
         ValueError: No key to draw.
     """
-    rows = compare_runs(runs, keys, labels=labels)
+    rows = compare_runs(runs, keys) if rows is None else rows
     costs = list(dict.fromkeys(row.cost_key for row in rows if row.cost_key))
     shown = compared_keys(runs, keys) + costs
     return save_figure(build_comparison_figure(runs, shown, [row.label for row in rows]), path, dpi)
@@ -235,11 +236,6 @@ def _final(run: RunData, key: str) -> Final | None:
     if direction:
         best = (min if direction == "min" else max)(points, key=lambda p: p.value)
     return Final(key, points[-1], best, direction)
-
-
-def _last_finite(run: RunData, key: str) -> float | None:
-    finite = [v for _, v in run.values(key) if is_number(v) and math.isfinite(v)]
-    return float(finite[-1]) if finite else None
 
 
 def _fmt_final(item: Final | None) -> str:

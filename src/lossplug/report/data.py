@@ -25,8 +25,6 @@ def as_json(value: Any) -> Any:
         return {f.name: as_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
         return [as_json(item) for item in value]
-    if isinstance(value, dict):
-        return {key: as_json(item) for key, item in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None  # strict JSON has no NaN or Infinity
     return value

@@ -232,8 +232,12 @@ def _definitions(run: RunData, key: str) -> list[Any]:
 
 def numeric_keys(run: RunData) -> list[str]:
     """Every history key with at least one numeric value, bookkeeping included, in table order."""
-    history_keys = run.keys()  # RunData is not a mapping: its keys are the history's
-    found = [key for key in history_keys if any(is_number(v) for _, v in run.values(key))]
+    # one pass over the rows for every key at once, where a pass per key walks them all each time
+    found: dict[str, None] = {}
+    for row in run.history:
+        for key, value in row.items():
+            if key not in found and is_number(value):
+                found[key] = None
     # By name within a group and stage: the same order whatever order the rows were logged in,
     # and a KPI's own sub-keys (kpi/x/...) right after it.
     return sorted(found, key=lambda k: (GROUP_ORDER[key_group(k)], _prefix_rank(k), k))

@@ -224,9 +224,10 @@ def target_step(run: RunData, kpi: str, keys: Sequence[str] | None = None) -> in
         # A mapping KPI logs it beside its entries (kpi/<name>/reached_at_step) for its primary
         # entry, which the run does not record: only a mapping with one value is certain.
         parent = kpi.rsplit("/", 1)[0]
-        entries = [k for k in kpi_keys(run, None) if k.rsplit("/", 1)[0] == parent]
         marker = f"{parent}/reached_at_step"
-        if parent == "kpi" or marker not in keys or entries != [kpi]:
+        if parent == "kpi" or marker not in keys:
+            return None
+        if [k for k in kpi_keys(run, None) if k.rsplit("/", 1)[0] == parent] != [kpi]:
             return None
     for _, value in run.values(marker):
         if is_number(value) and math.isfinite(value):

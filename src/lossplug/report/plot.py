@@ -19,7 +19,7 @@ from lossplug.report.keys import (
     values_by_step,
 )
 from lossplug.report.links import LINK_METRIC, Link, link_kpis, target_step
-from lossplug.report.summary import fmt_number
+from lossplug.report.summary import fmt_number, run_label
 from lossplug.report.text import run_title
 
 # The first panels of the default plot, in this order; any stage and slice of each shares one.
@@ -157,7 +157,8 @@ def build_comparison_figure(
         keys: The keys to draw, one panel each (``val/perplexity`` on a log axis); each KPI's
             target, when a run recorded one, as a dashed grey line, and the step each run
             first met it as a dotted line in the run's colour.
-        labels: The legend's name of each run; default its display name, else its id.
+        labels: What to call each run where it has no display name (as in
+            :func:`~lossplug.report.summary.run_label`).
 
     Returns:
         A ``matplotlib.figure.Figure``; the legend naming the runs sits below the panels.
@@ -169,10 +170,8 @@ def build_comparison_figure(
     if not keys:
         raise ValueError("nothing to plot: no key that the runs logged matches")
     fig, (cells,) = _figure([len(keys)])
-    names = [
-        label or run.name or run.run_id or str(run.path)
-        for run, label in zip(runs, labels or [None] * len(runs), strict=True)
-    ]
+    given = [None] * len(runs) if labels is None else labels
+    names = [run_label(run, label) for run, label in zip(runs, given, strict=True)]
     colours = [f"C{i % 10}" for i in range(len(runs))]
     shared = None
     for key, cell in zip(keys, cells, strict=True):

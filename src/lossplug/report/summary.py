@@ -118,6 +118,12 @@ def run_info(run: RunData) -> RunInfo:
     )
 
 
+def run_label(run: RunData, given: str | None = None) -> str:
+    """What to call a run: its display name, else ``given`` (the folder it was read from), else
+    its id, else its file."""
+    return run.name or given or run.run_id or str(run.path)
+
+
 def summarize(run: RunData, keys: Iterable[str] | None = None) -> list[Row]:
     """One :class:`Row` per numeric key of the run, model metrics first, then KPIs.
 
