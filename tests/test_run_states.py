@@ -87,9 +87,9 @@ def _without_exit(file: Path) -> bytes:
     that is still running, or was killed, leaves on disk (no damage, only no end)."""
     from wandb.proto import wandb_internal_pb2
 
-    from lossplug.loggers.run_reader import _iter_payloads
+    from lossplug.loggers.run_reader._records import iter_payloads
 
-    for offset, payload in _iter_payloads(file, []):
+    for offset, payload in iter_payloads(file, []):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "exit":

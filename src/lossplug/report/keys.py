@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lossplug.loggers.run_reader import RunData
+from lossplug.loggers.run_reader import RunData, is_number
 from lossplug.loggers.wandb import KPI_CONFIG_KEY
 
 MODEL_PREFIXES = ("train/", "val/", "test/")
@@ -60,11 +60,6 @@ _MACHINERY = re.compile(
     WORD_START + r"(?:throughput|per_sec(?:ond)?|costs?|price|usd|dollars?|spend|spent|bill"
     r"|seconds(?:_to_target)?|time_to\w*|wall|runtime)" + WORD_END
 )
-
-
-def is_number(value: Any) -> bool:
-    """Whether a logged value is a plain number (``bool`` is not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_bookkeeping(key: str) -> bool:

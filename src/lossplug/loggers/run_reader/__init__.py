@@ -25,14 +25,12 @@ from lossplug.loggers.run_reader._data import (
     UNFINISHED,
     MetricDefinition,
     RunData,
+    is_number,
 )
 from lossplug.loggers.run_reader._locate import find_run_file, find_runs, run_parts
 from lossplug.loggers.run_reader._media import Chart
 from lossplug.loggers.run_reader._merge import merge
 from lossplug.loggers.run_reader._problems import DAMAGED, NO_EXIT, NOT_READ, ReadProblem
-
-# _iter_payloads stays importable from here, as when the reader was one module.
-from lossplug.loggers.run_reader._records import iter_payloads as _iter_payloads  # noqa: F401
 from lossplug.loggers.run_reader._records import iter_records
 
 __all__ = [
@@ -47,6 +45,7 @@ __all__ = [
     "ReadProblem",
     "RunData",
     "find_runs",
+    "is_number",
     "iter_records",
     "read_run",
 ]

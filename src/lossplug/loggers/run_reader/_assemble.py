@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lossplug.loggers.run_reader._data import MetricDefinition, RunData
+from lossplug.loggers.run_reader._data import MetricDefinition, RunData, merge_definitions
 from lossplug.loggers.run_reader._problems import DAMAGED, NO_EXIT, NOT_READ, ReadProblem
 from lossplug.loggers.run_reader._records import HEADER, iter_records
 
@@ -191,19 +191,19 @@ class _Assembler:
         # A "." in a key is escaped in define_metric (W&B reads a bare one as nesting); the
         # definition belongs to the key as it is logged.
         name = (rec.glob_name if glob else rec.name).replace("\\.", ".")
-        old = self.run.metrics.get(name)
-        if old is None or rec._control.overwrite:
-            old = MetricDefinition(name=name, glob=glob)
-        summary = tuple(k for k in _SUMMARY_KINDS if getattr(rec.summary, k))
-        self.run.metrics[name] = MetricDefinition(
+        new = MetricDefinition(
             name=name,
             glob=glob,
-            step_metric=rec.step_metric or old.step_metric,
-            step_sync=rec.options.step_sync or old.step_sync,
-            hidden=rec.options.hidden or old.hidden,
-            summary=summary or old.summary,
-            goal=_GOALS.get(rec.goal, old.goal),
+            step_metric=rec.step_metric or None,
+            step_sync=rec.options.step_sync,
+            hidden=rec.options.hidden,
+            summary=tuple(k for k in _SUMMARY_KINDS if getattr(rec.summary, k)),
+            goal=_GOALS.get(rec.goal),
         )
+        old = self.run.metrics.get(name)
+        if old is not None and not rec._control.overwrite:
+            new = merge_definitions(old, new)
+        self.run.metrics[name] = new
 
     def _on_exit(self, rec: Any) -> None:
         self.run.complete = True

@@ -17,6 +17,16 @@ CRASHED = "crashed"  # exit record with a non-zero exit code: the script raised 
 UNFINISHED = "unfinished"  # no exit record: still running or killed (or the file is cut short)
 
 
+def is_number(value: Any) -> bool:
+    """Whether a logged value is a plain number (``bool`` is not).
+
+    Example:
+        >>> is_number(3), is_number(2.5), is_number(True), is_number("3")
+        (True, True, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class MetricDefinition:
     """One ``define_metric`` definition, merged over all the calls for the same name.
@@ -38,6 +48,20 @@ class MetricDefinition:
     hidden: bool = False
     summary: tuple[str, ...] = ()
     goal: str | None = None
+
+
+def merge_definitions(old: MetricDefinition, new: MetricDefinition) -> MetricDefinition:
+    """Two definitions of one name merged as W&B merges two ``define_metric`` calls: what the
+    later call sets wins."""
+    return MetricDefinition(
+        name=new.name,
+        glob=new.glob,
+        step_metric=new.step_metric or old.step_metric,
+        step_sync=new.step_sync or old.step_sync,
+        hidden=new.hidden or old.hidden,
+        summary=new.summary or old.summary,
+        goal=new.goal or old.goal,
+    )
 
 
 @dataclass
@@ -227,7 +251,9 @@ class RunData:
             value = self.summary.get(key)
             if not is_table(value):
                 return None
-        return load_table(value, [self.path, *(part.path for part in reversed(self.parts))])
+        # A merged run's path is its last part's: that folder is searched once.
+        run_files = dict.fromkeys([self.path, *(part.path for part in reversed(self.parts))])
+        return load_table(value, run_files)
 
     def chart(self, key: str) -> Chart | None:
         """The custom chart logged under ``key`` (e.g. a ``wandb.plot.scatter``), with its table.

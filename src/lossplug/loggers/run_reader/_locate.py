@@ -32,16 +32,14 @@ def find_run_file(path: Path) -> Path:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_file():
         return path
-    files = sorted(path.glob("run-*.wandb"))
-    if files:
-        # One per run folder; several only if something copied files around: take the newest.
-        return max(files, key=lambda f: f.stat().st_mtime)
+    file = _run_file(path)
+    if file is not None:
+        return file
     wandb_dir = path / "wandb" if (path / "wandb").is_dir() else path
     latest = wandb_dir / "latest-run"
-    if latest.is_dir():
-        files = sorted(latest.glob("run-*.wandb"))
-        if files:
-            return max(files, key=lambda f: f.stat().st_mtime)
+    file = _run_file(latest) if latest.is_dir() else None
+    if file is not None:
+        return file
     runs = []
     for run_dir in wandb_dir.iterdir():
         match = _RUN_DIR.match(run_dir.name)
@@ -54,6 +52,13 @@ def find_run_file(path: Path) -> Path:
             "(offline-run-* or run-*), or a folder holding wandb/"
         )
     return max(runs, key=lambda r: r[:2])[2]
+
+
+def _run_file(folder: Path) -> Path | None:
+    """The ``run-*.wandb`` file in ``folder``, if any."""
+    files = sorted(folder.glob("run-*.wandb"))
+    # One per run folder; several only if something copied files around: take the newest.
+    return max(files, key=lambda f: f.stat().st_mtime) if files else None
 
 
 def find_runs(path: str | os.PathLike[str]) -> list[Path]:
@@ -87,11 +92,8 @@ def _runs_below(path: Path) -> list[Path]:
     found = []
     for wandb_dir in sorted(_wandb_dirs(path)):
         newest: dict[str, tuple[str, Path]] = {}
-        for folder in wandb_dir.iterdir():
-            match = _RUN_DIR.match(folder.name)
-            if match and folder.is_dir() and not folder.is_symlink():
-                started, run_id = match.groups()
-                newest[run_id] = max(newest.get(run_id, (started, folder)), (started, folder))
+        for started, run_id, folder in _part_folders(wandb_dir):
+            newest[run_id] = max(newest.get(run_id, (started, folder)), (started, folder))
         found += [folder for _, folder in sorted(newest.values())]
     return found
 
@@ -106,15 +108,15 @@ def _wandb_dirs(folder: Path) -> list[Path]:
     return out
 
 
-def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
-    """The folders of ``run_id``'s parts in ``wandb_dir``, oldest first."""
+def _part_folders(wandb_dir: Path) -> list[tuple[str, str, Path]]:
+    """``(start time, run id, folder)`` of each run folder in ``wandb_dir``, links left out."""
     found = []
     for folder in wandb_dir.iterdir():
         match = _RUN_DIR.match(folder.name)
-        # latest-run is a link to one of them; a part's folder is unique to its start second.
-        if match and match.group(2) == run_id and folder.is_dir() and not folder.is_symlink():
-            found.append((match.group(1), folder))
-    return [folder for _, folder in sorted(found)]
+        if match and folder.is_dir() and not folder.is_symlink():
+            started, run_id = match.groups()
+            found.append((started, run_id, folder))
+    return found
 
 
 def run_parts(file: Path) -> list[Path]:
@@ -128,13 +130,13 @@ def run_parts(file: Path) -> list[Path]:
     if not (base / real.name).is_dir() or (base / real.name).resolve() != real:
         base = real.parent
     files = []
-    for folder in _run_folders(real.parent, match.group(2)):
-        if folder.name == real.name:
-            files.append(file)
+    # A part's folder is unique to its start second: sorting them puts the oldest first.
+    for _, run_id, folder in sorted(_part_folders(real.parent)):
+        if run_id != match.group(2):
             continue
-        candidates = list((base / folder.name).glob("run-*.wandb"))
-        if candidates:  # a folder left without its file (deleted, or never written) is no part
-            files.append(max(candidates, key=lambda f: f.stat().st_mtime))
+        part = file if folder.name == real.name else _run_file(base / folder.name)
+        if part is not None:  # a folder left without its file (deleted, or never written)
+            files.append(part)
     return files
 
 

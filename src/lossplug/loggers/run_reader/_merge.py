@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from lossplug.loggers.run_reader._data import MetricDefinition, RunData
+from lossplug.loggers.run_reader._data import RunData, is_number, merge_definitions
 from lossplug.loggers.run_reader._locate import part_name
 from lossplug.loggers.run_reader._problems import NO_EXIT, ReadProblem
 
@@ -38,17 +38,18 @@ def merge(parts: list[RunData]) -> RunData:
         run.charts.update(part.charts)
         for name, new in part.metrics.items():
             old = run.metrics.get(name)
-            run.metrics[name] = new if old is None else _merge_definitions(old, new)
+            run.metrics[name] = new if old is None else merge_definitions(old, new)
         # An earlier part without its end is a process that was killed, then resumed.
         kept = [e for e in part.errors if part is last or e.kind != NO_EXIT]
         # Every part's file is run-<id>.wandb: the message names its folder too.
         name = part_name(part.path)
-        prefix = f"{part.path.name}: "
-        run.errors += [ReadProblem.about(name, e.kind, e.removeprefix(prefix)) for e in kept]
-    if _is_step(run.summary.get("_step")):
+        for e in kept:
+            detail = e.detail if e.file == part.path.name else str(e)
+            run.errors.append(ReadProblem.about(name, e.kind, detail))
+    if is_number(run.summary.get("_step")):
         # The last part counted its own steps: the summary follows the renumbering.
         run.summary["_step"] = max(
-            (row["_step"] for row in run.history if _is_step(row.get("_step"))),
+            (row["_step"] for row in run.history if is_number(row.get("_step"))),
             default=run.summary["_step"],
         )
     return run
@@ -61,29 +62,12 @@ def _last_set(values: Iterator[str | None]) -> str | None:
     return found
 
 
-def _merge_definitions(old: MetricDefinition, new: MetricDefinition) -> MetricDefinition:
-    # As W&B merges two define_metric calls for one name: what the later call sets wins.
-    return MetricDefinition(
-        name=new.name,
-        glob=new.glob,
-        step_metric=new.step_metric or old.step_metric,
-        step_sync=new.step_sync or old.step_sync,
-        hidden=new.hidden or old.hidden,
-        summary=new.summary or old.summary,
-        goal=new.goal or old.goal,
-    )
-
-
-def _is_step(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _continue_steps(histories: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """Copies of the parts' rows, a part whose ``_step`` starts over numbered on from the last."""
     out = []
     previous: int | float | None = None
     for rows in histories:
-        steps = [row["_step"] for row in rows if _is_step(row.get("_step"))]
+        steps = [row["_step"] for row in rows if is_number(row.get("_step"))]
         shift = 0
         # Offline, wandb cannot know where the run stopped: each part counts from 0 again.
         if previous is not None and steps and steps[0] <= previous:
@@ -91,7 +75,7 @@ def _continue_steps(histories: list[list[dict[str, Any]]]) -> list[list[dict[str
         copies = []
         for row in rows:
             row = dict(row)
-            if shift and _is_step(row.get("_step")):
+            if shift and is_number(row.get("_step")):
                 row["_step"] += shift
             copies.append(row)
         out.append(copies)
@@ -111,7 +95,7 @@ def _merge_histories(histories: list[list[dict[str, Any]]], step_key: str) -> li
         part = []
         for row in rows:
             step = row.get(step_key)
-            if _is_step(step):
+            if is_number(step):
                 again = logged_later.get(step, set())
                 mine = {k for k in row if not k.startswith("_") and k != step_key}
                 if again & mine:
@@ -128,11 +112,11 @@ def _merge_histories(histories: list[list[dict[str, Any]]], step_key: str) -> li
     ordered = []
     floor = -math.inf
     for index, rows in enumerate(kept):
-        steps = [row[step_key] for row in rows if _is_step(row.get(step_key))]
+        steps = [row[step_key] for row in rows if is_number(row.get(step_key))]
         # A row without the step sits at the step of the row before it in its part.
         current = steps[0] if steps else floor
         for position, row in enumerate(rows):
-            if _is_step(row.get(step_key)):
+            if is_number(row.get(step_key)):
                 current = row[step_key]
             ordered.append(((current, index, position), row))
         floor = max([floor, *steps])
