@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lossplug.loggers.wandb import define_metric
 from lossplug.monitoring.clock import CLOCK
-from lossplug.monitoring.tracker import identity, single_process
+from lossplug.monitoring.sums import gather_across_processes, identity, single_process
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -74,13 +75,8 @@ def define_wandb_metrics(trainer: Any, summaries: Mapping[str, str | None]) -> N
             continue
         run.define_metric("trainer/global_step")
         for key, summary in summaries.items():
-            if "*" in key:
-                continue
-            kwargs = {"summary": summary} if summary else {}
-            # W&B reads an unescaped "." as nesting: the summary of "kpi/pass.rate" would
-            # otherwise be asked for a "rate" inside "kpi/pass", and never computed
-            name = key.replace(".", "\\.")
-            run.define_metric(name, step_metric="trainer/global_step", **kwargs)
+            if "*" not in key:
+                define_metric(run, key, summary=summary, step_key="trainer/global_step")
 
 
 def wandb_loggers(trainer: Any) -> list[Any]:
@@ -118,15 +114,7 @@ def rank_reduce(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def gather_names(trainer: Any) -> Callable[[list[str]], list[list[str]]]:
     """Every rank's list of names (a collective under DDP; the identity on one process)."""
-    if trainer.world_size <= 1:
-        return single_process
-
-    def gather(names: list[str]) -> list[list[str]]:
-        everyone: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, names)
-        return everyone
-
-    return gather
+    return single_process if trainer.world_size <= 1 else gather_across_processes
 
 
 def is_last_epoch(trainer: Any) -> bool:

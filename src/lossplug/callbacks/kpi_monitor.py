@@ -227,7 +227,7 @@ class KPIMonitor(OffTheTrainingClock, ShowsKPISession):
 
     def _describe(self, trainer: Any) -> None:
         """Write the KPI descriptions into the config of each W&B run not written yet."""
-        if not trainer.is_global_zero or not wandb_loggers(trainer):
+        if not trainer.is_global_zero:
             return
         for run in wandb_runs(trainer):
             if not any(run is done for done in self._described):

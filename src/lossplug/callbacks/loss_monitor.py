@@ -159,7 +159,6 @@ class LossMonitor(OffTheTrainingClock):
             owner="LossMonitor",
             stages=stages,
         )
-        self._slice_keys_declared: set[str] = set()
         self._warned_test = False
         self._seen_step = 0
         self._trainer: Any = None
@@ -325,12 +324,7 @@ class LossMonitor(OffTheTrainingClock):
 
     # -------------------------------------------------------------------------------- helpers
     def _define_slice_metrics(self, trainer: Any) -> None:
-        summaries = {}
-        for name in self.tracker.slices_seen:
-            for key in self.slice_keys(name):
-                if key not in self._slice_keys_declared:
-                    summaries[key] = self.tracker.summary(key)
-                    self._slice_keys_declared.add(key)
+        summaries = self.tracker.new_summaries(self.tracker.seen_slice_keys())
         if summaries:
             define_wandb_metrics(trainer, summaries)
 
@@ -370,9 +364,6 @@ class LossMonitor(OffTheTrainingClock):
 
     def _define_wandb_metrics(self, trainer: Any) -> None:
         define_wandb_metrics(trainer, self.tracker.summaries(self.stages))
-        self._slice_keys_declared = {
-            key for name in self.tracker.slices_seen for key in self.slice_keys(name)
-        }
 
     def _stats_from(
         self,

@@ -16,13 +16,14 @@ import torch
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from lossplug.kpi._core import KPI
-from lossplug.loggers.wandb import log_link_table, write_kpi_config
+from lossplug.loggers.wandb import define_metric, log_link_table, write_kpi_config
 from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.handoff import keep_inputs_for, models_with_stats, pop_stats_with_inputs
 from lossplug.monitoring.keys import METRIC_NAMES, check_metric_names
 from lossplug.monitoring.kpis import KPISession, ShowsKPISession
 from lossplug.monitoring.links import LinkTable
 from lossplug.monitoring.slices import check_slice_by, slice_labels
+from lossplug.monitoring.sums import gather_across_processes, single_process
 from lossplug.monitoring.tracker import LossTracker
 
 __all__ = ["LossplugCallback"]
@@ -129,7 +130,6 @@ class LossplugCallback(TrainerCallback, ShowsKPISession):
         self._known: dict[str, float] = {}  # ctx.metrics: every number logged so far
         self._warned_unpatched = False
         self._placed_in: Any = None
-        self._declared: set[str] = set()  # model-centric keys declared to W&B
         self._model: Any = None
         self._patched: list[Any] = []
         self._wandb = False  # a W&B integration reports: log to its run under our names
@@ -388,18 +388,9 @@ class LossplugCallback(TrainerCallback, ShowsKPISession):
             self._described = run
             write_kpi_config(run, self.session.describe(), writer="LossplugCallback")
         summaries = self.session.summaries(k for k in metrics if k.startswith("kpi/"))
-        for key in metrics:
-            if key.startswith("kpi/") or key in self._declared:
-                continue
-            self._declared.add(key)
-            summaries[key] = self.tracker.summary(key)
+        summaries.update(self.tracker.new_summaries(k for k in metrics if not k.startswith("kpi/")))
         for key, summary in summaries.items():
-            # an unescaped "." reads as nesting to W&B: kpi/pass.rate's summary would be lost
-            run.define_metric(
-                key.replace(".", "\\."),
-                step_metric="train/global_step",
-                **({"summary": summary} if summary else {}),
-            )
+            define_metric(run, key, summary=summary, step_key="train/global_step")
         # the Trainer's W&B integration plots everything against train/global_step
         run.log({**metrics, "train/global_step": step})
 
@@ -492,12 +483,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _gather_names(names: list[str]) -> list[list[str]]:
     """Every process's list of names (identity on one); every process must call it together."""
-    world = _world_size()
-    if world <= 1:
-        return [names]
-    everyone: list[Any] = [None] * world
-    torch.distributed.all_gather_object(everyone, names)
-    return everyone
+    return single_process(names) if _world_size() <= 1 else gather_across_processes(names)
 
 
 def _broadcast(obj: Any) -> Any:

@@ -230,12 +230,6 @@ class KPIThread:
             self._end()
             raise
 
-    @property
-    def thread(self) -> KPIThread:
-        """What a caller keeps to ask whether the call still runs (:meth:`is_alive`,
-        :meth:`join`)."""
-        return self
-
     def is_alive(self) -> bool:
         return not self._done.is_set()
 

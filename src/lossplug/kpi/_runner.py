@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 import math
 import numbers
-import threading
 import time
 import traceback
 import warnings
@@ -119,7 +118,7 @@ class KPIRunner:
         self.states = {item.name: KPIState() for item in kpis}
         self.stop_grace_s = float(stop_grace_s)
         # calls past their timeout that could not be stopped, while they run
-        self._running: dict[str, threading.Thread] = {}
+        self._running: dict[str, KPIThread] = {}
         self._warned: set[str] = set()
         # metric keys each KPI looked up and did not find; calls left running may still add some
         # (set.add and set.copy are single steps under the GIL, and a lock would not pickle for
@@ -276,12 +275,12 @@ class KPIRunner:
         stopped = call.stopped
         if call.held:
             error = f"stopped after {timeout}; held for good: it caught its KPICancelled"
-            self._running[kpi.name] = call.thread  # never run again
+            self._running[kpi.name] = call  # never run again
         elif stopped:
             error = f"stopped after {timeout}"
         else:
             error = f"still running {self.stop_grace_s:g} s after {timeout}: it is left running"
-            self._running[kpi.name] = call.thread  # skipped while it runs
+            self._running[kpi.name] = call  # skipped while it runs
         ran_past = f"KPI {kpi.name!r} ran past {timeout} at step {ctx.step}"
         counted = f"timeouts are counted in {kpi.key}/timeouts"
         if call.held and f"{kpi.name}/held" not in self._warned:

@@ -32,6 +32,7 @@ __all__ = [
     "ModeChoice",
     "RunLocation",
     "api_key_source",
+    "define_metric",
     "describe_run",
     "log_link_table",
     "resolve_mode",
@@ -346,6 +347,21 @@ def describe_run(logger_or_run: Any) -> RunLocation:
     sync = f"wandb sync {run_dir}" if mode == "offline" and run_dir is not None else None
     url = getattr(run, "url", None) if mode != "offline" else None
     return RunLocation(mode=mode, run_id=run_id, run_dir=run_dir, sync_command=sync, url=url)
+
+
+def define_metric(run: Any, key: str, *, summary: str | None, step_key: str) -> None:
+    """Declare ``key`` on ``run``: plotted against ``step_key``, summarised by ``summary``.
+
+    Args:
+        run: a ``wandb`` run.
+        key: the logged key; a ``"."`` in it is escaped, since W&B reads an unescaped one as
+            nesting (the summary of ``kpi/pass.rate`` would be asked of a ``rate`` inside
+            ``kpi/pass``, and never computed).
+        summary: ``"min"``, ``"max"``, ``"last"``, or ``None`` for W&B's default.
+        step_key: the trainer's x-axis (``trainer/global_step``, ``train/global_step``).
+    """
+    kwargs = {"summary": summary} if summary else {}
+    run.define_metric(key.replace(".", "\\."), step_metric=step_key, **kwargs)
 
 
 def write_kpi_config(run: Any, description: Mapping[str, Any], *, writer: str = "lossplug") -> bool:

@@ -13,6 +13,24 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 Gather = Callable[[list[str]], list[list[str]]]
 
 
+def identity(tensor: torch.Tensor) -> torch.Tensor:
+    """The reduction of a single process."""
+    return tensor
+
+
+def single_process(names: list[str]) -> list[list[str]]:
+    """The gather of a single process."""
+    return [names]
+
+
+def gather_across_processes(names: list[str]) -> list[list[str]]:
+    """Every process's ``names`` through ``torch.distributed``, in rank order; every process of
+    the initialised process group must call it together."""
+    everyone: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, names)
+    return everyone
+
+
 def pack(stats: TokenStats) -> torch.Tensor:
     """``[..., 4]`` float64: Σ nll, tokens, correct and Σ entropy, the sums every value needs."""
     f64 = torch.float64
@@ -79,10 +97,13 @@ class StatsAccumulator:
         Every rank must call this together (``reduce`` is a collective under DDP). Returns the
         token count under ``"tokens"`` and, when it is not zero, every metric value.
         """
-        sums = self.sums
-        if sums is None:
-            sums = torch.zeros(4, dtype=torch.float64)
-        return values_of(*reduce(sums.clone()).tolist())
+        return values_of(*self.reduced(reduce).tolist())
+
+    def reduced(self, reduce: Reduce) -> torch.Tensor:
+        """The sums since the last reset (zeros when nothing was added), summed over ranks by
+        ``reduce``; every rank must call this together."""
+        sums = self.sums if self.sums is not None else torch.zeros(4, dtype=torch.float64)
+        return reduce(sums.clone())
 
     def state(self) -> torch.Tensor | None:
         return None if self.sums is None else self.sums.detach().cpu()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,14 @@ import torch
 from lossplug.monitoring.clock import CLOCK
 from lossplug.monitoring.keys import STAGES, metric_summary
 from lossplug.monitoring.loss_check import LossCheck, LossComparison, other_shift_nll
-from lossplug.monitoring.sums import Gather, Reduce, SliceAccumulator, StatsAccumulator
+from lossplug.monitoring.sums import (
+    Gather,
+    Reduce,
+    SliceAccumulator,
+    StatsAccumulator,
+    identity,
+    single_process,
+)
 from lossplug.ops._spec import LossSpec
 from lossplug.ops.cross_entropy import measure_logits
 from lossplug.ops.stats import TokenStats
@@ -35,16 +42,6 @@ LOSS_RTOL, LOSS_ATOL = 0.02, 1e-3
 _CHECKED_WINDOWS = {"train": 3, "val": 1}
 # A fine-tune does not start out predicting 99 % of its labels: labels equal to the inputs do.
 _SUSPICIOUS_ACCURACY = 0.99
-
-
-def identity(tensor: torch.Tensor) -> torch.Tensor:
-    """The reduction of a single process."""
-    return tensor
-
-
-def single_process(names: list[str]) -> list[list[str]]:
-    """The gather of a single process."""
-    return [names]
 
 
 class LossTracker:
@@ -108,6 +105,7 @@ class LossTracker:
         self._checks = {stage: LossCheck() for stage in STAGES}
         self._windows_to_check = dict(_CHECKED_WINDOWS)
         self._warned_accuracy = False
+        self._declared: set[str] = set()  # keys whose W&B summary was handed out
 
     # ----------------------------------------------------------------------------------- keys
     def keys(self, stage: str) -> list[str]:
@@ -129,11 +127,24 @@ class LossTracker:
         return metric_summary(key, list(self.prefixes.values()))
 
     def summaries(self, stages: Sequence[str] = STAGES) -> dict[str, str | None]:
-        """Every key of ``stages`` (slices seen so far included) with its W&B summary."""
+        """Every key of ``stages`` (slices seen so far included) with its W&B summary, for a
+        run that starts: they are all declared from now on (see :meth:`new_summaries`)."""
         keys = [key for stage in stages for key in self.keys(stage)]
         if "val" in stages:
-            keys += [key for name in self.slices_seen for key in self.slice_keys(name)]
-        return {key: self.summary(key) for key in keys}
+            keys += self.seen_slice_keys()
+        summaries = {key: self.summary(key) for key in keys}
+        self._declared = set(summaries)
+        return summaries
+
+    def new_summaries(self, keys: Iterable[str]) -> dict[str, str | None]:
+        """W&B's summary of each key in ``keys`` not declared before; each key is declared once."""
+        new = {key: self.summary(key) for key in keys if key not in self._declared}
+        self._declared.update(new)
+        return new
+
+    def seen_slice_keys(self) -> list[str]:
+        """The evaluation keys of every slice logged so far."""
+        return [key for name in self.slices_seen for key in self.slice_keys(name)]
 
     # --------------------------------------------------------------------------------- adding
     def add_train(self, stats: TokenStats) -> None:
@@ -382,7 +393,4 @@ class LossTracker:
 
 
 def _saved(acc: StatsAccumulator, reduce: Reduce | None) -> torch.Tensor | None:
-    if reduce is None:
-        return acc.state()
-    sums = acc.sums if acc.sums is not None else torch.zeros(4, dtype=torch.float64)
-    return reduce(sums.clone()).detach().cpu()
+    return acc.state() if reduce is None else acc.reduced(reduce).detach().cpu()
