@@ -34,16 +34,13 @@ from typing import Any
 
 from lossplug.loggers.run_reader import RunData, is_number
 from lossplug.loggers.wandb import KPI_CONFIG_KEY
+from lossplug.monitoring.keys import BOOKKEEPING
 
 MODEL_PREFIXES = ("train/", "val/", "test/")
 BUSINESS_PREFIXES = ("kpi/",)
 GROUP_TITLES = {"model": "model metrics", "business": "business KPIs", "other": "other"}
 GROUP_ORDER = {"model": 0, "business": 1, "other": 2}
 _BOOKKEEPING_KEYS = frozenset({"trainer/global_step", "epoch"})
-# Written by the KPI runner beside each KPI: how long it took and how it failed, not its value.
-_BOOKKEEPING_LEAVES = frozenset(
-    {"seconds", "errors", "timeouts", "nonfinite", "table_errors", "reached_at_step"}
-)
 WORD_START = r"(?:^|(?<=[/_.\-\s]))"
 WORD_END = r"(?=$|[/_.\-\s])"
 _LOWER_IS_BETTER = re.compile(
@@ -71,7 +68,8 @@ def is_bookkeeping(key: str) -> bool:
     """
     if key.startswith("_") or key in _BOOKKEEPING_KEYS:
         return True
-    return "/" in key and key.rsplit("/", 1)[1] in _BOOKKEEPING_LEAVES
+    # the KPI runner's keys beside each KPI: how long it took and how it failed, not its value
+    return "/" in key and key.rsplit("/", 1)[1] in BOOKKEEPING
 
 
 def key_group(key: str) -> str:
