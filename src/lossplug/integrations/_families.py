@@ -80,8 +80,8 @@ class Fold:
     ``softcap`` is ``None``), ``z = h @ W.T + b`` being the output layer's logits.
 
     Example:
-        >>> Fold(scale=0.5).identity, Fold().identity
-        (False, True)
+        >>> Fold(scale=0.5, touched=True)
+        Fold(scale=0.5, softcap=None, touched=True)
     """
 
     scale: float = 1.0
@@ -89,11 +89,6 @@ class Fold:
     #: whether the forward does arithmetic on the logits (a scale of 1.0 from the config
     #: included), which then needs a tensor to run on
     touched: bool = False
-
-    @property
-    def identity(self) -> bool:
-        """Whether the model feeds the output layer's logits to its loss unchanged."""
-        return self.scale == 1.0 and self.softcap is None
 
 
 class UnsupportedModelError(ValueError):
@@ -139,13 +134,11 @@ def read_fold(model: nn.Module, head: nn.Module) -> Fold:
         Fold(scale=0.25, softcap=None, touched=True)
     """
     try:
-        source = textwrap.dedent(inspect.getsource(type(model).forward))
-        function = ast.parse(source).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError) as error:
+        function, lines = _parsed_forward(model)
+    except _UNREADABLE as error:
         raise refuse(model, f"the source of its forward cannot be read ({error})") from None
     if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
         raise refuse(model, "its forward is not a plain function")
-    lines = source.splitlines()
     try:
         return _Reader(model, head).read(function.body)
     except _Refusal as refusal:
@@ -261,8 +254,6 @@ class _Reader:
             chosen = statement.body if decided else statement.orelse
             if self._statements(chosen):
                 raise _Refusal("the loss is computed inside a condition on the config", statement)
-        elif isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-            return  # a string
         else:
             raise _Refusal("it changes the logits in a way lossplug does not reproduce", statement)
 
@@ -283,7 +274,7 @@ class _Reader:
         given = next((k.value for k in call.keywords if k.arg == "logits"), given)
         if not (isinstance(given, ast.Name) and given.id == self.logits):
             raise _Refusal("its loss is not computed on the output layer's logits", statement)
-        others = [a for a in call.args[1:]] + [k.value for k in call.keywords if k.arg != "logits"]
+        others = [*call.args[1:], *(k.value for k in call.keywords if k.arg != "logits")]
         if any(self._mentions(other, allowed=_METADATA | {"shape"}) for other in others):
             raise _Refusal("its loss reads the logits' values", statement)
         if any(self._mentions(other) for other in others):
@@ -478,13 +469,23 @@ def language_model_inside(model: nn.Module, head: nn.Module) -> nn.Module | None
     return None
 
 
+#: what reading the source of a forward may raise
+_UNREADABLE = (OSError, TypeError, SyntaxError, IndexError)
+
+
+def _parsed_forward(module: nn.Module) -> tuple[ast.stmt, list[str]]:
+    """The first statement of the source of ``module``'s class's ``forward`` (its definition),
+    and the lines of that source; raises one of :data:`_UNREADABLE` when it cannot be read."""
+    source = textwrap.dedent(inspect.getsource(type(module).forward))
+    return ast.parse(source).body[0], source.splitlines()
+
+
 def _forward_of(module: nn.Module) -> ast.FunctionDef | None:
     """The syntax tree of ``module``'s class's ``forward`` (``None`` if it cannot be read)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
-    except (OSError, TypeError, SyntaxError):
+        function, _ = _parsed_forward(module)
+    except _UNREADABLE:
         return None
-    function = tree.body[0] if tree.body else None
     return function if isinstance(function, ast.FunctionDef) else None
 
 

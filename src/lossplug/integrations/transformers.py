@@ -100,13 +100,9 @@ class _Patch:
     ) -> None:
         self.head = head
         self.spec = spec
-        # the scale the forward applies to the logits (folded into the hidden states); its
+        # what the forward does to the logits: its scale is folded into the hidden states, its
         # soft-capping is in ``spec``
-        self.scale = fold.scale
-        # the stand-in the output layer returns for the logits: None when the forward passes
-        # them straight to the loss, an empty tensor when it first scales or caps them (the
-        # arithmetic must run on something; an empty tensor costs nothing)
-        self.stand_in_needed = fold.touched
+        self.fold = fold
         self.backend = backend
         self.check_target = check_target
         self.had_loss_function = "_loss_function" in vars(model)
@@ -336,7 +332,9 @@ class _DeferringHeadForward:
                     f"a batch of mixed adapters is not supported (unpatch_causal_lm first)"
                 )
             patch.hidden = hidden_states
-            if patch.stand_in_needed:
+            if patch.fold.touched:
+                # the forward scales or caps the logits before its loss: that arithmetic must run
+                # on something, and an empty tensor costs nothing
                 return hidden_states.new_empty(0)
             return None  # the output's logits: never built
         return head_forward(patch.head, hidden_states, *args, **kwargs)
@@ -398,7 +396,7 @@ class _ForwardWithFusedLoss:
             output = forward(*args, **kwargs)
         finally:
             patch.deferring, patch.hidden = False, None
-        if patch.stand_in_needed:
+        if patch.fold.touched:
             output = _without_stand_in(output)
         if patch.last_stats is not None and not isinstance(output, tuple):
             # an attribute, not a key: code that iterates the output's tensors never sees it
@@ -455,10 +453,11 @@ def _fused_loss(
             "call the model with labels=... (or unpatch_causal_lm(model) first)"
         )
     hidden, weight, bias = operands(patch.head, hidden)
-    if patch.scale != 1.0:
+    scale = patch.fold.scale
+    if scale != 1.0:
         # scale * (h W^T + b) == (scale h) W^T + scale b: an [N, D] product, not a [V, D] one
-        hidden = hidden * patch.scale
-        bias = None if bias is None else bias * patch.scale
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     target = labels if shift_labels is None else shift_labels
     spec = patch.spec.replace(
         ignore_index=ignore_index,
