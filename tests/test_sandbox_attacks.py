@@ -2,9 +2,10 @@
 
 Each test runs a real hostile program through the public API: memory pinned where no limit
 counts it, CPU time hidden in a child the kernel reaps on its own, a compiler whose installation
-is the home directory, a "translation" that runs the reference with the interpreter, output
-shaped to blow up the caller's memory, one program's process limit starving other sandboxes, and
-a KPI that a precomputed answer could game. Attacks that could kill the caller run in a child
+is the home directory, a "translation" that runs the reference with the interpreter, the
+kernel's keyrings (the trainer's keys, an answer kept for the next run), output shaped to blow up
+the caller's memory, one program's process limit starving other sandboxes, and a KPI that a
+precomputed answer could game. Attacks that could kill the caller run in a child
 Python process that plays the trainer.
 """
 
@@ -254,6 +255,16 @@ int main() {
         measure_speedup("print('nothing')", read_netrc, stdin=f"{netrc}\n", compiler=str(compiler))
 
 
+def test_interpreter_whose_own_folder_is_the_home_directory_is_refused(tmp_path, monkeypatch):
+    from lossplug.kpi.sandbox import check_toolchain
+
+    # The reference's step shows the interpreter's folder beside its base prefix: an interpreter
+    # kept right in the home directory would show all of it.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + r".*Python"):
+        check_toolchain("/usr/bin/g++", str(tmp_path / "python3"))
+
+
 def test_working_directory_inside_a_system_directory_is_hidden(monkeypatch):
     # Container images often work in /usr/src/app: /usr is shown, the working directory is not.
     monkeypatch.chdir("/usr/share")
@@ -325,6 +336,35 @@ def test_crafted_interpreter_is_not_shown(tmp_path):
     finally:
         secret.unlink()
     assert loader in needed_files("/usr/bin/true")
+
+
+# The kernel's keyrings are not namespaced: the trainer's session keyring (its keys) is inherited,
+# and a user's keyring outlives the run, where a program could keep its answer for the next one.
+KEYRING_CPP = r"""
+#include <cstdio>
+#include <linux/keyctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main() {
+    long long n, total = 0;
+    if (std::scanf("%lld", &n) != 1) return 1;
+    long session = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0);
+    long kept = syscall(SYS_keyctl, KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING, "user", "answer", 0);
+    for (long long i = 0; i < n; ++i) total = (total + i * i) % 1000000007;
+    long added =
+        syscall(SYS_add_key, "user", "answer", &total, sizeof total, KEY_SPEC_USER_KEYRING);
+    std::printf("%lld\n", total);
+    if (session >= 0) std::puts("the trainer's session keyring reached");
+    if (kept >= 0) std::puts("an answer kept from an earlier run");
+    if (added >= 0) std::puts("an answer kept for a later run");
+}
+"""
+
+
+def test_no_keyring_reaches_the_program():
+    result = measure_speedup(SUM_OF_SQUARES_PY, KEYRING_CPP, stdin="1000\n", repeats=2)
+
+    assert result.correct, result.error
 
 
 # --- 4. Output amplification and what reaches a logged string ----------------------------------

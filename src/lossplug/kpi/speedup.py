@@ -276,9 +276,7 @@ def measure_speedup(
             error = (
                 f"Python reference failed{where}: {problem}" if trusted else f"C++ {problem}{where}"
             )
-            return failure(
-                compiled=True, error=shorten(error), **timings.so_far(**{program: False})
-            )
+            return failure(compiled=True, error=shorten(error), **timings.so_far(failed=program))
 
         outputs: set[bytes] = set()
         for index, text in enumerate(inputs):
@@ -341,11 +339,11 @@ class _Timings:
             if name == program
         )
 
-    def so_far(self, *, python: bool = True, cpp: bool = True) -> dict[str, Any]:
-        """The times of a call that stopped early; ``None`` for a program that failed."""
+    def so_far(self, *, failed: str | None = None) -> dict[str, Any]:
+        """The times of a call that stopped early; ``None`` for the program that ``failed``."""
         fields: dict[str, Any] = dict(_NO_TIMES)
-        for program, wanted in (("python", python), ("cpp", cpp)):
-            if wanted and any(name == program for name, _ in self.runs):
+        for program in ("python", "cpp"):
+            if program != failed and any(name == program for name, _ in self.runs):
                 fields[f"{program}_seconds"] = self.total(program)
                 fields[f"{program}_wall_seconds"] = self.total(program, wall=True)
         return fields

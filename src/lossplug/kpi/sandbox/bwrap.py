@@ -8,7 +8,8 @@ reference) runs instead inside a sandbox made with bubblewrap (``bwrap``):
 - its own user, PID, IPC, UTS (and, where possible, cgroup) namespaces: it sees only its own
   processes and has no way to signal anything outside; no network: the launcher's seccomp filter
   refuses every ``socket`` call, and a step whose :class:`View` asks for it (the measured run)
-  also gets a network namespace of its own;
+  also gets a network namespace of its own; no kernel keyring: keyrings are not namespaced (the
+  caller's session keyring would be inherited), and the filter refuses them too;
 - its own mount namespace holding only what its step needs (a :class:`View`), read-only but for
   the scratch directory and, for the compiler, the source's directory. The home and working
   directories are never shown: an installation that is or contains one of them
@@ -69,6 +70,7 @@ from lossplug.kpi.sandbox.choice import SANDBOX_ENV, SandboxUnavailableError
 from lossplug.kpi.sandbox.elf import needed_files
 from lossplug.kpi.sandbox.identity import FIRST_UID, UID_COUNT, lease_uid, root_user_namespace
 from lossplug.kpi.sandbox.launcher import LAUNCHER, ProgramExit, build_launcher, read_exit
+from lossplug.kpi.sandbox.limits import limit_options, limit_values
 
 __all__ = [
     "SCRATCH_BYTES",
@@ -509,7 +511,8 @@ def _build(compiler_command: Sequence[str]) -> Sandbox | SandboxUnavailableError
 def _probe(sandbox: Sandbox) -> None:
     """Run ``true`` in the sandbox once (in its memory cgroup, if it has one); raise if it fails."""
     true = shutil.which("true", path=_PATH) or "/bin/true"
-    limits = ("--as=1073741824:1073741824", "--cpu=10:11", "--nproc=16:16", "--core=0:0")
+    # The limits every step gets: one the launcher cannot apply shows here, not at each run.
+    limits = limit_options(limit_values(10.0, 1024))
 
     def start(
         command: list[str], fds: tuple[int, ...], end: Callable[[], None]

@@ -27,8 +27,10 @@
  * Every step also gets a filter against memory that no limit counts and against escape routes:
  * memfd_create, SysV shared memory and message queues fail with EPERM, and so do unshare, setns
  * and a clone that asks for a namespace (a nested user namespace could mount a tmpfs of any size),
- * socket (no network, whatever the namespace: socketpair still works) and io_uring (whose
- * operations, socket creation among them, would pass by this filter).
+ * socket (no network, whatever the namespace: socketpair still works), io_uring (whose
+ * operations, socket creation among them, would pass by this filter), the kernel's keyrings
+ * (not namespaced: a program could read the caller's session keyring, or keep a result there
+ * for its next run) and bpf (maps hold kernel memory that no rlimit counts).
  * clone3 fails with ENOSYS, so the C library falls back to clone, whose flags a filter can read.
  * A system call of another ABI (32-bit, x32) ends the program: the filter knows this ABI only.
  *
@@ -90,13 +92,6 @@
     (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | \
      CLONE_NEWNET | CLONE_NEWTIME)
 
-static int set_limit(int resource, rlim_t soft, rlim_t hard) {
-    struct rlimit limit;
-    limit.rlim_cur = soft;
-    limit.rlim_max = hard;
-    return setrlimit(resource, &limit);
-}
-
 struct named_limit {
     const char *name;
     int resource;
@@ -108,8 +103,16 @@ static const struct named_limit NAMED_LIMITS[] = {
     {"msgqueue", RLIMIT_MSGQUEUE},
 };
 
-/* Apply "--NAME=SOFT:HARD"; 0 on success, -1 for a malformed option or a refused limit. */
-static int apply_limit(const char *option, int dry_run) {
+struct limit_setting {
+    int resource;
+    struct rlimit value;
+};
+
+/* The most limit options one command line may carry. */
+#define MAX_LIMITS 32
+
+/* Parse "--NAME=SOFT:HARD" into *setting; 0 on success, -1 for a malformed option. */
+static int parse_limit(const char *option, struct limit_setting *setting) {
     const char *equals = strchr(option, '=');
     if (strncmp(option, "--", 2) != 0 || equals == NULL) return -1;
     size_t length = (size_t)(equals - option) - 2;
@@ -119,11 +122,11 @@ static int apply_limit(const char *option, int dry_run) {
             continue;
         }
         char *end;
-        rlim_t soft = (rlim_t)strtoull(equals + 1, &end, 10);
+        setting->resource = NAMED_LIMITS[i].resource;
+        setting->value.rlim_cur = (rlim_t)strtoull(equals + 1, &end, 10);
         if (*end != ':') return -1;
-        rlim_t hard = (rlim_t)strtoull(end + 1, &end, 10);
-        if (*end != '\0') return -1;
-        return dry_run ? 0 : set_limit(NAMED_LIMITS[i].resource, soft, hard);
+        setting->value.rlim_max = (rlim_t)strtoull(end + 1, &end, 10);
+        return *end == '\0' ? 0 : -1;
     }
     return -1;
 }
@@ -164,6 +167,7 @@ static int install_filter(int threads_only) {
     /* Calls that fail with EPERM in every step. */
     static const long refused[] = {
         SYS_memfd_create, SYS_shmget, SYS_msgget, SYS_unshare, SYS_setns, SYS_socket,
+        SYS_add_key, SYS_request_key, SYS_keyctl, SYS_bpf,
 #ifdef SYS_io_uring_setup
         SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register,
 #endif
@@ -259,6 +263,8 @@ int main(int argc, char **argv) {
     int threads_only = 0;
     const char *uid_option = NULL;
     int join_fd = -1;
+    struct limit_setting limits[MAX_LIMITS];
+    int limit_count = 0;
     while (separator < argc && strcmp(argv[separator], "--") != 0) {
         const char *option = argv[separator];
         if (strcmp(option, "--threads-only") == 0) {
@@ -267,9 +273,11 @@ int main(int argc, char **argv) {
             uid_option = option;
         } else if (strncmp(option, "--join=", 7) == 0) {
             join_fd = atoi(option + 7);
-        } else if (apply_limit(option, 1) != 0) {
+        } else if (limit_count == MAX_LIMITS || parse_limit(option, &limits[limit_count]) != 0) {
             fprintf(stderr, "lossplug launcher: bad option %s\n", option);
             return 125;
+        } else {
+            ++limit_count;
         }
         ++separator;
     }
@@ -341,12 +349,8 @@ int main(int argc, char **argv) {
         /* A blocked signal mask survives exec: the program starts with the default one. */
         sigprocmask(SIG_UNBLOCK, &child_signals, NULL);
         signal(SIGPIPE, SIG_DFL);
-        for (int i = 3; i < separator; ++i) {
-            if (strncmp(argv[i], "--uid=", 6) == 0 || strncmp(argv[i], "--join=", 7) == 0 ||
-                strcmp(argv[i], "--threads-only") == 0) {
-                continue;
-            }
-            if (apply_limit(argv[i], 0) != 0) {
+        for (int i = 0; i < limit_count; ++i) {
+            if (setrlimit(limits[i].resource, &limits[i].value) != 0) {
                 perror("lossplug launcher: setrlimit");
                 _exit(126);
             }

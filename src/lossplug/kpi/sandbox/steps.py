@@ -45,6 +45,7 @@ __all__ = [
     "check_toolchain",
     "find_compiler",
     "installation",
+    "python_directories",
     "python_interpreter",
     "run_problem",
 ]
@@ -102,7 +103,7 @@ class Steps:
         self.python_argv = [python, "-I", str(seen_python / "main.py")]
         self.cpp_argv = [str(self.seen_cpp / "main")]
         self._python_view = View(
-            directories=(os.path.realpath(sys.base_prefix), os.path.dirname(python)),
+            directories=python_directories(python),
             files=((str(self.python_dir / "main.py"), f"{SOURCE_DIR}/main.py"),),
         )
         self._compile_view = View(
@@ -174,8 +175,8 @@ class Steps:
 
     def run_cpp(self, stdin: bytes) -> Run:
         """Run the compiled program on ``stdin`` (call :meth:`compile` first)."""
-        assert self._cpp_view is not None or self.sandbox is None, "compile first"
-        return self._run(self.cpp_argv, stdin, self.limits.memory_mb, self._cpp_view or View())
+        assert self._cpp_view is not None, "compile first"
+        return self._run(self.cpp_argv, stdin, self.limits.memory_mb, self._cpp_view)
 
     def _run(self, argv: Sequence[str], stdin: bytes, memory_mb: int, view: View) -> Run:
         # A fixed, minimal environment, so that neither the caller's secrets nor its PYTHON*
@@ -283,6 +284,11 @@ def installation(program: str) -> str:
     return os.path.dirname(real) if os.path.basename(real) == "bin" else real
 
 
+def python_directories(python: str) -> tuple[str, ...]:
+    """The directories the reference's step shows: the base prefix and the interpreter's own."""
+    return os.path.realpath(sys.base_prefix), os.path.dirname(python)
+
+
 def find_compiler(compiler: str | None) -> list[str] | None:
     """The compiler command as an argument list with an absolute program path, or ``None``.
 
@@ -314,21 +320,19 @@ def python_interpreter() -> str | None:
 
 
 def check_toolchain(compiler: str, python: str) -> None:
-    """Refuse a compiler or interpreter whose installation would show the home or cwd.
+    """Refuse a compiler or interpreter whose shown directories would show the home or cwd.
 
     Raises:
         ValueError: from :func:`~lossplug.kpi.sandbox.bwrap.check_installation`.
     """
-    for directory, what, how in (
-        (
-            installation(compiler),
-            f"the C++ compiler {compiler}",
-            "pass compiler='/path/to/g++' (or set $CXX) to a compiler installed there",
-        ),
-        (
-            os.path.realpath(sys.base_prefix),
+    check_installation(
+        installation(compiler),
+        f"the C++ compiler {compiler}",
+        "pass compiler='/path/to/g++' (or set $CXX) to a compiler installed there",
+    )
+    for directory in python_directories(python):
+        check_installation(
+            directory,
             f"the Python interpreter {python}",
             "run lossplug with a Python installed there (a virtual environment may live anywhere)",
-        ),
-    ):
-        check_installation(directory, what, how)
+        )
