@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -336,6 +337,19 @@ def test_crafted_interpreter_is_not_shown(tmp_path):
     finally:
         secret.unlink()
     assert loader in needed_files("/usr/bin/true")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/run", os.W_OK), reason="root with /run")
+def test_uid_leases_do_not_depend_on_the_temp_folder(tmp_path, monkeypatch):
+    from lossplug.kpi.sandbox.identity import lease_uid
+
+    # Two root trainers with different TMPDIR must not lease the same uid, and a folder other
+    # users can write is no place for the locks (one could create it first and refuse them all).
+    with lease_uid() as first:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        with lease_uid() as second:
+            assert second != first
+    assert not any(tmp_path.iterdir())
 
 
 # The kernel's keyrings are not namespaced: the trainer's session keyring (its keys) is inherited,

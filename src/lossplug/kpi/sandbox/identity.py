@@ -43,7 +43,7 @@ def lease_uid() -> Iterator[int]:
     A lock file per uid in a root-only directory: the kernel drops a lock when its holder dies,
     so a crashed trainer leaves no uid taken.
     """
-    directory = Path(tempfile.gettempdir(), "lossplug-uids-0")
+    directory = _lock_directory()
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
     status = directory.lstat()
@@ -64,6 +64,17 @@ def lease_uid() -> Iterator[int]:
             os.close(fd)
         return
     raise OSError(f"all {UID_COUNT} sandbox uids are in use")
+
+
+def _lock_directory() -> Path:
+    """Where the uid locks live: ``/run`` where root can write there, else the temp folder.
+
+    Not under ``$TMPDIR``, so that root processes with different temp folders still lease
+    distinct uids; and not in a world-writable folder where one can help it, where another user
+    could create the directory first and refuse every lease.
+    """
+    base = "/run" if os.path.isdir("/run") and os.access("/run", os.W_OK) else None
+    return Path(base or tempfile.gettempdir(), "lossplug-uids-0")
 
 
 def root_user_namespace() -> int:
